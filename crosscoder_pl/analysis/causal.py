@@ -1,0 +1,201 @@
+"""Causal validation of latents across the two models (seed 000's contribution; DESIGN.md).
+
+For latent j and model m, the ablation subtracts ``f_j * W_dec[j, m]`` (raw space; ``f`` encodes the
+paired residuals of both models at that position) from model m's layer output at every content
+position, and the rest of the model runs on the edited stream. Per probe, ``KL(clean || ablated)`` of
+the next-token distributions is averaged over the content positions (BOS is never edited, so its KL
+is exactly 0 and is left out; padding is never scored): ``kl[j, m, probe]``. Causal equivalence of j
+is the Pearson correlation over probes of ``kl[j, base]`` and ``kl[j, chat]``; nan when either vector is
+constant (e.g. the latent never fires on the probes).
+
+Cost: one clean forward per model over the probes (kept: ``n_probes * seq * vocab`` log-probs per
+model), then per latent ``2 * n_probes_active`` sequence forwards, one per model and probe where the
+latent fires. Probes where it never fires are not run: their ablation edits nothing, so their KL is
+exactly 0. The (latent, probe) pairs are packed into the batch dimension of shared forward passes,
+``latents_per_batch * n_probes`` sequences per forward.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from crosscoder_pl.analysis.probes import (
+    check_probes,
+    clean_run,
+    content_mask,
+    encode_content,
+    kl_per_position,
+    masked_mean,
+    next_token_logprobs,
+    pair_models,
+)
+from crosscoder_pl.analysis.taxonomy import check_eval_mode, decoder_cosine, delta_norm, nan_median
+from crosscoder_pl.crosscoder import CrossCoder
+
+PROBES_PER_ENCODE = 8
+CSV_COLUMNS = (
+    "latent",
+    "delta_norm",
+    "decoder_cosine",
+    "pearson",
+    "mean_kl_base",
+    "mean_kl_chat",
+    "n_probes",
+    "n_probes_active",
+)
+
+
+@dataclass
+class CausalResult:
+    """Per tested latent ``[L]``: ids, Δnorm, decoder cosine, ``kl [L, 2, n_probes]``, active probes, Pearson."""
+
+    latents: torch.Tensor
+    delta_norm: torch.Tensor
+    decoder_cosine: torch.Tensor
+    kl: torch.Tensor
+    n_probes_active: torch.Tensor
+    pearson: torch.Tensor
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per latent with the keys of ``CSV_COLUMNS``."""
+        mean_kl = self.kl.mean(-1)
+        n_probes = torch.full_like(self.latents, self.kl.shape[-1])
+        columns = (
+            self.latents,
+            self.delta_norm,
+            self.decoder_cosine,
+            self.pearson,
+            mean_kl[:, 0],
+            mean_kl[:, 1],
+            n_probes,
+            self.n_probes_active,
+        )
+        return [dict(zip(CSV_COLUMNS, values)) for values in zip(*(c.tolist() for c in columns))]
+
+    def summary(self) -> dict[str, float | int]:
+        """Medians over the latents whose Pearson is defined (the points of the figure)."""
+        defined = ~self.pearson.isnan()
+        return {
+            "n_latents_tested": self.latents.numel(),
+            "n_pearson_nan": int((~defined).sum()),
+            "median_pearson": nan_median(self.pearson[defined]),
+            "median_decoder_cosine": nan_median(self.decoder_cosine[defined]),
+            "median_decoder_cosine_all_tested": nan_median(self.decoder_cosine),
+            "mean_kl_base": float(self.kl[:, 0].mean()),  # nan when no latent was tested
+            "mean_kl_chat": float(self.kl[:, 1].mean()),
+        }
+
+
+def most_frequent(candidates: torch.Tensor, frequency: torch.Tensor, max_latents: int) -> torch.Tensor:
+    """The ``max_latents`` ids among ``candidates [n]`` with the highest ``frequency [F]``, most frequent first."""
+    order = frequency[candidates].argsort(descending=True, stable=True)
+    return candidates[order[:max_latents]]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Pearson correlation of ``a, b [L, n]``: ``[L]``, nan where a row is constant."""
+    a = a.double() - a.double().mean(-1, keepdim=True)
+    b = b.double() - b.double().mean(-1, keepdim=True)
+    norms = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(norms > 0, (a * b).sum(-1) / norms, torch.nan).float()
+
+
+@torch.inference_mode()
+def causal_validation(
+    crosscoder: CrossCoder,
+    pair: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    latents: torch.Tensor,
+    latents_per_batch: int = 4,
+) -> CausalResult:
+    """Ablate each latent of ``latents [L]`` in both models on the probes ``[n_probes, seq]``; see module doc."""
+    check_eval_mode(crosscoder)
+    check_probes(input_ids, attention_mask)
+    if latents_per_batch < 1:
+        raise ValueError(f"latents_per_batch must be >= 1, got {latents_per_batch}")
+    latents = latents.long().cpu()
+    content = content_mask(attention_mask)
+    clean = clean_run(pair, input_ids, attention_mask)
+    codes = _latent_codes(crosscoder, clean.residual, content, latents)  # [P, S, L], crosscoder's device
+    n_probes = input_ids.shape[0]
+    active = (codes > 0).any(dim=1).T.cpu()  # [L, P]
+    pair_latent, pair_probe = active.nonzero(as_tuple=True)
+    decoder = _raw_decoder(crosscoder)[latents.to(codes.device)]  # [L, 2, d]
+    kl = torch.zeros(latents.numel(), crosscoder.n_models, n_probes)
+    rows = latents_per_batch * n_probes
+    for start in tqdm(range(0, pair_latent.numel(), rows), desc="causal validation", unit="batch"):
+        lat, probe = pair_latent[start : start + rows], pair_probe[start : start + rows]  # one row per pair
+        coef = codes[probe, :, lat]  # [R, S]: the row latent's code at every position of its probe
+        for m, model in enumerate(pair_models(pair)):
+            delta = coef[..., None] * decoder[lat, m][:, None, :]  # [R, S, d_model]
+            ids, mask = input_ids[probe], attention_mask[probe]
+            ablated = next_token_logprobs(model, pair.layer, ids, mask, _subtract(delta))
+            shift = kl_per_position(clean.logprobs[m][probe.to(ablated.device)], ablated)  # [R, S]
+            kl[lat, m, probe] = masked_mean(shift, content[probe]).cpu()
+    return CausalResult(
+        latents=latents,
+        delta_norm=delta_norm(crosscoder).cpu()[latents],
+        decoder_cosine=decoder_cosine(crosscoder).cpu()[latents],
+        kl=kl,
+        n_probes_active=active.sum(-1),
+        pearson=pearson(kl[:, 0], kl[:, 1]),
+    )
+
+
+def write_csv(result: CausalResult, path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(result.rows())
+    return path
+
+
+def plot_cosine_vs_causal(result: CausalResult, path: Path) -> Path:
+    """Decoder cosine (x) vs causal Pearson (y) per latent, with both medians drawn."""
+    summary = result.summary()
+    defined = ~result.pearson.isnan()
+    fig = Figure(figsize=(5, 4.5))
+    FigureCanvasAgg(fig)  # Agg explicitly; no pyplot global state in a training process
+    ax = fig.subplots()
+    ax.scatter(result.decoder_cosine[defined].numpy(), result.pearson[defined].numpy(), s=12, alpha=0.7)
+    cosine, causal = summary["median_decoder_cosine"], summary["median_pearson"]
+    ax.axvline(cosine, color="tab:red", linestyle="--", label=f"median cosine {cosine:.3f}")
+    ax.axhline(causal, color="tab:green", linestyle="--", label=f"median Pearson {causal:.3f}")
+    ax.set_xlabel("decoder cosine (base vs chat)")
+    ax.set_ylabel("causal equivalence (Pearson of KL shifts)")
+    ax.set_title(f"{int(defined.sum())} latents ({summary['n_pearson_nan']} with undefined Pearson left out)")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _latent_codes(
+    crosscoder: CrossCoder, residual: torch.Tensor, content: torch.Tensor, latents: torch.Tensor
+) -> torch.Tensor:
+    """Codes of ``latents`` only, ``[n_probes, seq, L]``; a few probes at a time bounds the ``[.., F]`` codes."""
+    index = latents.to(crosscoder.W_dec.device)
+    steps = zip(residual.split(PROBES_PER_ENCODE), content.split(PROBES_PER_ENCODE))
+    return torch.cat([encode_content(crosscoder, r, c)[..., index] for r, c in steps])
+
+
+def _raw_decoder(crosscoder: CrossCoder) -> torch.Tensor:
+    """``W_dec [F, 2, d_model]`` in raw activation units, whether or not the crosscoder is folded."""
+    if crosscoder.folded:
+        return crosscoder.W_dec.detach()
+    return crosscoder.W_dec.detach() / crosscoder.scales[None, :, None]
+
+
+def _subtract(delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda hidden: hidden - delta.to(hidden)
+

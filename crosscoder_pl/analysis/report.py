@@ -1,0 +1,270 @@
+"""Run the enabled analyses of a trained crosscoder into an artifact directory (no Lightning needed).
+
+Shared by the end-of-training callback and offline scripts. ``settings`` mirrors ``conf/analysis``
+(see ``SETTINGS_KEYS``); every key must be given. Files written into ``out_dir`` (DESIGN.md "The artifact"):
+``taxonomy.json``, ``latents.csv``, ``delta_norm_histogram.png`` (taxonomy); ``causal_validation.csv``,
+``cosine_vs_causal.png`` (causal); ``metrics.json`` and ``README.md`` always. Weights and
+``config.json`` are written by whoever saves the crosscoder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crosscoder_pl.analysis.card import write_card, write_metrics
+from crosscoder_pl.analysis.causal import causal_validation, most_frequent, plot_cosine_vs_causal, write_csv
+from crosscoder_pl.analysis.probes import content_mask
+from crosscoder_pl.analysis.scaling import ChatSpecificRule, LatentScaling, latent_scaling, sample_latents
+from crosscoder_pl.analysis.splice import splice_evaluation
+from crosscoder_pl.analysis.taxonomy import (
+    HeldoutStats,
+    Taxonomy,
+    Thresholds,
+    build_taxonomy,
+    heldout_statistics,
+    nan_median,
+    plot_delta_histogram,
+)
+from crosscoder_pl.crosscoder import CrossCoder
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEYS: dict[str, tuple[str, ...] | None] = {
+    "chunk_tokens": None,
+    "taxonomy": ("enabled", "base_only_max", "chat_only_min", "shared_min", "shared_max"),
+    "scaling": ("enabled", "max_chat_only", "max_shared", "seed", "nu_eps_max", "nu_r_max"),
+    "causal": ("enabled", "max_latents", "latents_per_batch"),
+    "splice": ("enabled",),
+}
+LATENT_COLUMNS = (
+    "latent",
+    "delta_norm",
+    "decoder_cosine",
+    "firing_frequency",
+    "nu_r",
+    "nu_eps",
+    "neg_log_nu_r",
+    "neg_log_nu_eps",
+    "class",
+    "chat_specific",
+    "scaling_note",
+)
+HISTOGRAM = "delta_norm_histogram.png"
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming every missing or unknown key of an analysis settings mapping."""
+    problems = [f"unknown key analysis.{k}" for k in settings if k not in SETTINGS_KEYS]
+    for group, keys in SETTINGS_KEYS.items():
+        if group not in settings:
+            problems.append(f"missing key analysis.{group}")
+        elif keys is not None:
+            given = settings[group]
+            problems += [f"missing key analysis.{group}.{k}" for k in keys if k not in given]
+            problems += [f"unknown key analysis.{group}.{k}" for k in given if k not in keys]
+    needs_taxonomy = [g for g in ("scaling", "causal") if settings.get(g, {}).get("enabled")]
+    if needs_taxonomy and not settings.get("taxonomy", {}).get("enabled"):
+        problems.append(f"analysis.{' and '.join(needs_taxonomy)} use the taxonomy's classes: enable analysis.taxonomy")
+    if problems:
+        raise ValueError("invalid analysis settings: " + "; ".join(problems))
+
+
+def run_analyses(
+    crosscoder: CrossCoder,
+    pair: Any,
+    activations: torch.Tensor,
+    probe_ids: torch.Tensor,
+    probe_mask: torch.Tensor,
+    out_dir: str | Path,
+    settings: Mapping[str, Any],
+    recipe: Mapping[str, Any],
+    command: str,
+) -> dict[str, Any]:
+    """Run the enabled analyses and write their files, ``metrics.json`` and ``README.md``; return the metrics.
+
+    Args:
+        crosscoder: the trained crosscoder (folded or not; analysed as a folded eval-mode copy).
+        pair: the models, duck-typed: ``base``, ``chat``, ``layer``, ``base_id``, ``chat_id``.
+        activations: raw held-out paired activations ``[tokens, 2, d_model]`` (no BOS, no padding).
+        probe_ids, probe_mask: probe batch ``[n_probes, seq]``, BOS first, padding allowed.
+        settings: the ``conf/analysis`` group (see ``SETTINGS_KEYS``).
+        recipe: training facts for the card's recipe section (e.g. the crosscoder's metadata).
+        command: the exact command that reproduces the artifact.
+    """
+    check_settings(settings)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cc = crosscoder.fold().eval()  # a copy: the caller's module keeps its mode and weights
+    chunk = settings["chunk_tokens"]
+    timings: dict[str, float] = {}
+    metrics: dict[str, Any] = {"artifact": _artifact(cc, pair)}
+
+    with _timed("validation", timings):
+        stats = heldout_statistics(cc, activations, chunk)
+    metrics["validation"] = _validation(stats)
+
+    if settings["taxonomy"]["enabled"]:
+        with _timed("taxonomy", timings):
+            thresholds = Thresholds(**{k: v for k, v in settings["taxonomy"].items() if k != "enabled"})
+            taxonomy = build_taxonomy(cc, stats, thresholds)
+            (out / "taxonomy.json").write_text(json.dumps(taxonomy.counts(), indent=2) + "\n")
+            plot_delta_histogram(taxonomy, thresholds, out / HISTOGRAM)
+        metrics["taxonomy"] = {"counts": taxonomy.counts(), "thresholds": asdict(thresholds)}
+
+        cfg = settings["scaling"]
+        rule = ChatSpecificRule(thresholds.chat_only_min, cfg["nu_eps_max"], cfg["nu_r_max"])
+        scaling = None
+        if cfg["enabled"]:
+            with _timed("scaling", timings):
+                scaling, metrics["scaling"] = _scaling(cc, activations, taxonomy, cfg, rule, chunk)
+        _write_latents(taxonomy, scaling, rule, out / "latents.csv")
+
+    if settings["causal"]["enabled"]:
+        with _timed("causal", timings):
+            metrics["causal"] = _causal(cc, pair, probe_ids, probe_mask, taxonomy, settings["causal"], out)
+
+    if settings["splice"]["enabled"]:
+        with _timed("splice", timings):
+            metrics["splice"] = {
+                **splice_evaluation(cc, pair, probe_ids, probe_mask),
+                "n_probes": probe_ids.shape[0],
+                "n_tokens": int(content_mask(probe_mask).sum()),
+            }
+
+    metrics["timings_s"] = timings
+    write_metrics(metrics, out / "metrics.json")
+    write_card(metrics, recipe, command, out / "README.md")
+    log.info("analyses written to %s", out)
+    return metrics
+
+
+@contextmanager
+def _timed(name: str, timings: dict[str, float]) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+    log.info("analysis %s took %.1f s", name, timings[name])
+
+
+def _artifact(cc: CrossCoder, pair: Any) -> dict[str, Any]:
+    return {
+        "base_model": pair.base_id,
+        "chat_model": pair.chat_id,
+        "layer": pair.layer,
+        "d_model": cc.d_model,
+        "n_latents": cc.n_latents,
+        "k": cc.k,
+        "threshold": float(cc.threshold),
+        "scales": [float(s) for s in cc.scales],
+    }
+
+
+def _validation(stats: HeldoutStats) -> dict[str, Any]:
+    base, chat = stats.variance_explained.tolist()
+    return {
+        "n_tokens": stats.n_tokens,
+        "variance_explained": {"base": base, "chat": chat},
+        "l0": stats.l0,
+        "dead_fraction": stats.dead_fraction,
+        "dead_window": f"latents that never fired on the {stats.n_tokens} held-out tokens",
+    }
+
+
+def _scaling(
+    cc: CrossCoder,
+    activations: torch.Tensor,
+    taxonomy: Taxonomy,
+    cfg: Mapping[str, Any],
+    rule: ChatSpecificRule,
+    chunk: int,
+) -> tuple[LatentScaling, dict[str, Any]]:
+    """Latent scaling of the chat-only latents and a seeded sample of shared ones, plus its summary."""
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    groups = {
+        "chat_only": sample_latents(taxonomy, "chat_only", cfg["max_chat_only"], generator),
+        "shared": sample_latents(taxonomy, "shared", cfg["max_shared"], generator),
+    }
+    result = latent_scaling(cc, activations, torch.cat(list(groups.values())), chunk)
+    group_of = torch.cat([torch.full((len(ids),), i) for i, ids in enumerate(groups.values())])
+    summary = {}
+    for i, name in enumerate(groups):
+        rows = group_of == i
+        summary[name] = {
+            "n_tested": int(rows.sum()),
+            "median_nu_r": nan_median(result.nu_r[rows]),
+            "median_nu_eps": nan_median(result.nu_eps[rows]),
+            "median_neg_log_nu_r": nan_median(result.neg_log_nu_r[rows]),
+            "median_neg_log_nu_eps": nan_median(result.neg_log_nu_eps[rows]),
+            "n_nu_undefined": int((result.nu_r[rows].isnan() | result.nu_eps[rows].isnan()).sum()),
+        }
+    n_specific = int(result.chat_specific(taxonomy.delta_norm, rule).sum())
+    return result, {"groups": summary, "n_chat_specific": n_specific, "rule": asdict(rule), "seed": cfg["seed"]}
+
+
+def _write_latents(taxonomy: Taxonomy, scaling: LatentScaling | None, rule: ChatSpecificRule, path: Path) -> Path:
+    """``latents.csv``: one row per latent; scaling columns are empty for latents it did not test."""
+    n = taxonomy.delta_norm.numel()
+    blank = [""] * n
+    nu_r, nu_eps, neg_r, neg_eps, specific, notes = (list(blank) for _ in range(6))
+    if scaling is not None:
+        flags = scaling.chat_specific(taxonomy.delta_norm, rule).tolist()
+        values = zip(
+            scaling.nu_r.tolist(),
+            scaling.nu_eps.tolist(),
+            scaling.neg_log_nu_r.tolist(),
+            scaling.neg_log_nu_eps.tolist(),
+            flags,
+            scaling.notes,
+        )
+        for j, row in zip(scaling.latents.tolist(), values):
+            nu_r[j], nu_eps[j], neg_r[j], neg_eps[j], specific[j], notes[j] = row
+    columns = (
+        range(n),
+        taxonomy.delta_norm.tolist(),
+        taxonomy.decoder_cosine.tolist(),
+        taxonomy.firing_frequency.tolist(),
+        nu_r,
+        nu_eps,
+        neg_r,
+        neg_eps,
+        taxonomy.class_names(),
+        specific,
+        notes,
+    )
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(LATENT_COLUMNS)
+        writer.writerows(zip(*columns))
+    return path
+
+
+def _causal(
+    cc: CrossCoder,
+    pair: Any,
+    probe_ids: torch.Tensor,
+    probe_mask: torch.Tensor,
+    taxonomy: Taxonomy,
+    cfg: Mapping[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """Causal validation of the most frequent shared latents; writes its CSV and figure."""
+    shared = taxonomy.members("shared")
+    latents = most_frequent(shared, taxonomy.firing_frequency, cfg["max_latents"])
+    result = causal_validation(cc, pair, probe_ids, probe_mask, latents, cfg["latents_per_batch"])
+    write_csv(result, out / "causal_validation.csv")
+    plot_cosine_vs_causal(result, out / "cosine_vs_causal.png")
+    selection = (
+        f"{latents.numel()} most frequent shared latents on the held-out tokens "
+        f"(of {shared.numel()} shared; cap {cfg['max_latents']})"
+    )
+    return {**result.summary(), "n_probes": probe_ids.shape[0], "selection": selection}

@@ -1,0 +1,248 @@
+"""The BatchTopK crosscoder: one sparse dictionary over paired activations of a base and a chat model.
+
+Shapes (DESIGN.md): ``x [..., 2, d_model]`` (index 0 = base, 1 = chat), ``W_enc [2, d_model, F]``,
+``b_enc [F]``, ``W_dec [F, 2, d_model]``, ``b_dec [2, d_model]``.
+
+Per-model normalisation: training runs on ``x_m * scales[m]`` so both models weigh the same in the loss.
+While training (``folded=False``) the parameters live in that normalised space and ``encode``/``decode``
+convert from/to raw activations. ``fold()`` moves the scales into the weights, so a saved crosscoder
+takes and returns raw activations with no extra step; ``decoder_norms()`` always answers in the
+normalised space, where comparing a latent's two decoder norms is meaningful.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_ORDER = ("base", "chat")
+
+
+class CrossCoder(nn.Module):
+    """BatchTopK crosscoder (Bussmann et al. 2024; crosscoder form of Minder et al. 2025).
+
+    Args:
+        d_model: width of each model's residual stream.
+        n_latents: dictionary size F.
+        k: active latents per token on average (BatchTopK keeps ``k * batch`` entries per batch).
+        n_models: number of activation sources; 2 = (base, chat).
+        dec_init_norm: norm of every decoder vector at init (encoder starts as the decoder transposed).
+        scales: per-model normalisation scalars ``[n_models]``; ones when not given.
+        threshold: inference threshold on the selection score; negative means "not calibrated yet".
+        folded: whether ``scales`` are already folded into the weights (true for saved crosscoders).
+        metadata: free-form JSON-able facts saved in ``config.json`` (model ids, layer, recipe).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        k: int,
+        n_models: int = 2,
+        dec_init_norm: float = 0.08,
+        scales: torch.Tensor | list[float] | None = None,
+        threshold: float = -1.0,
+        folded: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_sizes(d_model, n_latents, k, n_models)
+        self.d_model, self.n_latents, self.k, self.n_models = d_model, n_latents, k, n_models
+        self.folded = folded
+        self.metadata = dict(metadata or {})
+
+        direction = torch.randn(n_latents, n_models, d_model)
+        W_dec = direction / direction.norm(dim=-1, keepdim=True) * dec_init_norm
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(n_models, d_model))
+        scales = torch.ones(n_models) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
+        if scales.shape != (n_models,) or not bool(torch.all(torch.isfinite(scales) & (scales > 0))):
+            raise ValueError(f"scales must be {n_models} finite positive numbers, got {scales.tolist()}")
+        self.register_buffer("scales", scales.clone())
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self._warned_uncalibrated = False
+
+    # ----------------------------------------------------------------------------------- encoding
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU pre-activations ``[..., F]`` of raw activations ``x [..., 2, d_model]``."""
+        self._check_input(x)
+        if not self.folded:
+            x = x * self.scales[:, None]
+        flat = x.reshape(*x.shape[:-2], self.n_models * self.d_model).to(self.W_enc.dtype)
+        # One matmul over the concatenated models == sum_m x_m @ W_enc[m].
+        return F.relu(flat @ self.W_enc.reshape(-1, self.n_latents) + self.b_enc)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``n[j, m] = ||W_dec[j, m]||`` in the normalised space: ``[F, n_models]``."""
+        norms = self.W_dec.norm(dim=-1)
+        return norms * self.scales if self.folded else norms
+
+    def scores(self, f: torch.Tensor) -> torch.Tensor:
+        """BatchTopK selection score ``f * (sum_m n[:, m])``: ``[..., F]``."""
+        return f * self.decoder_norms().sum(-1)
+
+    def batch_topk(self, f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the ``k * batch`` highest-scoring entries of the whole batch.
+
+        Args:
+            f: pre-activations ``[batch, F]``.
+        Returns:
+            the sparse codes ``[batch, F]`` (unscaled ``f`` values of the kept entries) and the
+            smallest positive kept score (a 0-dim tensor; ``inf`` if nothing positive was kept).
+        """
+        flat_f = f.reshape(-1)
+        n_keep = min(k * f.shape[0], flat_f.numel())
+        values, idx = self.scores(f).reshape(-1).topk(n_keep, sorted=False)
+        min_kept = torch.where(values > 0, values, torch.full_like(values, math.inf)).min()
+        codes = torch.zeros_like(flat_f).scatter(0, idx, flat_f.gather(0, idx))
+        return codes.view_as(f), min_kept.detach()
+
+    def threshold_codes(self, f: torch.Tensor) -> torch.Tensor:
+        """Inference encoding: keep every entry whose score exceeds ``threshold``; ``[..., F]``."""
+        return f * (self.scores(f) > self.threshold)
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Sparse latents ``[..., F]`` of raw activations ``x [..., 2, d_model]``.
+
+        Training mode: BatchTopK over all leading dimensions with ``k`` (default ``self.k``).
+        Eval mode: the learned threshold, so one token encodes alone. Before the threshold is
+        calibrated, eval mode falls back to BatchTopK and warns once.
+        """
+        f = self.pre_acts(x)
+        if not self.training and self.threshold_calibrated:
+            return self.threshold_codes(f)
+        if not self.training and not self._warned_uncalibrated:
+            warnings.warn("CrossCoder threshold not calibrated yet: eval-mode encode uses BatchTopK", stacklevel=2)
+            self._warned_uncalibrated = True
+        lead = f.shape[:-1]
+        codes, _ = self.batch_topk(f.reshape(-1, self.n_latents), self.k if k is None else k)
+        return codes.reshape(*lead, self.n_latents)
+
+    @property
+    def threshold_calibrated(self) -> bool:
+        return bool(self.threshold >= 0)
+
+    # ----------------------------------------------------------------------------------- decoding
+    def decode(self, f: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        """Reconstruction ``[..., 2, d_model]`` of latents ``f [..., F]``.
+
+        Raw activations by default; ``normalised=True`` returns the training-space reconstruction
+        (only meaningful before folding, where the loss is computed).
+        """
+        flat = f.to(self.W_dec.dtype) @ self.W_dec.reshape(self.n_latents, -1)
+        x_hat = flat.reshape(*f.shape[:-1], self.n_models, self.d_model) + self.b_dec
+        if self.folded or normalised:
+            return x_hat
+        return x_hat / self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))``: raw activations in, raw reconstructions out."""
+        return self.decode(self.encode(x))
+
+    # ----------------------------------------------------------------------------------- folding / io
+    def fold(self) -> CrossCoder:
+        """A copy with the per-model scales folded into the weights (raw activations in and out)."""
+        out = copy.deepcopy(self)
+        if self.folded:
+            return out
+        s = self.scales.to(self.W_dec.dtype)
+        with torch.no_grad():
+            out.W_enc.mul_(s[:, None, None])
+            out.W_dec.div_(s[None, :, None])
+            out.b_dec.div_(s[:, None])
+        out.folded = True
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "architecture": "BatchTopKCrossCoder",
+            "d_model": self.d_model,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "n_models": self.n_models,
+            "model_order": list(MODEL_ORDER[: self.n_models]),
+            "scales": [float(s) for s in self.scales],
+            "threshold": float(self.threshold),
+            "folded": True,
+            "encode": "f = relu(sum_m x_m @ W_enc[m] + b_enc); keep f where f * sum_m(||W_dec[:, m]|| * scales[m]) > threshold",
+            "decode": "x_hat[m] = f @ W_dec[:, m] + b_dec[m]",
+            "metadata": self.metadata,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (always folded: raw activations in and out)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        folded = self.fold()
+        tensors = {name: t.detach().contiguous().cpu() for name, t in folded.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(folded.config(), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CrossCoder:
+        """Load a saved crosscoder; a non-existent local path is tried as a Hugging Face hub repo id.
+
+        Only JSON and safetensors are read: loading never unpickles code.
+        """
+        directory = _resolve(directory)
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        if config.get("architecture") != "BatchTopKCrossCoder":
+            raise ValueError(f"{directory / CONFIG_NAME}: architecture {config.get('architecture')!r} is not BatchTopKCrossCoder")
+        model = cls(
+            d_model=config["d_model"],
+            n_latents=config["n_latents"],
+            k=config["k"],
+            n_models=config["n_models"],
+            scales=config["scales"],
+            folded=True,
+            metadata=config.get("metadata"),
+        )
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        want = (self.n_models, self.d_model)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"CrossCoder expects a floating-point tensor [..., {want[0]}, {want[1]}], got {_describe(x)}")
+        if x.dim() < 2 or tuple(x.shape[-2:]) != want:
+            raise ValueError(f"CrossCoder expects activations [..., {want[0]}, {want[1]}], got shape {tuple(x.shape)}")
+
+
+def _check_sizes(d_model: int, n_latents: int, k: int, n_models: int) -> None:
+    for name, value in (("d_model", d_model), ("n_latents", n_latents), ("k", k), ("n_models", n_models)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if k > n_latents:
+        raise ValueError(f"k={k} is larger than the dictionary (n_latents={n_latents}); choose k <= n_latents")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _resolve(directory: str | Path) -> Path:
+    path = Path(directory)
+    if path.is_dir():
+        return path
+    if isinstance(directory, str) and directory.count("/") == 1 and not path.exists():
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(directory, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    raise FileNotFoundError(f"no crosscoder at {directory!s}: expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")

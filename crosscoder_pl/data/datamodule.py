@@ -1,0 +1,210 @@
+"""LightningDataModules serving paired activations ``[batch, 2, d_model]`` to the crosscoder.
+
+`ActivationDataModule` computes them on the fly: mixed web/chat text -> both language models (truncated
+forward) -> shuffle buffer. Training batches stay on the language models' device (the buffer lives there;
+Lightning's transfer is then a no-op), so extraction runs in the main process by default
+(``num_workers=0``); workers only make sense for CPU models. `CachedActivationDataModule` reads a cache
+written by `write_activation_cache`.
+
+Validation: a fixed held-out set of ``val_tokens`` tokens (documents selected by hash, disjoint from
+training, see `crosscoder_pl.data.sources`), computed once, kept on the CPU; under DDP Lightning splits
+it across ranks with its distributed sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import IterableDataset as RowStream
+from torch.utils.data import DataLoader, IterableDataset
+
+from crosscoder_pl.data.activations import PairLike, PaddingSide, paired_activations
+from crosscoder_pl.data.buffer import shuffled_batches
+from crosscoder_pl.data.cache import CachedActivations, load_val, read_meta, write_cache
+from crosscoder_pl.data.sources import SourceConfig, StreamStats, mix_probabilities, mixed_rows, texts
+
+log = logging.getLogger(__name__)
+
+
+def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+class ActivationStream(IterableDataset):
+    """Training batches ``[batch_size, 2, d_model]``: text rows -> paired activations -> shuffle buffer.
+
+    Each ``iter()`` is one pass over the rows (re-mixed and reshuffled per pass). ``stats`` counts the
+    documents of this process (with DataLoader workers, the workers' counts stay in the workers).
+    """
+
+    def __init__(self, pair: PairLike, rows: RowStream, *, seq_len: int, text_batch_size: int, batch_size: int,
+                 buffer_tokens: int, seed: int, padding_side: PaddingSide, outlier_factor: float | None):
+        self.pair = pair
+        self.rows = rows
+        self.seq_len = seq_len
+        self.text_batch_size = text_batch_size
+        self.batch_size = batch_size
+        self.buffer_tokens = buffer_tokens
+        self.seed = seed
+        self.padding_side = padding_side
+        self.outlier_factor = outlier_factor
+        self.stats = StreamStats()
+        self.passes = 0
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """Activations ``[tokens, 2, d_model]`` of successive groups of ``text_batch_size`` texts."""
+        for group in _batched(texts(self.rows, self.stats), self.text_batch_size):
+            yield paired_activations(self.pair, group, self.seq_len, self.padding_side, self.outlier_factor)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.rows.set_epoch(self.passes)
+        seed = self.seed + self.passes
+        self.passes += 1
+        return shuffled_batches(self.chunks(), self.batch_size, self.buffer_tokens, seed)
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """Paired activations of ``model_pair`` on a seeded web/chat mix, computed on the fly.
+
+    ``web`` / ``chat``: a `SourceConfig` (e.g. ``embedded_source("web")``) or its fields (``path``, ``field``,
+    ``name``, ``split``, ``data_files``).
+    ``mix``: ``{"web": p, "chat": p}`` or ``[p_web, p_chat]``, summing to 1. ``batch_size``: tokens per
+    crosscoder batch; ``text_batch_size``: sequences per language-model forward; ``buffer_tokens``: shuffle
+    buffer size; ``val_tokens``: size of the held-out set, drawn from the ``heldout_fraction`` of documents
+    held out; ``outlier_factor``: drop tokens whose norm exceeds this multiple of the median (None: keep).
+    """
+
+    def __init__(
+        self,
+        model_pair: PairLike,
+        web: SourceConfig | Mapping[str, Any],
+        chat: SourceConfig | Mapping[str, Any],
+        mix: Mapping[str, float] | Sequence[float] = (0.5, 0.5),
+        seed: int = 0,
+        seq_len: int = 1024,
+        batch_size: int = 4096,
+        text_batch_size: int = 16,
+        buffer_tokens: int = 2**18,
+        val_tokens: int = 8192,
+        heldout_fraction: float = 0.01,
+        outlier_factor: float | None = None,
+        padding_side: PaddingSide = "right",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model_pair"])
+        self.pair = model_pair
+        self.web, self.chat = (c if isinstance(c, SourceConfig) else SourceConfig(**c) for c in (web, chat))
+        self.mix = mix_probabilities(mix)
+        self.val_acts: torch.Tensor | None = None
+        self.stream: ActivationStream | None = None
+
+    def _rows(self, heldout: bool, rank: int = 0, world_size: int = 1) -> RowStream:
+        h = self.hparams
+        return mixed_rows(self.web, self.chat, self.pair.tokenizer, self.mix, h.seed, heldout, h.heldout_fraction,
+                          rank, world_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_acts is None:
+            self.val_acts = self._heldout_activations()
+
+    def _heldout_activations(self) -> torch.Tensor:
+        """The first ``val_tokens`` held-out tokens, float32 ``[n, 2, d_model]`` on the CPU (same on every rank)."""
+        h = self.hparams
+        parts, n = [], 0
+        for group in _batched(texts(self._rows(heldout=True), StreamStats()), h.text_batch_size):
+            parts.append(paired_activations(self.pair, group, h.seq_len, h.padding_side, h.outlier_factor).cpu())
+            n += len(parts[-1])
+            if n >= h.val_tokens:
+                break
+        if n == 0:
+            raise ValueError(f"The held-out stream is empty (heldout_fraction={h.heldout_fraction}); raise it")
+        if n < h.val_tokens:
+            log.warning("Only %d of val_tokens=%d held-out tokens available; raise heldout_fraction", n, h.val_tokens)
+        return torch.cat(parts)[: h.val_tokens]
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.stream = ActivationStream(
+            self.pair, self._rows(False, rank, world_size), seq_len=h.seq_len, text_batch_size=h.text_batch_size,
+            batch_size=h.batch_size, buffer_tokens=h.buffer_tokens, seed=h.seed + rank, padding_side=h.padding_side,
+            outlier_factor=h.outlier_factor,
+        )
+        workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
+        return DataLoader(self.stream, batch_size=None, **workers)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_acts is None:
+            self.setup("validate")
+        return DataLoader(self.val_acts, batch_size=self.hparams.batch_size)
+
+    def stats(self) -> dict[str, float]:
+        """Realised mix and skipped rows of the training stream so far (this process), as floats for a logger."""
+        return self.stream.stats.as_dict() if self.stream else {}
+
+
+def write_activation_cache(
+    datamodule: ActivationDataModule, out_dir: str | Path, n_tokens: int, tokens_per_shard: int = 2**16,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Cache ``n_tokens`` training tokens of ``datamodule`` and its held-out set at ``out_dir`` (see `cache`)."""
+    datamodule.setup("fit")
+    h = datamodule.hparams
+    source = {
+        "base_id": datamodule.pair.base_id, "chat_id": datamodule.pair.chat_id, "layer": datamodule.pair.layer,
+        "web": asdict(datamodule.web), "chat": asdict(datamodule.chat), "mix": list(datamodule.mix),
+        **{key: h[key] for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "padding_side")},
+    }
+    batches = iter(datamodule.train_dataloader())
+    path = write_cache(out_dir, batches, n_tokens, tokens_per_shard, datamodule.val_acts, source, dtype)
+    log.info("Cache stream stats: %s", datamodule.stats())
+    return path
+
+
+class CachedActivationDataModule(L.LightningDataModule):
+    """Paired activations read from a cache written by `write_activation_cache` (``data=cached``).
+
+    Validation reads the cache's held-out set. Given a ``model_pair``, the cache must come from the same
+    models and layer. Training batches are float32 on the CPU (Lightning moves them).
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
+                 model_pair: Any | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model_pair"])
+        self.meta = read_meta(path)
+        if model_pair is not None:
+            self._check_pair(model_pair)
+
+    def _check_pair(self, pair: Any) -> None:
+        expected = {"base_id": pair.base_id, "chat_id": pair.chat_id, "layer": pair.layer}
+        found = {key: self.meta["source"].get(key) for key in expected}
+        if found != expected or self.meta["d_model"] != pair.d_model:
+            raise ValueError(
+                f"The activation cache at {self.hparams.path} was written for {found} "
+                f"(d_model={self.meta['d_model']}), not for the configured pair {expected} (d_model={pair.d_model}); "
+                "rewrite the cache or change data.path"
+            )
+
+    @property
+    def d_model(self) -> int:
+        return self.meta["d_model"]
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        dataset = CachedActivations(h.path, h.batch_size, h.seed, rank, world_size)
+        workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
+        return DataLoader(dataset, batch_size=None, **workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(load_val(self.hparams.path), batch_size=self.hparams.batch_size)

@@ -1,0 +1,352 @@
+"""The embedded base/chat pair: a small Gemma-2 LM and its chat version, built locally from the corpus.
+
+No hub model can be downloaded everywhere, so the project trains its own pair on first use:
+
+1. a byte-level BPE tokenizer on the embedded corpus, with Gemma's special tokens and chat template;
+2. the base model: next-token loss on the web half (assistant replies as plain documents);
+3. the chat model: the base weights fine-tuned on the chat half rendered with the template, loss on the
+   model's turns only.
+
+Layout (``<cache>/models/embedded-<size>``): ``base/`` and ``chat/`` are ``save_pretrained`` directories
+(model + tokenizer, loadable with the Auto classes), ``build_report.json`` holds the held-out losses.
+Build it with ``python -m crosscoder_pl.models.embedded [--size tiny|default] [--seed N] [--out DIR] [--force]``.
+
+Tokenizing (BOS once): ``tokenizer(text)`` adds ``<bos>`` to plain text. The chat template itself starts
+with ``<bos>``, so a rendered chat must be tokenized with ``add_special_tokens=False`` (or rendered with
+``apply_chat_template(..., tokenize=True)``, which does that); otherwise it starts with two BOS tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers.processors import TemplateProcessing
+from tqdm import tqdm
+from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+
+from crosscoder_pl.data.sharegpt import CorpusInfo, build_embedded_corpus
+from crosscoder_pl.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+N_LAYERS = 4
+EMBEDDED_LAYER = N_LAYERS // 2
+"""The hooked layer of the embedded pair (both sizes): the middle of the stack, as layer 13 of 26 in Gemma-2-2B."""
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]  # ids 0..4, Gemma's order
+# Gemma-2's own template: roles must alternate starting with "user"; "assistant" is rendered as "model".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+# A model turn's content and closing tag; the last turn may be cut off by truncation.
+_MODEL_TURN = re.compile(r"<start_of_turn>model\n(.*?(?:<end_of_turn>|\Z))", re.DOTALL)
+# Characters kept per token when cutting a chat before tokenizing: long chats would otherwise be tokenized
+# whole just to keep their first tokens. No byte-level BPE token averages this many characters.
+_MAX_CHARS_PER_TOKEN = 32
+IGNORE = -100  # label of tokens that carry no loss (transformers' convention)
+
+
+@dataclass(frozen=True)
+class Size:
+    """Model shape and training budget of one embedded pair size."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    head_dim: int
+    seq_len: int
+    web_docs: int  # documents read from the web half (train + held out)
+    chat_conversations: int  # conversations read from the chat half (train + held out)
+    tokenizer_chars: int  # characters of training text the BPE trainer sees
+    base_steps: int
+    chat_steps: int
+    batch_size: int
+    lr: float
+    threads: int | None = None  # torch intra-op threads while building (None: torch's default)
+
+
+SIZES = {
+    "tiny": Size(
+        vocab_size=512, hidden_size=32, intermediate_size=128, n_heads=2, head_dim=16, seq_len=128,
+        web_docs=300, chat_conversations=200, tokenizer_chars=300_000,
+        base_steps=30, chat_steps=20, batch_size=8, lr=3e-3,
+        threads=1,  # matrices this small gain nothing from threads, and lose much on a busy machine
+    ),
+    "default": Size(
+        vocab_size=4096, hidden_size=128, intermediate_size=512, n_heads=4, head_dim=32, seq_len=256,
+        web_docs=5000, chat_conversations=2000, tokenizer_chars=6_000_000,
+        base_steps=250, chat_steps=80, batch_size=16, lr=3e-3,
+    ),
+}
+HELD_OUT = 0.05  # share of documents / conversations kept for the build report
+
+
+def default_pair_dir(size: str, cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "models" / f"embedded-{size}"
+
+
+def ensure_embedded_pair(size: str = "default", cache: Path | None = None) -> tuple[Path, Path]:
+    """``(base_dir, chat_dir)`` of the embedded pair of ``size``, built first if missing (minutes)."""
+    out = default_pair_dir(size, cache)
+    if not (out / "build_report.json").exists():
+        build_embedded_pair(size, out, corpus=build_embedded_corpus((cache or cache_dir()) / "corpus"))
+    return out / "base", out / "chat"
+
+
+def build_embedded_pair(size: str, out: Path, corpus: CorpusInfo, seed: int = 0) -> dict:
+    """Train tokenizer, base and chat model and write them into ``out`` atomically; returns the report.
+
+    An existing ``out`` is replaced only once the new pair is complete.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is unknown; choose one of {sorted(SIZES)}")
+    spec, threads = SIZES[size], torch.get_num_threads()
+    torch.set_num_threads(spec.threads or threads)
+    try:
+        return _build(spec, size, out, corpus, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(spec: Size, size: str, out: Path, corpus: CorpusInfo, seed: int) -> dict:
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    web_train, web_test = _split([row["text"] for row in corpus.rows("web", spec.web_docs)])
+    chat_train, chat_test = _split([row["conversation"] for row in corpus.rows("chat", spec.chat_conversations)])
+
+    tokenizer = train_tokenizer(web_train + [turn["content"] for conv in chat_train for turn in conv], spec)
+    web_train_ids, web_test_ids = (pack_documents(tokenizer, docs, spec.seq_len) for docs in (web_train, web_test))
+    chat_train_ids, chat_test_ids = (encode_chats(tokenizer, convs, spec.seq_len) for convs in (chat_train, chat_test))
+
+    model = Gemma2ForCausalLM(model_config(tokenizer, spec))
+    train(model, (web_train_ids, web_train_ids), spec.base_steps, spec, seed, "base on web")
+    base = _frozen_copy(model)
+    train(model, chat_train_ids, spec.chat_steps, spec, seed + 1, "chat on chat")
+
+    report = {
+        "size": size,
+        "seed": seed,
+        "layer": EMBEDDED_LAYER,
+        "spec": asdict(spec),
+        "web_heldout_tokens": int(web_test_ids[:, 1:].numel()),
+        "base_web_loss": mean_loss(base, (web_test_ids, web_test_ids)),
+        "unigram_web_loss": unigram_loss(web_train_ids, web_test_ids, spec.vocab_size),
+        "chat_heldout_tokens": int((chat_test_ids[1][:, 1:] != IGNORE).sum()),
+        "base_chat_loss": mean_loss(base, chat_test_ids),
+        "chat_chat_loss": mean_loss(model, chat_test_ids),
+    }
+    report["build_seconds"] = round(time.perf_counter() - start, 1)
+    _save_atomically(out, {"base": base, "chat": model}, tokenizer, report)
+    log.info(
+        "embedded %s pair in %s (%.0f s): held-out web loss base %.3f vs unigram %.3f; "
+        "chat-text loss (model turns) chat %.3f vs base %.3f",
+        size, out, report["build_seconds"], report["base_web_loss"], report["unigram_web_loss"],
+        report["chat_chat_loss"], report["base_chat_loss"],
+    )
+    return report
+
+
+def train_tokenizer(texts: list[str], spec: Size) -> PreTrainedTokenizerFast:
+    """Byte-level BPE of ``spec.vocab_size`` tokens (special tokens first) with Gemma's chat template."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_take_chars(texts, spec.tokenizer_chars), trainer=trainer)
+    tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos>:1 $B:1", special_tokens=[("<bos>", tokenizer.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        extra_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=spec.seq_len,
+    )
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast, spec: Size) -> Gemma2Config:
+    return Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=spec.n_heads,
+        num_key_value_heads=spec.n_heads // 2,  # grouped-query attention, as in Gemma-2-2B
+        head_dim=spec.head_dim,
+        query_pre_attn_scalar=spec.head_dim,
+        max_position_embeddings=spec.seq_len,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def pack_documents(tokenizer: PreTrainedTokenizerFast, docs: list[str], seq_len: int) -> torch.Tensor:
+    """``[n, seq_len]`` token ids: each document as ``<bos> ... <eos>``, concatenated and cut in rows."""
+    ids = [token for doc in tokenizer(docs, verbose=False)["input_ids"] for token in doc + [tokenizer.eos_token_id]]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(docs)} documents give {len(ids)} tokens, fewer than one row of {seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def encode_chats(
+    tokenizer: PreTrainedTokenizerFast, conversations: list[list[dict]], seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)``, both ``[n, seq_len]``: chats rendered with the template, cut to ``seq_len``
+    and right-padded; labels are the ids on the model's turns (content and ``<end_of_turn>``), else IGNORE.
+
+    Chats whose first ``seq_len`` tokens hold no model token are dropped.
+    """
+    max_chars = seq_len * _MAX_CHARS_PER_TOKEN
+    texts = [tokenizer.apply_chat_template(conv, tokenize=False)[:max_chars] for conv in conversations]
+    enc = tokenizer(
+        texts, add_special_tokens=False, truncation=True, max_length=seq_len, padding="max_length",
+        return_offsets_mapping=True, return_tensors="pt",
+    )
+    labels = torch.full_like(enc["input_ids"], IGNORE)
+    for row, (text, offsets) in enumerate(zip(texts, enc["offset_mapping"])):
+        for match in _MODEL_TURN.finditer(text):
+            in_turn = (offsets[:, 0] >= match.start(1)) & (offsets[:, 1] <= match.end(1)) & (offsets[:, 1] > 0)
+            labels[row, in_turn] = enc["input_ids"][row, in_turn]
+    keep = (labels != IGNORE).any(dim=1)
+    return enc["input_ids"][keep], labels[keep]
+
+
+def train(
+    model: Gemma2ForCausalLM, data: tuple[torch.Tensor, torch.Tensor], steps: int, spec: Size, seed: int, desc: str
+) -> None:
+    """AdamW with warm-up and cosine decay on shuffled batches of ``data = (input_ids, labels)``, epoch after
+    epoch."""
+    inputs, labels = data
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+    generator = torch.Generator().manual_seed(seed)
+    epochs = math.ceil(steps * spec.batch_size / len(inputs))
+    order = torch.cat([torch.randperm(len(inputs), generator=generator) for _ in range(epochs)])
+    model.train()
+    bar = tqdm(order[: steps * spec.batch_size].view(steps, spec.batch_size), desc=desc)
+    for batch in bar:
+        # Right padding needs no attention mask: under the causal mask no real token sees a pad.
+        loss = model(input_ids=inputs[batch], labels=labels[batch]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def mean_loss(model: Gemma2ForCausalLM, data: tuple[torch.Tensor, torch.Tensor], batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) over the labelled targets of ``data = (input_ids, labels)``."""
+    inputs, labels = data
+    total, count = 0.0, 0
+    for start in range(0, len(inputs), batch_size):
+        logits = model(input_ids=inputs[start : start + batch_size]).logits[:, :-1]
+        targets = labels[start : start + batch_size, 1:]
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        count += int((targets != IGNORE).sum())
+    return total / count
+
+
+def unigram_loss(train_ids: torch.Tensor, test_ids: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy (nats) of the test targets under add-one unigram frequencies of the train targets."""
+    counts = torch.bincount(train_ids[:, 1:].flatten(), minlength=vocab_size).double() + 1
+    log_p = (counts / counts.sum()).log()
+    return -log_p[test_ids[:, 1:].flatten()].mean().item()
+
+
+def _split(items: list) -> tuple[list, list]:
+    n_test = max(1, math.ceil(len(items) * HELD_OUT))
+    return items[:-n_test], items[-n_test:]
+
+
+def _take_chars(texts: list[str], budget: int) -> list[str]:
+    taken, used = [], 0
+    for text in texts:
+        if used >= budget:
+            break
+        taken.append(text)
+        used += len(text)
+    return taken
+
+
+def _frozen_copy(model: Gemma2ForCausalLM) -> Gemma2ForCausalLM:
+    copy = Gemma2ForCausalLM(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def _save_atomically(
+    out: Path, models_by_name: dict[str, Gemma2ForCausalLM], tokenizer: PreTrainedTokenizerFast, report: dict
+) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the pair is meant to be shared like any cache
+    for name, model in models_by_name.items():
+        model.save_pretrained(tmp / name)
+        tokenizer.save_pretrained(tmp / name)
+    (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
+    if out.exists():  # --force: move the old pair aside first, so `out` is never half-written
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        os.rename(out, old / out.name)
+        shutil.rmtree(old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "build_report.json").exists():
+            raise
+        log.info("another process built %s first; keeping its pair", out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the embedded base/chat model pair.")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="pair directory (default: <cache>/models/embedded-<size>)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the pair exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = args.out or default_pair_dir(args.size)
+    if (out / "build_report.json").exists() and not args.force:
+        log.info("%s already holds a built pair; pass --force to rebuild", out)
+        return
+    build_embedded_pair(args.size, out, build_embedded_corpus(), args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""LightningModule that trains a CrossCoder from any stream of paired activations ``[batch, 2, d_model]``.
+
+One training step (DESIGN.md):
+  1. before the first step, the per-model scales ``sqrt(d_model) / mean ||x_m||`` (and the decoder
+     bias init) are estimated from the first ``scale_tokens`` tokens of the training data;
+  2. BatchTopK with ``k`` annealed linearly from ``k_start``; reconstruction loss in the normalised space;
+  3. AuxK (Gao et al. 2024): the residual is reconstructed by the top ``k_aux`` dead latents;
+  4. the inference threshold follows an EMA of the smallest kept score per batch.
+Gradient clipping is the Trainer's (``gradient_clip_val=1.0`` in the recipe).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from functools import partial
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.metrics import FiringCounts, VarianceExplained
+from crosscoder_pl.schedules import k_at, lr_factor
+
+log = logging.getLogger(__name__)
+LOSSES = ("mse", "l2")
+
+
+class CrossCoderModule(L.LightningModule):
+    """Trains a :class:`CrossCoder`.
+
+    Args:
+        d_model, n_latents, k: crosscoder size and final BatchTopK k.
+        k_start: k at step 0, annealed linearly to ``k`` over ``k_anneal_steps`` (default: ``k``).
+        k_anneal_steps: optimiser steps of the k annealing (0 = no annealing).
+        lr: Adam learning rate; constant, then linear decay to 0 over the last ``lr_decay_frac`` of steps.
+        aux_coef: weight of the AuxK loss (Gao et al.: 1/32); 0 disables it.
+        k_aux: dead latents used by AuxK per token (default ``d_model // 2``).
+        dead_after_tokens: a latent that has not fired for this many tokens (all ranks) is dead.
+        threshold_decay: EMA decay of the inference threshold.
+        threshold_start_step: first step that updates the threshold (default: end of k annealing).
+        scales: per-model normalisation scalars; estimated from the first ``scale_tokens`` tokens if None.
+        b_dec_init: ``"mean"`` (decoder bias starts at the data mean, estimated with the scales) or ``"zeros"``.
+        loss: ``"mse"`` (squared error summed over models and d_model) or ``"l2"`` (unsquared norm per
+            model, as in the crosscoder paper's code); mean over tokens either way.
+        metrics_window_steps: steps pooled by the training variance explained and tokens/s.
+        metadata: JSON-able facts written into the exported ``config.json`` (model ids, layer, ...).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_latents: int,
+        k: int,
+        k_start: int | None = None,
+        k_anneal_steps: int = 0,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_decay_frac: float = 0.2,
+        aux_coef: float = 1 / 32,
+        k_aux: int | None = None,
+        dead_after_tokens: int = 10_000_000,
+        threshold_decay: float = 0.999,
+        threshold_start_step: int | None = None,
+        scales: list[float] | None = None,
+        scale_tokens: int = 8192,
+        b_dec_init: str = "mean",
+        dec_init_norm: float = 0.08,
+        loss: str = "mse",
+        metrics_window_steps: int = 50,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        k_start = k if k_start is None else k_start
+        k_aux = d_model // 2 if k_aux is None else k_aux
+        _validate(n_latents=n_latents, k=k, k_start=k_start, k_aux=k_aux, lr=lr, lr_decay_frac=lr_decay_frac,
+                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, threshold_decay=threshold_decay,
+                  dead_after_tokens=dead_after_tokens)
+        self.save_hyperparameters()
+        self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
+        self.threshold_start_step = k_anneal_steps if threshold_start_step is None else threshold_start_step
+        self.crosscoder = CrossCoder(d_model, n_latents, k, dec_init_norm=dec_init_norm, scales=scales,
+                                     metadata=metadata)
+
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        # In the checkpoint, so a resumed run does not estimate the scales twice.
+        self.register_buffer("scales_estimated", torch.tensor(scales is not None))
+        self.skipped_rows = 0
+
+        self.train_ve = VarianceExplained(2, d_model)
+        self.val_ve = VarianceExplained(2, d_model)
+        self.val_firing = FiringCounts(n_latents)
+        self.val_l0 = MeanMetric()
+        self.val_recon = MeanMetric()
+        self._window_start: float | None = None
+        self._window_tokens = 0
+
+    # ----------------------------------------------------------------------------------- training
+    def training_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        x = self._clean(batch)
+        if x.shape[0] == 0:
+            return None
+        hp, cc = self.hparams, self.crosscoder
+        k_now = k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
+        f = cc.pre_acts(x)  # [batch, F]
+        codes, min_kept = cc.batch_topk(f, k_now)
+        x_n = x * cc.scales[:, None]  # [batch, 2, d_model], the training space
+        x_hat = cc.decode(codes, normalised=True)
+        recon = self._recon_loss(x_n, x_hat)
+        dead = self._update_dead(codes)
+        aux = self._aux_loss((x_n - x_hat).detach(), f, dead)
+        loss = recon + hp.aux_coef * aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {self.global_step} (recon={recon.item()}, aux={aux.item()}); "
+                f"lower lr (now {hp.lr}) or check the activations' scale (scales={cc.scales.tolist()})"
+            )
+        self._update_threshold(min_kept)
+        self.train_ve.update(x_n.detach(), x_hat.detach())
+        self._log_train(loss, recon, aux, codes, dead, k_now, x.shape[0])
+        return loss
+
+    def _recon_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Reconstruction loss of ``[batch, 2, d_model]`` tensors, summed over models, mean over tokens."""
+        err = (x - x_hat).pow(2).sum(-1)  # [batch, 2]
+        if self.hparams.loss == "l2":
+            err = err.sqrt()
+        return err.sum(-1).mean()
+
+    def _aux_loss(self, residual: torch.Tensor, f: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK: normalised MSE of the top-``k_aux`` dead latents reconstructing the detached residual.
+
+        Args:
+            residual: ``x - x̂`` in the training space, ``[batch, 2, d_model]``.
+            f: pre-activations ``[batch, F]``; dead: ``[F]`` bool.
+        """
+        if self.hparams.aux_coef == 0:
+            return residual.new_zeros(())
+        cc = self.crosscoder
+        dead_scores = cc.scores(f) * dead  # alive latents score 0 and are never picked with a value
+        values, idx = dead_scores.topk(self.k_aux, dim=-1)
+        aux_codes = torch.zeros_like(f).scatter(-1, idx, f.gather(-1, idx) * (values > 0))
+        e_hat = (aux_codes @ cc.W_dec.reshape(cc.n_latents, -1)).view_as(residual)  # no decoder bias
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        # Multiply rather than branch: no host sync; without dead latents the term is 0.
+        return (residual - e_hat).pow(2).sum() / variance * dead.any()
+
+    @torch.no_grad()
+    def _update_dead(self, codes: torch.Tensor) -> torch.Tensor:
+        """Advance the per-latent "tokens since last fired" counters (all ranks); return the dead mask ``[F]``."""
+        fired = (codes > 0).any(0)
+        gathered = self.all_gather(fired)
+        if gathered.dim() == 2:  # [world, F] under DDP
+            fired = gathered.any(0)
+        tokens = codes.shape[0] * self.trainer.world_size
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + tokens)
+        return self.tokens_since_fired >= self.hparams.dead_after_tokens
+
+    @torch.no_grad()
+    def _update_threshold(self, min_kept: torch.Tensor) -> None:
+        if self.global_step < self.threshold_start_step:
+            return
+        gathered = self.all_gather(min_kept)
+        min_kept = gathered.min()  # the same threshold on every rank
+        theta = self.crosscoder.threshold
+        decay = self.hparams.threshold_decay
+        new = torch.where(theta < 0, min_kept, decay * theta + (1 - decay) * min_kept)
+        theta.copy_(torch.where(torch.isfinite(min_kept), new, theta))
+
+    # ----------------------------------------------------------------------------------- scales
+    def on_train_start(self) -> None:
+        if not bool(self.scales_estimated):  # given scales, or restored from a checkpoint
+            self.estimate_scales(self.trainer.train_dataloader)
+
+    @torch.no_grad()
+    def estimate_scales(self, batches: Iterable[torch.Tensor | list[torch.Tensor]]) -> None:
+        """Set ``scales_m = sqrt(d_model) / mean ||x_m||`` (and b_dec to the normalised mean) from the
+        first ``scale_tokens`` tokens of ``batches``, summed over ranks. A fresh iterator is used, so
+        these tokens are trained on as well."""
+        norm_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+        x_sum = torch.zeros(2, self.hparams.d_model, dtype=torch.float64, device=self.device)
+        n = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            x = self._clean(batch).to(self.device).double()
+            norm_sum += x.norm(dim=-1).sum(0)
+            x_sum += x.sum(0)
+            n += x.shape[0]
+            if n >= self.hparams.scale_tokens:
+                break
+        norm_sum, x_sum, n = (self._reduce(t) for t in (norm_sum, x_sum, n))
+        if n == 0:
+            raise ValueError("cannot estimate the per-model scales: the training data yielded no tokens")
+        if n < self.hparams.scale_tokens:
+            warnings.warn(f"scales estimated from only {int(n)} tokens (scale_tokens={self.hparams.scale_tokens})",
+                          stacklevel=2)
+        cc = self.crosscoder
+        scales = math.sqrt(cc.d_model) / (norm_sum / n)
+        cc.scales.copy_(scales.float())
+        if self.hparams.b_dec_init == "mean":
+            cc.b_dec.data.copy_((x_sum / n * scales[:, None]).float())
+        self.scales_estimated.fill_(True)
+        log.info("per-model scales from %d tokens: %s", int(n), [round(s, 5) for s in cc.scales.tolist()])
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+
+    # ----------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> None:
+        x = self._clean(batch)
+        cc = self.crosscoder
+        codes = cc.encode(x)  # eval mode: the learned threshold, token by token
+        x_hat = cc.decode(codes, normalised=True)
+        x_n = x * cc.scales[:, None]
+        self.val_ve.update(x_n, x_hat)
+        self.val_firing.update(codes)
+        self.val_l0.update((codes > 0).sum(-1).float())
+        self.val_recon.update(self._recon_loss(x_n, x_hat))
+
+    def on_validation_epoch_end(self) -> None:
+        ve = self.val_ve.compute()
+        counts = self.val_firing.compute()
+        self.log_dict({
+            "val/ve_base": ve[0], "val/ve_chat": ve[1],
+            "val/l0": self.val_l0.compute(),
+            "val/dead_frac": (counts == 0).float().mean(),
+            "val/loss_recon": self.val_recon.compute(),
+            "val/tokens": self.val_firing.tokens.float(),
+        })
+        for metric in (self.val_ve, self.val_firing, self.val_l0, self.val_recon):
+            metric.reset()
+
+    # ----------------------------------------------------------------------------------- plumbing
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.crosscoder.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the lr schedule needs a finite run: set trainer.max_steps (e.g. trainer.max_steps=10000)")
+        schedule = partial(lr_factor, total_steps=int(total), decay_frac=hp.lr_decay_frac)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def _clean(self, batch: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Check a batch ``[batch, 2, d_model]``; drop (count, warn) rows with non-finite values."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        want = (2, self.hparams.d_model)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 or tuple(x.shape[1:]) != want:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected float activations [batch, 2, {want[1]}], got {got}")
+        finite = torch.isfinite(x).flatten(1).all(1)
+        n_bad = int((~finite).sum())
+        if n_bad:
+            self.skipped_rows += n_bad
+            warnings.warn(f"dropped {n_bad} activation rows with NaN/inf at step {self.global_step} "
+                          f"({self.skipped_rows} so far)", stacklevel=2)
+            x = x[finite]
+        return x.float()
+
+    def _log_train(self, loss: torch.Tensor, recon: torch.Tensor, aux: torch.Tensor, codes: torch.Tensor,
+                   dead: torch.Tensor, k_now: int, n_tokens: int) -> None:
+        self.log_dict({
+            "train/loss": loss, "train/loss_recon": recon, "train/loss_aux": aux,
+            "train/l0": (codes > 0).sum(-1).float().mean(),
+            "train/dead_frac": dead.float().mean(),
+            "train/k": float(k_now),
+            "train/threshold": self.crosscoder.threshold,
+            "train/skipped_rows": float(self.skipped_rows),
+        })
+        self._window_tokens += n_tokens * self.trainer.world_size
+        now = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = now
+            self._window_tokens = 0
+        if (self.global_step + 1) % self.hparams.metrics_window_steps == 0:
+            ve = self.train_ve.compute()
+            self.train_ve.reset()
+            tps = self._window_tokens / max(now - self._window_start, 1e-9)
+            self.log_dict({"train/ve_base": ve[0], "train/ve_chat": ve[1]})
+            self.log("train/tokens_per_sec", tps, prog_bar=True)
+            self._window_start, self._window_tokens = now, 0
+
+
+def _validate(**v: Any) -> None:
+    if v["k"] > v["n_latents"]:
+        raise ValueError(f"k={v['k']} is larger than the dictionary (n_latents={v['n_latents']}); choose k <= n_latents")
+    if v["k_start"] < v["k"]:
+        raise ValueError(f"k_start={v['k_start']} is smaller than k={v['k']}: annealing goes from k_start down to k")
+    if v["k_start"] > v["n_latents"]:
+        raise ValueError(f"k_start={v['k_start']} is larger than the dictionary (n_latents={v['n_latents']})")
+    if v["k_aux"] < 1:
+        raise ValueError(f"k_aux must be >= 1, got {v['k_aux']}")
+    if not v["lr"] > 0:
+        raise ValueError(f"lr must be > 0, got {v['lr']}")
+    if not 0 <= v["lr_decay_frac"] <= 1:
+        raise ValueError(f"lr_decay_frac must be in [0, 1], got {v['lr_decay_frac']}")
+    if v["aux_coef"] < 0:
+        raise ValueError(f"aux_coef must be >= 0, got {v['aux_coef']}")
+    if v["loss"] not in LOSSES:
+        raise ValueError(f"loss={v['loss']!r} is not one of {LOSSES}")
+    if v["b_dec_init"] not in ("mean", "zeros"):
+        raise ValueError(f"b_dec_init={v['b_dec_init']!r} is not 'mean' or 'zeros'")
+    if not 0 < v["threshold_decay"] < 1:
+        raise ValueError(f"threshold_decay must be in (0, 1), got {v['threshold_decay']}")
+    if v["dead_after_tokens"] < 1:
+        raise ValueError(f"dead_after_tokens must be >= 1, got {v['dead_after_tokens']}")

@@ -1,0 +1,157 @@
+"""Causal validation and splice-in evaluation on tiny random Gemma-2 models (CPU, seconds)."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from crosscoder_pl.analysis.causal import causal_validation, most_frequent, pearson
+from crosscoder_pl.analysis.probes import clean_run, content_mask, kl_per_position, next_token_logprobs
+from crosscoder_pl.analysis.splice import splice_evaluation
+from crosscoder_pl.crosscoder import CrossCoder
+
+D, VOCAB, LAYER, BOS, PAD = 32, 64, 1, 2, 0
+
+
+def tiny_pair(identical: bool) -> SimpleNamespace:
+    """A random 3-layer Gemma-2 "base" and a "chat" copy of it with perturbed weights (or an exact copy).
+
+    ``initializer_range=0.3`` makes next-token distributions peaked, so probes sampled from the model have a
+    clean CE well below the zero-ablation CE.
+    """
+    config = Gemma2Config(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    base = Gemma2ForCausalLM(config).eval()
+    chat = Gemma2ForCausalLM(config).eval()
+    chat.load_state_dict(base.state_dict())
+    if not identical:
+        with torch.no_grad():
+            for param in chat.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+    return SimpleNamespace(base=base, chat=chat, layer=LAYER, base_id="tiny/base", chat_id="tiny/chat")
+
+
+@torch.inference_mode()
+def probes(model: torch.nn.Module, n: int = 6, seq: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probes sampled from ``model`` after BOS; row 1 left-padded by 3, row 2 right-padded by 4."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.full((n, 1), BOS)
+    for _ in range(seq - 1):
+        probs = model(input_ids=ids).logits[:, -1].softmax(-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    mask = torch.ones_like(ids)
+    ids[1] = ids[1].roll(3)
+    mask[1, :3] = 0
+    mask[2, -4:] = 0
+    return torch.where(mask.bool(), ids, PAD), mask
+
+
+def crosscoder(tied_decoders: bool) -> CrossCoder:
+    """Random crosscoder (eval mode, threshold 0); latent 0 never fires; decoders large enough to matter."""
+    torch.manual_seed(2)
+    cc = CrossCoder(D, 8, k=2, threshold=0.0).fold()
+    with torch.no_grad():
+        cc.W_dec.mul_(100)
+        if tied_decoders:
+            cc.W_dec[:, 1] = cc.W_dec[:, 0]
+        cc.b_enc[0] = -1e4
+    return cc.eval()
+
+
+def test_content_mask_drops_bos_and_padding() -> None:
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, -4:] = 0
+    content = content_mask(mask)
+    assert content[0].tolist() == [False] + [True] * 9
+    assert content[1].tolist() == [False] * 4 + [True] * 6
+    assert content[2].tolist() == [False] + [True] * 5 + [False] * 4
+
+
+def test_identical_models_and_decoders_give_pearson_one() -> None:
+    pair = tiny_pair(identical=True)
+    ids, mask = probes(pair.base)
+    result = causal_validation(crosscoder(tied_decoders=True), pair, ids, mask, torch.arange(1, 8), latents_per_batch=3)
+    defined = ~result.pearson.isnan()
+    assert defined.sum() >= 3
+    assert torch.equal(result.kl[:, 0], result.kl[:, 1])
+    assert result.pearson[defined] == pytest.approx(torch.ones(int(defined.sum())), abs=1e-5)
+    assert result.decoder_cosine == pytest.approx(torch.ones(7), abs=1e-6)
+
+
+def test_latent_that_never_fires_changes_nothing() -> None:
+    pair = tiny_pair(identical=False)
+    ids, mask = probes(pair.base)
+    result = causal_validation(crosscoder(tied_decoders=False), pair, ids, mask, torch.tensor([0, 3]))
+    assert result.n_probes_active.tolist()[0] == 0 and result.n_probes_active.tolist()[1] > 0
+    assert torch.count_nonzero(result.kl[0]) == 0
+    assert math.isnan(result.pearson[0])
+    assert result.summary()["n_pearson_nan"] >= 1
+
+
+def test_packing_matches_one_latent_one_probe_by_hand() -> None:
+    cc, pair = crosscoder(tied_decoders=False), tiny_pair(identical=False)
+    ids, mask = probes(pair.base)
+    packed = causal_validation(cc, pair, ids, mask, torch.arange(8), latents_per_batch=8)
+    single = causal_validation(cc, pair, ids, mask, torch.arange(8), latents_per_batch=1)
+    assert torch.allclose(packed.kl, single.kl, rtol=1e-4, atol=1e-9)
+
+    # The chat model on probe 1 (left-padded), for its most affected latent, without any packing.
+    j = int(packed.kl[:, 1, 1].argmax())
+    assert packed.kl[j, 1, 1] > 0
+    with torch.inference_mode():
+        clean = clean_run(pair, ids[1:2], mask[1:2])
+        content = content_mask(mask[1:2])
+        codes = torch.where(content[..., None], cc.encode(clean.residual), 0.0)
+        delta = codes[..., j, None] * cc.W_dec[j, 1]
+        ablated = next_token_logprobs(pair.chat, LAYER, ids[1:2], mask[1:2], lambda h: h - delta)
+        kl = kl_per_position(clean.logprobs[1], ablated)[content].mean()
+    assert packed.kl[j, 1, 1] == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_pearson_and_most_frequent() -> None:
+    a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 4.0, 7.0], [0.0, 1.0, 2.0]])
+    r = pearson(a, b)
+    assert r[0] == pytest.approx(0.9933, abs=1e-4) and math.isnan(r[1])
+    frequency = torch.tensor([0.1, 0.5, 0.3, 0.9])
+    assert most_frequent(torch.tensor([0, 1, 2]), frequency, 2).tolist() == [1, 2]
+
+
+def test_splice_identity_recovers_everything_and_zero_recovers_nothing(monkeypatch) -> None:
+    cc, pair = crosscoder(tied_decoders=False), tiny_pair(identical=False)
+    ids, mask = probes(pair.base)
+    content = content_mask(mask)
+    # nan outside content positions: if BOS or padding were spliced, every figure would be nan.
+    monkeypatch.setattr(cc, "forward", lambda x: torch.where(content[..., None, None], x, torch.nan))
+    identity = splice_evaluation(cc, pair, ids, mask)
+    monkeypatch.setattr(cc, "forward", lambda x: torch.zeros_like(x))
+    zero = splice_evaluation(cc, pair, ids, mask)
+    for model in ("base", "chat"):
+        assert identity[model]["frac_recovered"] == pytest.approx(1.0)
+        assert identity[model]["ce_increase"] == pytest.approx(0.0, abs=1e-6)
+        assert identity[model]["kl_splice"] == pytest.approx(0.0, abs=1e-6)
+        assert zero[model]["frac_recovered"] == 0.0
+        assert zero[model]["ce_splice"] == zero[model]["ce_zero"] > zero[model]["ce_clean"]
+
+
+def test_splice_with_a_real_crosscoder_is_finite() -> None:
+    pair = tiny_pair(identical=False)
+    ids, mask = probes(pair.base)
+    result = splice_evaluation(crosscoder(tied_decoders=False), pair, ids, mask)
+    for figures in result.values():
+        assert all(math.isfinite(v) for v in figures.values())
+        assert figures["kl_splice"] >= 0

@@ -1,0 +1,154 @@
+"""run_analyses and the end-of-training callback write the whole artifact; the card states the figures."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from crosscoder_pl.analysis.report import run_analyses
+from crosscoder_pl.callbacks.analyses import EndOfTrainingAnalyses
+from crosscoder_pl.crosscoder import CrossCoder
+
+D, VOCAB, LAYER, BOS = 32, 64, 1, 2
+CONF = Path(__file__).parents[1] / "conf" / "analysis" / "default.yaml"
+FILES = (
+    "taxonomy.json",
+    "latents.csv",
+    "delta_norm_histogram.png",
+    "causal_validation.csv",
+    "cosine_vs_causal.png",
+    "metrics.json",
+    "README.md",
+)
+
+
+def settings() -> dict:
+    """``conf/analysis/default.yaml`` with the causal analysis cut to test size."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF))
+    cfg["causal"].update(max_latents=6, latents_per_batch=6)
+    return cfg
+
+
+def tiny_pair() -> SimpleNamespace:
+    """A random 3-layer Gemma-2 and a perturbed copy standing in for its chat version."""
+    config = Gemma2Config(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    base, chat = Gemma2ForCausalLM(config).eval(), Gemma2ForCausalLM(config).eval()
+    chat.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for param in chat.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return SimpleNamespace(base=base, chat=chat, layer=LAYER, base_id="tiny/base", chat_id="tiny/chat")
+
+
+def inputs(pair: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held-out activations ``[tokens, 2, D]`` (BOS dropped) and a right-padded probe batch ``[6, 12]``."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (14, 12), generator=generator)
+    ids[:, 0] = BOS
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0
+    with torch.inference_mode():
+        residuals = [
+            model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER + 1]
+            for model in (pair.base, pair.chat)
+        ]
+    paired = torch.stack(residuals, dim=2)[8:, 1:].reshape(-1, 2, D)  # probes are rows 0-5
+    return paired, ids[:6], mask[:6]
+
+
+def crosscoder(paired: torch.Tensor) -> CrossCoder:
+    """Random crosscoder with unequal scales and a few planted chat-only and base-only latents."""
+    torch.manual_seed(1)
+    scales = (D**0.5 / paired.norm(dim=-1).mean(0)).tolist()
+    metadata = {"k_start": 16, "lr": 1e-4, "train_tokens": 1000}
+    cc = CrossCoder(D, 48, k=4, scales=scales, threshold=0.0, metadata=metadata)
+    with torch.no_grad():
+        cc.W_dec.mul_(20)
+        cc.W_dec[:4, 0] *= 0.01  # chat-only
+        cc.W_dec[4:6, 1] *= 0.01  # base-only
+        cc.W_enc.mul_(10)
+        cc.b_enc.sub_(1.0)
+    return cc
+
+
+def test_run_analyses_writes_the_artifact(tmp_path: Path) -> None:
+    pair = tiny_pair()
+    paired, ids, mask = inputs(pair)
+    cc = crosscoder(paired)
+    metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, settings(), cc.metadata, "python train.py seed=1")
+    for name in FILES:
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert cc.training, "the caller's crosscoder keeps its mode"
+
+    counts = json.loads((tmp_path / "taxonomy.json").read_text())
+    assert sum(counts.values()) == cc.n_latents and counts["chat_only"] + counts["base_only"] > 0
+    lines = (tmp_path / "latents.csv").read_text().splitlines()
+    assert lines[0].startswith("latent,delta_norm,decoder_cosine,firing_frequency,nu_r,nu_eps") and len(lines) == 49
+
+    causal = metrics["causal"]
+    assert causal["n_latents_tested"] > causal["n_pearson_nan"]
+    card = (tmp_path / "README.md").read_text()
+    assert f"{causal['median_pearson']:.4f}" in card and f"{causal['median_decoder_cosine']:.4f}" in card
+    assert json.dumps(counts, indent=2) in card
+    assert "- tiny/base\n- tiny/chat" in card and "BatchTopK k = 4 (annealed from 16)" in card
+    assert "python train.py seed=1" in card and "arxiv:2504.02922" in card
+
+    saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=_no_nan)
+    assert set(saved["timings_s"]) == {"validation", "taxonomy", "scaling", "causal", "splice"}
+    assert math.isfinite(saved["splice"]["chat"]["ce_splice"])
+    assert saved["validation"]["variance_explained"].keys() == {"base", "chat"}
+
+
+def test_disabled_analyses_and_bad_settings(tmp_path: Path) -> None:
+    pair = tiny_pair()
+    paired, ids, mask = inputs(pair)
+    cfg = settings()
+    for group in ("scaling", "causal", "splice"):
+        cfg[group]["enabled"] = False
+    metrics = run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, cfg, {}, "cmd")
+    assert not (tmp_path / "causal_validation.csv").exists() and "causal" not in metrics
+    assert ",class,chat_specific" in (tmp_path / "latents.csv").read_text().splitlines()[0]
+
+    bad = {**settings(), "extra": 1, "splice": {}}
+    with pytest.raises(ValueError, match=r"unknown key analysis\.extra; missing key analysis\.splice\.enabled"):
+        run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, bad, {}, "cmd")
+    cfg["taxonomy"]["enabled"], cfg["causal"]["enabled"] = False, True
+    with pytest.raises(ValueError, match="enable analysis.taxonomy"):
+        run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, cfg, {}, "cmd")
+
+
+def test_callback_runs_on_rank_zero_only(tmp_path: Path) -> None:
+    pair = tiny_pair()
+    paired, ids, mask = inputs(pair)
+    datamodule = SimpleNamespace(model_pair=pair, heldout_activations=lambda: paired, probe_batch=lambda: (ids, mask))
+    module = SimpleNamespace(crosscoder=crosscoder(paired))
+    cfg = settings()
+    cfg["causal"]["enabled"] = False  # covered above; keeps the test short
+    callback = EndOfTrainingAnalyses(artifact_dir=tmp_path / "artifact", command="python train.py", **cfg)
+    callback.on_fit_end(SimpleNamespace(is_global_zero=False, datamodule=datamodule), module)
+    assert not (tmp_path / "artifact").exists()
+    callback.on_fit_end(SimpleNamespace(is_global_zero=True, datamodule=datamodule), module)
+    written = {path.name for path in (tmp_path / "artifact").iterdir()}
+    assert written == set(FILES) - {"causal_validation.csv", "cosine_vs_causal.png"}
+    assert "annealed from 16" in (tmp_path / "artifact" / "README.md").read_text()
+
+
+def _no_nan(token: str) -> float:
+    raise AssertionError(f"metrics.json is not strict JSON: {token}")

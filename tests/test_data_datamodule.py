@@ -1,0 +1,84 @@
+from itertools import islice
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from crosscoder_pl.data.cache import read_meta
+from crosscoder_pl.data.datamodule import ActivationDataModule, CachedActivationDataModule, write_activation_cache
+from test_data_helpers import tiny_pair, write_corpus
+
+
+def datamodule(root: Path, **overrides) -> ActivationDataModule:
+    write_corpus(root, n_web=200, n_chat=200, n_shards=2)
+    settings = dict(
+        web={"path": "json", "field": "text", "data_files": str(root / "web" / "shard-*.jsonl")},
+        chat={"path": "json", "field": "conversation", "data_files": str(root / "chat" / "shard-*.jsonl")},
+        mix={"web": 0.5, "chat": 0.5}, seed=0, seq_len=32, batch_size=32, text_batch_size=4, buffer_tokens=256,
+        val_tokens=64, heldout_fraction=0.2,
+    )
+    return ActivationDataModule(tiny_pair(layer=1), **(settings | overrides))
+
+
+def test_serves_training_and_heldout_batches_and_stats(tmp_path: Path) -> None:
+    dm = datamodule(tmp_path)
+    dm.setup("fit")
+    val = torch.cat(list(dm.val_dataloader()))
+    assert val.shape == (64, 2, 32) and val.device.type == "cpu"
+    batches = list(islice(dm.train_dataloader(), 5))
+    assert all(b.shape == (32, 2, 32) and b.dtype == torch.float32 and b.isfinite().all() for b in batches)
+    assert not any(b.is_inference() for b in batches)  # usable as autograd inputs
+    stats = dm.stats()
+    assert stats["data/web_docs"] > 0 and stats["data/chat_docs"] > 0
+    assert stats["data/web_share"] + stats["data/chat_share"] == pytest.approx(1.0)
+
+
+class Autoencoder(L.LightningModule):
+    """The smallest consumer of the batches: a linear autoencoder that logs the data stats."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(d_model, d_model)
+
+    def training_step(self, x: torch.Tensor, _: int) -> torch.Tensor:
+        self.log_dict(self.trainer.datamodule.stats())
+        return (self.linear(x) - x).pow(2).mean()
+
+    def validation_step(self, x: torch.Tensor, _: int) -> None:
+        self.log("val_mse", (self.linear(x) - x).pow(2).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_trains_with_a_lightning_trainer(tmp_path: Path) -> None:
+    dm = datamodule(tmp_path)
+    trainer = L.Trainer(
+        max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(Autoencoder(dm.pair.d_model), datamodule=dm)
+    assert trainer.global_step == 4
+    assert {"val_mse", "data/web_share", "data/chat_docs"} <= set(trainer.callback_metrics)
+
+
+def test_bad_mix_is_rejected_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="web=0.5, chat=0.6"):
+        datamodule(tmp_path, mix=[0.5, 0.6])
+
+
+def test_written_cache_serves_the_same_data(tmp_path: Path) -> None:
+    dm = datamodule(tmp_path / "corpus")
+    path = write_activation_cache(dm, tmp_path / "cache", n_tokens=200, tokens_per_shard=64)
+    meta = read_meta(path)
+    assert [s["n_tokens"] for s in meta["shards"]] == [64, 64, 64, 8]
+    assert meta["source"]["layer"] == 1 and meta["source"]["mix"] == [0.5, 0.5]
+
+    cached = CachedActivationDataModule(path, batch_size=16, model_pair=dm.pair)
+    assert torch.equal(torch.cat(list(cached.val_dataloader())), dm.val_acts)
+    assert sum(len(b) for b in cached.train_dataloader()) == 192  # 200 tokens, full batches of 16 only
+
+    other = tiny_pair(layer=2)
+    with pytest.raises(ValueError, match="'layer': 1.*'layer': 2"):
+        CachedActivationDataModule(path, batch_size=16, model_pair=other)

@@ -1,0 +1,78 @@
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from crosscoder_pl.models.embedded import EMBEDDED_LAYER, ensure_embedded_pair
+from crosscoder_pl.models.pair import load_model_pair
+
+CHAT = [
+    {"role": "user", "content": "What is a crosscoder?"},
+    {"role": "assistant", "content": "A sparse dictionary shared by two models."},
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    # A directory left by an interrupted build must be rebuilt, never reused.
+    (root / "models" / "embedded-tiny" / "base").mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CROSSCODER_PL_CACHE", str(root))
+        ensure_embedded_pair("tiny")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(cache):
+    return cache / "models" / "embedded-tiny" / "base", cache / "models" / "embedded-tiny" / "chat"
+
+
+def test_pair_is_built_once_into_the_cache(cache, pair_dirs):
+    report = cache / "models" / "embedded-tiny" / "build_report.json"
+    built_at = report.stat().st_mtime_ns
+    assert ensure_embedded_pair("tiny", cache) == pair_dirs
+    assert report.stat().st_mtime_ns == built_at
+    assert not list((cache / "models").glob(".*")), "a temporary build directory was left behind"
+
+
+def test_build_report_has_finite_losses(cache):
+    report = json.loads((cache / "models" / "embedded-tiny" / "build_report.json").read_text())
+    for key in ("base_web_loss", "unigram_web_loss", "base_chat_loss", "chat_chat_loss"):
+        assert math.isfinite(report[key]) and report[key] > 0, key
+    assert report["web_heldout_tokens"] > 0 and report["chat_heldout_tokens"] > 0
+    assert report["layer"] == EMBEDDED_LAYER
+
+
+def test_chat_template_renders_gemma_turns_with_one_bos(pair_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(pair_dirs[1])
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<bos><start_of_turn>user\nWhat is a crosscoder?<end_of_turn>\n"
+        "<start_of_turn>model\nA sparse dictionary shared by two models.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"] == ids
+    assert tokenizer("plain text")["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_models_load_with_auto_classes_and_differ(pair_dirs):
+    base, chat = (AutoModelForCausalLM.from_pretrained(path) for path in pair_dirs)
+    assert type(base).__name__ == "Gemma2ForCausalLM"
+    base_vocab, chat_vocab = (AutoTokenizer.from_pretrained(path).get_vocab() for path in pair_dirs)
+    assert base_vocab == chat_vocab
+    chat_weights = chat.state_dict()
+    assert any(not torch.equal(weight, chat_weights[name]) for name, weight in base.state_dict().items())
+
+
+def test_embedded_names_load_a_frozen_pair(cache):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CROSSCODER_PL_CACHE", str(cache))
+        pair = load_model_pair("embedded-tiny:base", "embedded-tiny:chat", layer=EMBEDDED_LAYER)
+    assert pair.d_model == pair.base.config.hidden_size
+    assert pair.tokenizer.chat_template is not None
+    for model in (pair.base, pair.chat):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
