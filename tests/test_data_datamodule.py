@@ -58,7 +58,7 @@ def test_trains_with_a_lightning_trainer(tmp_path: Path) -> None:
         max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, accelerator="cpu", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
-    trainer.fit(Autoencoder(dm.pair.d_model), datamodule=dm)
+    trainer.fit(Autoencoder(dm.model_pair.d_model), datamodule=dm)
     assert trainer.global_step == 4
     assert {"val_mse", "data/web_share", "data/chat_docs"} <= set(trainer.callback_metrics)
 
@@ -75,10 +75,22 @@ def test_written_cache_serves_the_same_data(tmp_path: Path) -> None:
     assert [s["n_tokens"] for s in meta["shards"]] == [64, 64, 64, 8]
     assert meta["source"]["layer"] == 1 and meta["source"]["mix"] == [0.5, 0.5]
 
-    cached = CachedActivationDataModule(path, batch_size=16, model_pair=dm.pair)
+    cached = CachedActivationDataModule(path, batch_size=16, model_pair=dm.model_pair)
     assert torch.equal(torch.cat(list(cached.val_dataloader())), dm.val_acts)
     assert sum(len(b) for b in cached.train_dataloader()) == 192  # 200 tokens, full batches of 16 only
 
     other = tiny_pair(layer=2)
     with pytest.raises(ValueError, match="'layer': 1.*'layer': 2"):
         CachedActivationDataModule(path, batch_size=16, model_pair=other)
+
+
+def test_probe_batch_is_heldout_text_with_one_bos_per_row(tmp_path: Path) -> None:
+    dm = datamodule(tmp_path, n_probes=6, probe_len=16)
+    ids, mask = dm.probe_batch()
+    assert ids.shape[0] == 6 and ids.shape[1] <= 16 and mask.shape == ids.shape
+    bos = dm.model_pair.tokenizer.bos_token_id
+    assert torch.equal((ids == bos).sum(1), torch.ones(6, dtype=torch.long))
+    assert torch.equal(ids[:, 0], torch.full((6,), bos))  # right padding: BOS first
+    again, _ = dm.probe_batch()
+    assert torch.equal(ids, again)  # fixed by the seed
+    assert dm.heldout_activations() is dm.heldout_activations()  # computed once

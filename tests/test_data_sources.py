@@ -103,6 +103,7 @@ def test_rank_and_worker_parts_are_disjoint_and_cover_the_stream(
 def test_embedded_source_reads_the_corpus_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CROSSCODER_PL_CACHE", str(tmp_path))
     write_corpus(tmp_path / "corpus", n_web=3, n_chat=3, n_shards=2)
+    (tmp_path / "corpus" / "meta.json").write_text('{"max_conversations": null}')  # marks the corpus as built
     stats = StreamStats()
     rows = mixed_rows(embedded_source("web"), embedded_source("chat"), tiny_tokenizer(), heldout_fraction=0)
     assert len(list(texts(rows, stats))) >= 3 and not stats.skipped

@@ -191,5 +191,5 @@ def test_impossible_configs_fail_at_construction(kwargs, match) -> None:
 
 def test_wrong_batch_shape_is_rejected() -> None:
     module = CrossCoderModule(d_model=16, n_latents=64, k=4)
-    with pytest.raises(ValueError, match=r"expected float activations \[batch, 2, 16\], got torch.float32 \(10, 2, 8\)"):
+    with pytest.raises(ValueError, match=r"expected float activations \[batch, 2, 16\], got torch.float32 \(256, 2, 8\)"):
         fit(module, torch.randn(1000, 2, 8), steps=2)

@@ -25,7 +25,7 @@ import torch
 from datasets import IterableDataset as RowStream
 from torch.utils.data import DataLoader, IterableDataset
 
-from crosscoder_pl.data.activations import PairLike, PaddingSide, paired_activations
+from crosscoder_pl.data.activations import PairLike, PaddingSide, paired_activations, tokenize
 from crosscoder_pl.data.buffer import shuffled_batches
 from crosscoder_pl.data.cache import CachedActivations, load_val, read_meta, write_cache
 from crosscoder_pl.data.sources import SourceConfig, StreamStats, mix_probabilities, mixed_rows, texts
@@ -47,7 +47,7 @@ class ActivationStream(IterableDataset):
 
     def __init__(self, pair: PairLike, rows: RowStream, *, seq_len: int, text_batch_size: int, batch_size: int,
                  buffer_tokens: int, seed: int, padding_side: PaddingSide, outlier_factor: float | None):
-        self.pair = pair
+        self.model_pair = pair
         self.rows = rows
         self.seq_len = seq_len
         self.text_batch_size = text_batch_size
@@ -62,7 +62,7 @@ class ActivationStream(IterableDataset):
     def chunks(self) -> Iterator[torch.Tensor]:
         """Activations ``[tokens, 2, d_model]`` of successive groups of ``text_batch_size`` texts."""
         for group in _batched(texts(self.rows, self.stats), self.text_batch_size):
-            yield paired_activations(self.pair, group, self.seq_len, self.padding_side, self.outlier_factor)
+            yield paired_activations(self.model_pair, group, self.seq_len, self.padding_side, self.outlier_factor)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.rows.set_epoch(self.passes)
@@ -80,6 +80,7 @@ class ActivationDataModule(L.LightningDataModule):
     crosscoder batch; ``text_batch_size``: sequences per language-model forward; ``buffer_tokens``: shuffle
     buffer size; ``val_tokens``: size of the held-out set, drawn from the ``heldout_fraction`` of documents
     held out; ``outlier_factor``: drop tokens whose norm exceeds this multiple of the median (None: keep).
+    ``n_probes`` / ``probe_len``: the held-out token sequences of the end-of-training causal analyses.
     """
 
     def __init__(
@@ -98,10 +99,12 @@ class ActivationDataModule(L.LightningDataModule):
         outlier_factor: float | None = None,
         padding_side: PaddingSide = "right",
         num_workers: int = 0,
+        n_probes: int = 32,
+        probe_len: int = 64,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["model_pair"])
-        self.pair = model_pair
+        self.save_hyperparameters(ignore=["model_pair", "web", "chat"])  # sources: frozen dataclasses, logged via stats()
+        self.model_pair = model_pair
         self.web, self.chat = (c if isinstance(c, SourceConfig) else SourceConfig(**c) for c in (web, chat))
         self.mix = mix_probabilities(mix)
         self.val_acts: torch.Tensor | None = None
@@ -109,19 +112,34 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _rows(self, heldout: bool, rank: int = 0, world_size: int = 1) -> RowStream:
         h = self.hparams
-        return mixed_rows(self.web, self.chat, self.pair.tokenizer, self.mix, h.seed, heldout, h.heldout_fraction,
+        return mixed_rows(self.web, self.chat, self.model_pair.tokenizer, self.mix, h.seed, heldout, h.heldout_fraction,
                           rank, world_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_acts is None:
             self.val_acts = self._heldout_activations()
 
+    def heldout_activations(self) -> torch.Tensor:
+        """The validation set: raw paired activations ``[val_tokens, 2, d_model]`` never trained on (CPU)."""
+        self.setup("validate")
+        return self.val_acts
+
+    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n_probes`` held-out texts (web and chat, as mixed by the seed), tokenised:
+        ``input_ids`` and ``attention_mask`` ``[n_probes, <= probe_len]``, one BOS each."""
+        h = self.hparams
+        probes = list(islice(texts(self._rows(heldout=True), StreamStats()), h.n_probes))
+        if not probes:
+            raise ValueError(f"no held-out text for the probes (heldout_fraction={h.heldout_fraction}); raise it")
+        batch = tokenize(self.model_pair.tokenizer, probes, h.probe_len, h.padding_side)
+        return batch["input_ids"], batch["attention_mask"]
+
     def _heldout_activations(self) -> torch.Tensor:
         """The first ``val_tokens`` held-out tokens, float32 ``[n, 2, d_model]`` on the CPU (same on every rank)."""
         h = self.hparams
         parts, n = [], 0
         for group in _batched(texts(self._rows(heldout=True), StreamStats()), h.text_batch_size):
-            parts.append(paired_activations(self.pair, group, h.seq_len, h.padding_side, h.outlier_factor).cpu())
+            parts.append(paired_activations(self.model_pair, group, h.seq_len, h.padding_side, h.outlier_factor).cpu())
             n += len(parts[-1])
             if n >= h.val_tokens:
                 break
@@ -135,7 +153,7 @@ class ActivationDataModule(L.LightningDataModule):
         h = self.hparams
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.stream = ActivationStream(
-            self.pair, self._rows(False, rank, world_size), seq_len=h.seq_len, text_batch_size=h.text_batch_size,
+            self.model_pair, self._rows(False, rank, world_size), seq_len=h.seq_len, text_batch_size=h.text_batch_size,
             batch_size=h.batch_size, buffer_tokens=h.buffer_tokens, seed=h.seed + rank, padding_side=h.padding_side,
             outlier_factor=h.outlier_factor,
         )
@@ -160,7 +178,7 @@ def write_activation_cache(
     datamodule.setup("fit")
     h = datamodule.hparams
     source = {
-        "base_id": datamodule.pair.base_id, "chat_id": datamodule.pair.chat_id, "layer": datamodule.pair.layer,
+        "base_id": datamodule.model_pair.base_id, "chat_id": datamodule.model_pair.chat_id, "layer": datamodule.model_pair.layer,
         "web": asdict(datamodule.web), "chat": asdict(datamodule.chat), "mix": list(datamodule.mix),
         **{key: h[key] for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "padding_side")},
     }

@@ -35,7 +35,7 @@ from datasets.distributed import split_dataset_by_node
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from crosscoder_pl.paths import cache_dir
+from crosscoder_pl.data.sharegpt import build_embedded_corpus
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,13 @@ class SourceConfig:
 
 
 def embedded_source(source: SourceName) -> SourceConfig:
-    """The embedded corpus half ``source`` under ``<cache>/corpus`` (written by `crosscoder_pl.data.sharegpt`)."""
+    """The embedded corpus half ``source`` under ``<cache>/corpus``, built from the packaged ShareGPT file on
+    first use (`crosscoder_pl.data.sharegpt`)."""
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r} must be one of {SOURCES}")
+    root = build_embedded_corpus().root
     field_name = "text" if source == "web" else "conversation"
-    files = str(cache_dir() / "corpus" / source / "shard-*.jsonl")
+    files = str(root / source / "shard-*.jsonl")
     return SourceConfig("json", field_name, data_files=files)
 
 

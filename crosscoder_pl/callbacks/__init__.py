@@ -1,0 +1,1 @@
+"""Lightning callbacks: artifact export, data-stream statistics, end-of-training analyses."""

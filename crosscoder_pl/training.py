@@ -1,0 +1,69 @@
+"""The training application: everything built from the Hydra config, then ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from crosscoder_pl.callbacks.artifact import ExportArtifact
+from crosscoder_pl.data.sources import mix_probabilities
+from crosscoder_pl.module import CrossCoderModule
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail in seconds, before any model is loaded, on impossible values (each error names its key)."""
+    with torch.device("cpu"):
+        instantiate(cfg.crosscoder, d_model=2)  # runs every CrossCoderModule check on a 2-dim stand-in
+    if "mix" in cfg.data:
+        mix_probabilities(OmegaConf.to_container(cfg.data.mix))
+    if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps <= 0:
+        raise ValueError(f"trainer.max_steps={cfg.trainer.max_steps} must be a positive number of steps")
+
+
+def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
+    """Facts about the run for the exported ``config.json`` metadata and the model card's recipe."""
+    c, t = cfg.crosscoder, cfg.trainer
+    tokens = t.max_steps * cfg.data.batch_size * t.devices * t.num_nodes if isinstance(t.devices, int) else None
+    data = cfg.data
+    sources = (
+        f"web: {data.web.get('path', 'embedded corpus (web half)')}, chat: {data.chat.get('path', 'embedded corpus (chat half)')}, "
+        f"mix {dict(data.mix)}" if "web" in data else f"activation cache {data.get('path')}"
+    )
+    return {
+        "base_model": pair.base_id, "chat_model": pair.chat_id, "layer": pair.layer,
+        "k_start": c.k_start if c.k_start is not None else c.k, "k_anneal_steps": c.k_anneal_steps,
+        "training_tokens": tokens, "data": sources,
+        "normalisation": "per-model scalar sqrt(d_model)/mean||x||, BOS and padding dropped",
+        "lr": c.lr, "lr_decay_frac": c.lr_decay_frac, "gradient_clip_val": t.gradient_clip_val,
+        "aux_coef": c.aux_coef, "dead_after_tokens": c.dead_after_tokens, "loss": c.loss, "seed": cfg.seed,
+        "language_model_dtype": cfg.model_pair.get("dtype"),
+    }
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train a crosscoder as configured; write the artifact to ``cfg.artifact_dir``; return final metrics."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    pair = instantiate(cfg.model_pair)
+    # Passed after instantiation: Hydra would turn the ModelPair dataclass into a config node.
+    datamodule = instantiate(cfg.data, _partial_=True)(model_pair=pair)
+    module: CrossCoderModule = instantiate(cfg.crosscoder, d_model=pair.d_model, metadata=recipe(cfg, pair))
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    for callback in callbacks:
+        if isinstance(callback, ExportArtifact):
+            callback.train_config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("artifact: %s", Path(cfg.artifact_dir).resolve())
+    print(f"\nartifact written to {Path(cfg.artifact_dir).resolve()}")
+    return metrics
