@@ -140,16 +140,18 @@ class CrossCoderModule(L.LightningModule):
             residual: ``x - x̂`` in the training space, ``[batch, 2, d_model]``.
             f: pre-activations ``[batch, F]``; dead: ``[F]`` bool.
         """
-        if self.hparams.aux_coef == 0:
+        # One host sync (the loss check makes one anyway); healthy runs skip all the work below.
+        dead_idx = dead.nonzero().squeeze(1) if self.hparams.aux_coef > 0 else dead.new_zeros(0, dtype=torch.long)
+        if dead_idx.numel() == 0:
             return residual.new_zeros(())
         cc = self.crosscoder
-        dead_scores = cc.scores(f) * dead  # alive latents score 0 and are never picked with a value
-        values, idx = dead_scores.topk(self.k_aux, dim=-1)
-        aux_codes = torch.zeros_like(f).scatter(-1, idx, f.gather(-1, idx) * (values > 0))
-        e_hat = (aux_codes @ cc.W_dec.reshape(cc.n_latents, -1)).view_as(residual)  # no decoder bias
+        f_dead = f[:, dead_idx]  # [batch, n_dead]
+        scores = f_dead * cc.decoder_norms()[dead_idx].sum(-1)
+        idx = scores.topk(min(self.k_aux, dead_idx.numel()), dim=-1, sorted=False).indices
+        aux_codes = torch.zeros_like(f_dead).scatter(-1, idx, f_dead.gather(-1, idx))
+        e_hat = (aux_codes @ cc.W_dec[dead_idx].reshape(dead_idx.numel(), -1)).view_as(residual)  # no decoder bias
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        # Multiply rather than branch: no host sync; without dead latents the term is 0.
-        return (residual - e_hat).pow(2).sum() / variance * dead.any()
+        return (residual - e_hat).pow(2).sum() / variance
 
     @torch.no_grad()
     def _update_dead(self, codes: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
         "lr": c.lr, "lr_decay_frac": c.lr_decay_frac, "gradient_clip_val": t.gradient_clip_val,
         "aux_coef": c.aux_coef, "dead_after_tokens": c.dead_after_tokens, "loss": c.loss, "seed": cfg.seed,
         "language_model_dtype": cfg.model_pair.get("dtype"),
+        "command": shlex.join(["python", *sys.argv]),
     }
 
 

@@ -1,15 +1,18 @@
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# One throw-away cache for the whole session (subprocesses inherit it), never the user's.
+_CACHE = tempfile.mkdtemp(prefix="crosscoder_pl_test_cache_")
+os.environ["CROSSCODER_PL_CACHE"] = _CACHE
 
 # Lightning's tips and PossibleUserWarnings are noise in test output.
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -17,9 +20,5 @@ logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test session shares one throw-away cache, never the user's."""
-    if "CROSSCODER_PL_TEST_CACHE" not in os.environ:
-        os.environ["CROSSCODER_PL_TEST_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
-    monkeypatch.setenv("CROSSCODER_PL_CACHE", os.environ["CROSSCODER_PL_TEST_CACHE"])
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)

@@ -77,6 +77,7 @@ def test_written_cache_serves_the_same_data(tmp_path: Path) -> None:
 
     cached = CachedActivationDataModule(path, batch_size=16, model_pair=dm.model_pair)
     assert torch.equal(torch.cat(list(cached.val_dataloader())), dm.val_acts)
+    assert all(torch.equal(a, b) for a, b in zip(cached.probe_batch(), dm.probe_batch()))
     assert sum(len(b) for b in cached.train_dataloader()) == 192  # 200 tokens, full batches of 16 only
 
     other = tiny_pair(layer=2)

@@ -21,8 +21,8 @@ CITATIONS = (
     "Bussmann, Leask, Nanda 2024 — BatchTopK Sparse Autoencoders (arxiv:2412.06410)",
     "Gao et al. 2024 — Scaling and evaluating sparse autoencoders (arxiv:2406.04093)",
 )
-# Recipe keys already stated in the title and introduction.
-IDENTITY_KEYS = ("base_model", "chat_model", "layer", "n_latents", "d_model")
+# Recipe keys already stated in the title, the introduction or the "Reproduce" section.
+IDENTITY_KEYS = ("base_model", "chat_model", "layer", "n_latents", "d_model", "command")
 
 
 def write_metrics(metrics: Mapping[str, Any], path: Path) -> Path:

@@ -6,6 +6,8 @@ Format: one directory holding
   ``activations`` of shape ``[n, 2, d_model]`` each (index 0 base, 1 chat), raw (unnormalised) residuals
   with BOS and padding already removed, in the order the shuffle buffer served them;
 - ``val.safetensors``: the held-out tokens, same layout (optional);
+- ``probes.safetensors``: ``input_ids`` and ``attention_mask`` ``[n_probes, seq]`` of the end-of-training
+  analyses (written by `crosscoder_pl.data.datamodule.write_activation_cache`);
 - ``meta.json``: ``{"format": 1, "d_model": int, "dtype": "float32" | "bfloat16" | ...,
   "shards": [{"file": str, "n_tokens": int}, ...], "val": {"file": str, "n_tokens": int} | null,
   "source": {...}}`` where ``source`` records provenance (model ids, layer, data config). It is written

@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from datasets import IterableDataset as RowStream
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 
 from crosscoder_pl.data.activations import PairLike, PaddingSide, paired_activations, tokenize
@@ -31,6 +32,7 @@ from crosscoder_pl.data.cache import CachedActivations, load_val, read_meta, wri
 from crosscoder_pl.data.sources import SourceConfig, StreamStats, mix_probabilities, mixed_rows, texts
 
 log = logging.getLogger(__name__)
+PROBES = "probes.safetensors"
 
 
 def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -174,7 +176,8 @@ def write_activation_cache(
     datamodule: ActivationDataModule, out_dir: str | Path, n_tokens: int, tokens_per_shard: int = 2**16,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Cache ``n_tokens`` training tokens of ``datamodule`` and its held-out set at ``out_dir`` (see `cache`)."""
+    """Cache ``n_tokens`` training tokens of ``datamodule``, its held-out set and its probe batch
+    (``probes.safetensors``: ``input_ids``, ``attention_mask``) at ``out_dir`` (format: see `cache`)."""
     datamodule.setup("fit")
     h = datamodule.hparams
     source = {
@@ -182,6 +185,10 @@ def write_activation_cache(
         "web": asdict(datamodule.web), "chat": asdict(datamodule.chat), "mix": list(datamodule.mix),
         **{key: h[key] for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "padding_side")},
     }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    input_ids, attention_mask = datamodule.probe_batch()
+    save_file({"input_ids": input_ids.contiguous(), "attention_mask": attention_mask.contiguous()},
+              str(Path(out_dir) / PROBES))
     batches = iter(datamodule.train_dataloader())
     path = write_cache(out_dir, batches, n_tokens, tokens_per_shard, datamodule.val_acts, source, dtype)
     log.info("Cache stream stats: %s", datamodule.stats())
@@ -200,6 +207,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model_pair"])
         self.meta = read_meta(path)
+        self.model_pair = model_pair
         if model_pair is not None:
             self._check_pair(model_pair)
 
@@ -225,4 +233,16 @@ class CachedActivationDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, **workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(load_val(self.hparams.path), batch_size=self.hparams.batch_size)
+        return DataLoader(self.heldout_activations(), batch_size=self.hparams.batch_size)
+
+    def heldout_activations(self) -> torch.Tensor:
+        """The cache's held-out tokens ``[n, 2, d_model]``."""
+        return load_val(self.hparams.path)
+
+    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe batch stored with the cache (``input_ids``, ``attention_mask``)."""
+        path = Path(self.hparams.path) / PROBES
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: rewrite the cache with write_activation_cache")
+        probes = load_file(str(path))
+        return probes["input_ids"], probes["attention_mask"]

@@ -1,6 +1,6 @@
 """The embedded base/chat pair: a small Gemma-2 LM and its chat version, built locally from the corpus.
 
-No hub model can be downloaded everywhere, so the project trains its own pair on first use:
+Hub models cannot be downloaded everywhere, so the project trains its own pair on first use:
 
 1. a byte-level BPE tokenizer on the embedded corpus, with Gemma's special tokens and chat template;
 2. the base model: next-token loss on the web half (assistant replies as plain documents);
@@ -19,6 +19,7 @@ with ``<bos>``, so a rendered chat must be tokenized with ``add_special_tokens=F
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 from tqdm import tqdm
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
@@ -98,7 +99,7 @@ SIZES = {
     "default": Size(
         vocab_size=4096, hidden_size=128, intermediate_size=512, n_heads=4, head_dim=32, seq_len=256,
         web_docs=5000, chat_conversations=2000, tokenizer_chars=6_000_000,
-        base_steps=250, chat_steps=80, batch_size=16, lr=3e-3,
+        base_steps=200, chat_steps=60, batch_size=16, lr=3e-3,
     ),
 }
 HELD_OUT = 0.05  # share of documents / conversations kept for the build report
@@ -143,7 +144,7 @@ def _build(spec: Size, size: str, out: Path, corpus: CorpusInfo, seed: int) -> d
 
     model = Gemma2ForCausalLM(model_config(tokenizer, spec))
     train(model, (web_train_ids, web_train_ids), spec.base_steps, spec, seed, "base on web")
-    base = _frozen_copy(model)
+    base = copy.deepcopy(model)
     train(model, chat_train_ids, spec.chat_steps, spec, seed + 1, "chat on chat")
 
     report = {
@@ -302,12 +303,6 @@ def _take_chars(texts: list[str], budget: int) -> list[str]:
         taken.append(text)
         used += len(text)
     return taken
-
-
-def _frozen_copy(model: Gemma2ForCausalLM) -> Gemma2ForCausalLM:
-    copy = Gemma2ForCausalLM(model.config)
-    copy.load_state_dict(model.state_dict())
-    return copy.eval()
 
 
 def _save_atomically(

@@ -1,0 +1,16 @@
+"""Re-run the end-of-training analyses on a saved artifact: `python analyze.py artifact=DIR`."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from crosscoder_pl.analyze import analyze
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    analyze(cfg, list(HydraConfig.get().overrides.task))
+
+
+if __name__ == "__main__":
+    main()
