@@ -135,3 +135,12 @@ def test_cache_then_train_from_cache(tmp_path: Path) -> None:
                  f"hydra.run.dir={tmp_path / 'train_run'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ARTIFACT_FILES <= {p.name for p in (tmp_path / "train_run" / "artifact").iterdir()}
+
+
+def test_sweeper_example_grids_existing_keys() -> None:
+    cfg = compose_train("hydra/sweeper=grid_k_size")
+    params = cfg.hydra.sweeper.params
+    assert dict(params) == {"crosscoder.k": "16,32", "crosscoder.n_latents": "1024,2048"}
+    for key in params:
+        group, name = key.split(".")
+        assert name in cfg[group]

