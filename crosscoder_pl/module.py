@@ -80,7 +80,7 @@ class CrossCoderModule(L.LightningModule):
         k_start = k if k_start is None else k_start
         k_aux = d_model // 2 if k_aux is None else k_aux
         _validate(n_latents=n_latents, k=k, k_start=k_start, k_aux=k_aux, lr=lr, lr_decay_frac=lr_decay_frac,
-                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, threshold_decay=threshold_decay,
+                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, threshold_decay=threshold_decay, dec_init_norm=dec_init_norm,
                   dead_after_tokens=dead_after_tokens)
         self.save_hyperparameters()
         self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
@@ -89,8 +89,8 @@ class CrossCoderModule(L.LightningModule):
                                      metadata=metadata)
 
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
-        # In the checkpoint, so a resumed run does not estimate the scales twice.
-        self.register_buffer("scales_estimated", torch.tensor(scales is not None))
+        # In the checkpoint, so a resumed run does not initialise from data twice.
+        self.register_buffer("data_init_done", torch.tensor(scales is not None and b_dec_init == "zeros"))
         self.skipped_rows = 0
 
         self.train_ve = VarianceExplained(2, d_model)
@@ -104,8 +104,8 @@ class CrossCoderModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x = self._clean(batch)
-        if x.shape[0] == 0:
-            return None
+        if x.shape[0] == 0:  # returning None would desynchronise DDP ranks
+            raise ValueError(f"every row of the batch at step {self.global_step} was NaN/inf: check the activations")
         hp, cc = self.hparams, self.crosscoder
         k_now = k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
         f = cc.pre_acts(x)  # [batch, F]
@@ -115,7 +115,10 @@ class CrossCoderModule(L.LightningModule):
         recon = self._recon_loss(x_n, x_hat)
         dead = self._update_dead(codes)
         aux = self._aux_loss((x_n - x_hat).detach(), f, dead)
-        loss = recon + hp.aux_coef * aux
+        # Gao et al. normalise both terms by their target's variance; the reconstruction term here is not
+        # normalised, so AuxK is put in its units (times the batch's variance per token) to keep
+        # aux_coef=1/32 meaning what it means there.
+        loss = recon + hp.aux_coef * aux * _variance_per_token(x_n)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.global_step} (recon={recon.item()}, aux={aux.item()}); "
@@ -169,7 +172,7 @@ class CrossCoderModule(L.LightningModule):
         if self.global_step < self.threshold_start_step:
             return
         gathered = self.all_gather(min_kept)
-        min_kept = gathered.min()  # the same threshold on every rank
+        min_kept = gathered.mean()  # the same threshold on every rank; each rank's min is of its own batch
         theta = self.crosscoder.threshold
         decay = self.hparams.threshold_decay
         new = torch.where(theta < 0, min_kept, decay * theta + (1 - decay) * min_kept)
@@ -177,13 +180,13 @@ class CrossCoderModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- scales
     def on_train_start(self) -> None:
-        if not bool(self.scales_estimated):  # given scales, or restored from a checkpoint
+        if not bool(self.data_init_done):  # nothing to estimate, or restored from a checkpoint
             self.estimate_scales(self.trainer.train_dataloader)
 
     @torch.no_grad()
     def estimate_scales(self, batches: Iterable[torch.Tensor | list[torch.Tensor]]) -> None:
-        """Set ``scales_m = sqrt(d_model) / mean ||x_m||`` (and b_dec to the normalised mean) from the
-        first ``scale_tokens`` tokens of ``batches``, summed over ranks. A fresh iterator is used, so
+        """Set ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given) and b_dec to the normalised mean
+        (if ``b_dec_init="mean"``) from the first ``scale_tokens`` tokens of ``batches``, summed over ranks. A fresh iterator is used, so
         these tokens are trained on as well."""
         norm_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
         x_sum = torch.zeros(2, self.hparams.d_model, dtype=torch.float64, device=self.device)
@@ -202,12 +205,13 @@ class CrossCoderModule(L.LightningModule):
             warnings.warn(f"scales estimated from only {int(n)} tokens (scale_tokens={self.hparams.scale_tokens})",
                           stacklevel=2)
         cc = self.crosscoder
-        scales = math.sqrt(cc.d_model) / (norm_sum / n)
-        cc.scales.copy_(scales.float())
+        if self.hparams.scales is None:
+            cc.scales.copy_((math.sqrt(cc.d_model) / (norm_sum / n)).float())
         if self.hparams.b_dec_init == "mean":
-            cc.b_dec.data.copy_((x_sum / n * scales[:, None]).float())
-        self.scales_estimated.fill_(True)
-        log.info("per-model scales from %d tokens: %s", int(n), [round(s, 5) for s in cc.scales.tolist()])
+            cc.b_dec.data.copy_((x_sum / n * cc.scales.double()[:, None]).float())
+        self.data_init_done.fill_(True)
+        log.info("data init from %d tokens: per-model scales %s, b_dec %s", int(n),
+                 [round(s, 5) for s in cc.scales.tolist()], self.hparams.b_dec_init)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
@@ -222,7 +226,7 @@ class CrossCoderModule(L.LightningModule):
         self.val_ve.update(x_n, x_hat)
         self.val_firing.update(codes)
         self.val_l0.update((codes > 0).sum(-1).float())
-        self.val_recon.update(self._recon_loss(x_n, x_hat))
+        self.val_recon.update(self._recon_loss(x_n, x_hat), weight=x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         ve = self.val_ve.compute()
@@ -287,6 +291,11 @@ class CrossCoderModule(L.LightningModule):
             self._window_start, self._window_tokens = now, 0
 
 
+def _variance_per_token(x: torch.Tensor) -> torch.Tensor:
+    """``Σ‖x - mean(x)‖² / batch`` of ``[batch, 2, d_model]`` (detached: a unit, not a target)."""
+    return (x - x.mean(0)).pow(2).sum().detach() / x.shape[0]
+
+
 def _validate(**v: Any) -> None:
     if v["k"] > v["n_latents"]:
         raise ValueError(f"k={v['k']} is larger than the dictionary (n_latents={v['n_latents']}); choose k <= n_latents")
@@ -308,5 +317,7 @@ def _validate(**v: Any) -> None:
         raise ValueError(f"b_dec_init={v['b_dec_init']!r} is not 'mean' or 'zeros'")
     if not 0 < v["threshold_decay"] < 1:
         raise ValueError(f"threshold_decay must be in (0, 1), got {v['threshold_decay']}")
+    if not v["dec_init_norm"] > 0:
+        raise ValueError(f"dec_init_norm must be > 0, got {v['dec_init_norm']}")
     if v["dead_after_tokens"] < 1:
         raise ValueError(f"dead_after_tokens must be >= 1, got {v['dead_after_tokens']}")

@@ -28,6 +28,14 @@ def check_config(cfg: DictConfig) -> None:
         mix_probabilities(OmegaConf.to_container(cfg.data.mix))
     if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps <= 0:
         raise ValueError(f"trainer.max_steps={cfg.trainer.max_steps} must be a positive number of steps")
+    c = cfg.crosscoder
+    start = c.threshold_start_step if c.threshold_start_step is not None else c.k_anneal_steps
+    if start >= cfg.trainer.max_steps:
+        raise ValueError(
+            f"the inference threshold starts at step {start} (crosscoder.threshold_start_step, default "
+            f"crosscoder.k_anneal_steps) but training stops at trainer.max_steps={cfg.trainer.max_steps}: "
+            "the saved crosscoder would have no threshold"
+        )
 
 
 def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
@@ -55,6 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train a crosscoder as configured; write the artifact to ``cfg.artifact_dir``; return final metrics."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)  # "high": TF32 tensor cores on Ampere and newer
     pair = instantiate(cfg.model_pair)
     # Passed after instantiation: Hydra would turn the ModelPair dataclass into a config node.
     datamodule = instantiate(cfg.data, _partial_=True)(model_pair=pair)

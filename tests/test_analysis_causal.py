@@ -155,3 +155,12 @@ def test_splice_with_a_real_crosscoder_is_finite() -> None:
     for figures in result.values():
         assert all(math.isfinite(v) for v in figures.values())
         assert figures["kl_splice"] >= 0
+
+
+def test_pearson_counts_only_the_probes_where_the_latent_fires() -> None:
+    base = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
+    chat = torch.tensor([[3.0, 2.0, 1.0, 0.0, 0.0, 0.0]])
+    active = torch.tensor([[True, True, True, False, False, False]])
+    assert pearson(base, chat, active).item() == pytest.approx(-1.0)
+    assert pearson(base, chat).item() > 0  # the shared zeros alone would make them look alike
+    assert pearson(base, chat, active & torch.tensor([True, True, False, False, False, False])).isnan().all()

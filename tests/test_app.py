@@ -61,6 +61,7 @@ def test_papergrade_is_the_seed_recipe() -> None:
         (["data.mix.chat=0.6"], ValueError, "chat=0.6"),
         (["+crosscoder.kk=3"], TypeError, "unexpected keyword argument 'kk'"),
         (["trainer.max_steps=0"], ValueError, "trainer.max_steps=0"),
+        (["trainer.max_steps=400"], ValueError, "threshold starts at step 500"),
     ],
 )
 def test_impossible_config_fails_before_any_model_loads(overrides, error, match) -> None:

@@ -167,7 +167,7 @@ def test_nan_rows_are_dropped_and_counted() -> None:
 
 
 def test_nan_loss_stops_training_with_a_clear_error() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[1.0, 1.0])
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[1.0, 1.0], b_dec_init="zeros")
     with torch.no_grad():
         module.crosscoder.b_dec[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite loss"):
@@ -182,6 +182,7 @@ def test_nan_loss_stops_training_with_a_clear_error() -> None:
         ({"k": 4, "k_start": 100}, "k_start=100 is larger than the dictionary"),
         ({"k": 4, "loss": "l1"}, "loss='l1'"),
         ({"k": 4, "lr_decay_frac": 1.5}, "lr_decay_frac"),
+        ({"k": 4, "dec_init_norm": 0.0}, "dec_init_norm must be > 0"),
     ],
 )
 def test_impossible_configs_fail_at_construction(kwargs, match) -> None:
@@ -193,3 +194,12 @@ def test_wrong_batch_shape_is_rejected() -> None:
     module = CrossCoderModule(d_model=16, n_latents=64, k=4)
     with pytest.raises(ValueError, match=r"expected float activations \[batch, 2, 16\], got torch.float32 \(256, 2, 8\)"):
         fit(module, torch.randn(1000, 2, 8), steps=2)
+
+
+def test_given_scales_are_kept_and_b_dec_still_starts_at_the_mean() -> None:
+    x = torch.randn(4000, 2, 16) + torch.tensor([3.0, -2.0])[:, None]
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5], scale_tokens=4000, lr=1e-9)
+    fit(module, x, steps=1)
+    assert module.crosscoder.scales.tolist() == [2.0, 0.5]
+    expected = x.mean(0) * torch.tensor([2.0, 0.5])[:, None]
+    torch.testing.assert_close(module.crosscoder.b_dec.detach(), expected, atol=1e-3, rtol=0)

@@ -5,8 +5,8 @@ paired residuals of both models at that position) from model m's layer output at
 position, and the rest of the model runs on the edited stream. Per probe, ``KL(clean || ablated)`` of
 the next-token distributions is averaged over the content positions (BOS is never edited, so its KL
 is exactly 0 and is left out; padding is never scored): ``kl[j, m, probe]``. Causal equivalence of j
-is the Pearson correlation over probes of ``kl[j, base]`` and ``kl[j, chat]``; nan when either vector is
-constant (e.g. the latent never fires on the probes).
+is the Pearson correlation of ``kl[j, base]`` and ``kl[j, chat]`` over the probes where j fires; nan with
+fewer than 3 such probes or when either vector is constant on them.
 
 Cost: one clean forward per model over the probes (kept: ``n_probes * seq * vocab`` log-probs per
 model), then per latent ``2 * n_probes_active`` sequence forwards, one per model and probe where the
@@ -101,12 +101,16 @@ def most_frequent(candidates: torch.Tensor, frequency: torch.Tensor, max_latents
     return candidates[order[:max_latents]]
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise Pearson correlation of ``a, b [L, n]``: ``[L]``, nan where a row is constant."""
-    a = a.double() - a.double().mean(-1, keepdim=True)
-    b = b.double() - b.double().mean(-1, keepdim=True)
+def pearson(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-wise Pearson correlation of ``a, b [L, n]`` over the entries where ``mask [L, n]`` holds (all when
+    None): ``[L]``, nan where a row has fewer than 3 such entries or is constant on them."""
+    w = torch.ones_like(a, dtype=torch.float64) if mask is None else mask.double()
+    n = w.sum(-1, keepdim=True)
+    a = (a.double() - (a.double() * w).sum(-1, keepdim=True) / n.clamp_min(1)) * w
+    b = (b.double() - (b.double() * w).sum(-1, keepdim=True) / n.clamp_min(1)) * w
     norms = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(norms > 0, (a * b).sum(-1) / norms, torch.nan).float()
+    defined = (norms > 0) & (n.squeeze(-1) >= 3)
+    return torch.where(defined, (a * b).sum(-1) / norms.clamp_min(1e-300), torch.nan).float()
 
 
 @torch.inference_mode()
@@ -148,7 +152,9 @@ def causal_validation(
         decoder_cosine=decoder_cosine(crosscoder).cpu()[latents],
         kl=kl,
         n_probes_active=active.sum(-1),
-        pearson=pearson(kl[:, 0], kl[:, 1]),
+        # Only probes where the latent fires: elsewhere both KLs are exactly 0, and those shared zeros would
+        # make any two latents that fire on the same probes look causally equivalent.
+        pearson=pearson(kl[:, 0], kl[:, 1], active),
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.data.activations import position_ids
 from crosscoder_pl.hooks import edit_residual
 
 MODEL_NAMES = ("base", "chat")
@@ -54,9 +55,10 @@ def next_token_logprobs(
     """Log-probabilities ``[batch, seq, vocab]`` (float32) with block ``layer``'s output replaced by ``edit(h)``."""
     device = next(model.parameters()).device
     with edit_residual(model, layer, edit):
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-        ).logits
+        mask = attention_mask.to(device)
+        # Same positions as the training data's extraction, so left padding gives the same residuals.
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
+                       use_cache=False).logits
     return logits.float().log_softmax(-1)
 
 

@@ -50,8 +50,10 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
-    """``[batch, seq]`` bool: True at positions that reach the crosscoder (not padding, not BOS)."""
-    keep = attention_mask.bool()
+    """``[batch, seq]`` bool: True at positions that reach the crosscoder: not padding, not a BOS id, and not
+    a sequence's first token (its attention sink, huge-norm even for tokenizers without a BOS token)."""
+    valid = attention_mask.bool()
+    keep = valid & (valid.cumsum(-1) > 1)
     return keep if bos_token_id is None else keep & (input_ids != bos_token_id)
 
 

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 PROBES = "probes.safetensors"
 
 
+def _batches_of(tensor: torch.Tensor, batch_size: int) -> DataLoader:
+    """A DataLoader over ``tensor``'s consecutive slices (not token by token, as ``DataLoader(tensor)`` would)."""
+    return DataLoader(list(tensor.split(batch_size)), batch_size=None)
+
+
 def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
     while batch := list(islice(items, size)):
         yield batch
@@ -165,7 +170,7 @@ class ActivationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_acts is None:
             self.setup("validate")
-        return DataLoader(self.val_acts, batch_size=self.hparams.batch_size)
+        return _batches_of(self.val_acts, self.hparams.batch_size)
 
     def stats(self) -> dict[str, float]:
         """Realised mix and skipped rows of the training stream so far (this process), as floats for a logger."""
@@ -233,7 +238,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, **workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.heldout_activations(), batch_size=self.hparams.batch_size)
+        return _batches_of(self.heldout_activations(), self.hparams.batch_size)
 
     def heldout_activations(self) -> torch.Tensor:
         """The cache's held-out tokens ``[n, 2, d_model]``."""
