@@ -96,6 +96,7 @@ def test_train_writes_a_complete_loadable_artifact(tiny_run: Path) -> None:
     card = (tiny_run / "README.md").read_text()
     assert "embedded-tiny:base" in card and "python train.py +experiment=tiny" in card
     assert f"{metrics['validation']['variance_explained']['base']:.4f}" in card
+    assert "in the last 5,000 training tokens (step 30)" in card
     csv_logs = list(tiny_run.parent.glob("csv/version_*/metrics.csv"))
     header = csv_logs[0].read_text().splitlines()[0].split(",")
     assert {"train/ve_base", "train/ve_chat", "train/l0", "train/dead_frac", "train/k", "train/tokens_per_sec",

@@ -22,7 +22,8 @@ CITATIONS = (
     "Gao et al. 2024 — Scaling and evaluating sparse autoencoders (arxiv:2406.04093)",
 )
 # Recipe keys already stated in the title, the introduction or the "Reproduce" section.
-IDENTITY_KEYS = ("base_model", "chat_model", "layer", "n_latents", "d_model", "command")
+IDENTITY_KEYS = ("base_model", "chat_model", "layer", "n_latents", "d_model", "command", "training_dead_fraction")
+TRAINING_DEAD = "training_dead_fraction"  # set by the export callback: {fraction, window_tokens, step}
 
 
 def write_metrics(metrics: Mapping[str, Any], path: Path) -> Path:
@@ -47,7 +48,7 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
         f"{art['d_model']}) decomposes both models' activations into shared, base-specific, and "
         "chat-specific features.",
         "## Recipe\n\n" + "\n".join([*_recipe_lines(recipe, art["k"]), _scales_line(art["scales"])]),
-        _validation(metrics["validation"]),
+        _validation(metrics["validation"], recipe.get(TRAINING_DEAD)),
     ]
     if "taxonomy" in metrics:
         sections.append(_taxonomy(metrics["taxonomy"]))
@@ -90,15 +91,21 @@ def _scales_line(scales: list[float]) -> str:
     return f"- Per-model normalization scales: base {base:.4g}, chat {chat:.4g} (folded into the saved weights)"
 
 
-def _validation(v: Mapping[str, Any]) -> str:
+def _validation(v: Mapping[str, Any], training_dead: Mapping[str, Any] | None) -> str:
     ve = v["variance_explained"]
-    return (
+    text = (
         "## Validation\n\n"
         "| | base | chat |\n|---|---|---|\n"
         f"| variance explained | {_num(ve['base'])} | {_num(ve['chat'])} |\n\n"
         f"L0 = {_num(v['l0'], 1)}, dead-feature fraction = {_pct(v['dead_fraction'])} "
         f"(window: latents that never fired on the {v['n_tokens']:,} held-out tokens)"
     )
+    if training_dead:
+        text += (
+            f"; during training, {_pct(training_dead['fraction'])} of latents had not fired in the last "
+            f"{training_dead['window_tokens']:,} training tokens (step {training_dead['step']:,})"
+        )
+    return text
 
 
 def _taxonomy(t: Mapping[str, Any]) -> str:

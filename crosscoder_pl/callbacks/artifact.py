@@ -25,6 +25,12 @@ class ExportArtifact(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        # The training-window dead fraction (the literature's), next to the held-out one of the card.
+        pl_module.crosscoder.metadata["training_dead_fraction"] = {
+            "fraction": float((pl_module.tokens_since_fired >= pl_module.hparams.dead_after_tokens).float().mean()),
+            "window_tokens": int(pl_module.hparams.dead_after_tokens),
+            "step": trainer.global_step,
+        }
         pl_module.crosscoder.save_pretrained(self.artifact_dir)
         if self.train_config is not None:
             (self.artifact_dir / "train_config.yaml").write_text(yaml.safe_dump(self.train_config, sort_keys=False))
