@@ -119,3 +119,10 @@ def test_corpus_is_built_once(tmp_path):
     assert build_embedded_corpus(tmp_path / "corpus", max_conversations=200).stats == meta
     with pytest.raises(ValueError, match="max_conversations=200, not None"):
         build_embedded_corpus(tmp_path / "corpus")
+
+
+def test_a_corrupt_element_before_the_end_is_an_error_not_a_truncation() -> None:
+    with pytest.raises(ValueError, match="malformed JSON element after record 1"):
+        parse_truncated_json_list('[{"a": 1}, {"b": 2,}, {"c": 3}]')
+    # the same element cut off at the end is the truncation the packaged file has
+    assert parse_truncated_json_list('[{"a": 1}, {"b": "x\\"}') == ([{"a": 1}], 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -63,11 +64,29 @@ class CorpusInfo:
                     yield json.loads(line)
 
 
+def _closes(text: str, start: int) -> bool:
+    """Whether the JSON object or array opening at ``start`` is closed before the end of ``text``."""
+    depth, in_string, escaped = 0, False, False
+    for char in itertools.islice(text, start, None):
+        if in_string:
+            escaped, in_string = (not escaped and char == "\\"), in_string and (escaped or char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return True
+    return False
+
+
 def parse_truncated_json_list(text: str) -> tuple[list[dict], int]:
     """Decode the complete elements of a JSON list whose end may be cut off.
 
     Returns ``(records, lost)``: ``lost`` is 1 when a partial element trails the last complete one,
-    else 0. Anything that fails to decode is taken to be that trailing partial element.
+    else 0. An element that fails to decode but is closed before the end of ``text`` is corruption, not
+    truncation: ValueError.
     """
     decoder = json.JSONDecoder()
     pos = _WHITESPACE.match(text).end()
@@ -81,7 +100,9 @@ def parse_truncated_json_list(text: str) -> tuple[list[dict], int]:
             return records, 0
         try:
             record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as error:
+            if _closes(text, pos):  # a whole element that does not parse: corruption, not truncation
+                raise ValueError(f"malformed JSON element after record {len(records)}: {error}") from error
             log.info("dropped %d trailing characters: one record cut off", len(text) - pos)
             return records, 1
         records.append(record)
