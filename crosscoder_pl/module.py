@@ -47,6 +47,10 @@ class CrossCoderModule(L.LightningModule):
         threshold_start_step: first step that updates the threshold (default: end of k annealing).
         scales: per-model normalisation scalars; estimated from the first ``scale_tokens`` tokens if None.
         b_dec_init: ``"mean"`` (decoder bias starts at the data mean, estimated with the scales) or ``"zeros"``.
+        b_enc_init: ``"center"`` (encoder bias starts at ``-mean(x) @ W_enc``, so each latent's pre-activation
+            is centred on the data and fires on about half the tokens at first; residual streams have a large
+            mean, and without this about half the latents start negative on every token, never fire, and get
+            no gradient, not even from AuxK) or ``"zeros"``.
         loss: ``"mse"`` (squared error summed over models and d_model) or ``"l2"`` (unsquared norm per
             model, as in the crosscoder paper's code); mean over tokens either way.
         metrics_window_steps: steps pooled by the training variance explained and tokens/s.
@@ -71,6 +75,7 @@ class CrossCoderModule(L.LightningModule):
         scales: list[float] | None = None,
         scale_tokens: int = 8192,
         b_dec_init: str = "mean",
+        b_enc_init: str = "center",
         dec_init_norm: float = 0.08,
         loss: str = "mse",
         metrics_window_steps: int = 50,
@@ -80,7 +85,7 @@ class CrossCoderModule(L.LightningModule):
         k_start = k if k_start is None else k_start
         k_aux = d_model // 2 if k_aux is None else k_aux
         _validate(n_latents=n_latents, k=k, k_start=k_start, k_aux=k_aux, lr=lr, lr_decay_frac=lr_decay_frac,
-                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, threshold_decay=threshold_decay, dec_init_norm=dec_init_norm,
+                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, b_enc_init=b_enc_init, threshold_decay=threshold_decay, dec_init_norm=dec_init_norm,
                   dead_after_tokens=dead_after_tokens)
         self.save_hyperparameters()
         self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
@@ -90,7 +95,8 @@ class CrossCoderModule(L.LightningModule):
 
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         # In the checkpoint, so a resumed run does not initialise from data twice.
-        self.register_buffer("data_init_done", torch.tensor(scales is not None and b_dec_init == "zeros"))
+        needs_data = scales is None or b_dec_init == "mean" or b_enc_init == "center"
+        self.register_buffer("data_init_done", torch.tensor(not needs_data))
         self.skipped_rows = 0
 
         self.train_ve = VarianceExplained(2, d_model)
@@ -185,8 +191,8 @@ class CrossCoderModule(L.LightningModule):
 
     @torch.no_grad()
     def estimate_scales(self, batches: Iterable[torch.Tensor | list[torch.Tensor]]) -> None:
-        """Set ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given) and b_dec to the normalised mean
-        (if ``b_dec_init="mean"``) from the first ``scale_tokens`` tokens of ``batches``, summed over ranks. A fresh iterator is used, so
+        """Set ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given), b_dec to the normalised mean
+        (if ``b_dec_init="mean"``) and b_enc to centre the pre-activations (if ``b_enc_init="center"``) from the first ``scale_tokens`` tokens of ``batches``, summed over ranks. A fresh iterator is used, so
         these tokens are trained on as well."""
         norm_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
         x_sum = torch.zeros(2, self.hparams.d_model, dtype=torch.float64, device=self.device)
@@ -207,11 +213,14 @@ class CrossCoderModule(L.LightningModule):
         cc = self.crosscoder
         if self.hparams.scales is None:
             cc.scales.copy_((math.sqrt(cc.d_model) / (norm_sum / n)).float())
+        mean = (x_sum / n * cc.scales.double()[:, None]).float()  # [2, d_model], training space
         if self.hparams.b_dec_init == "mean":
-            cc.b_dec.data.copy_((x_sum / n * cc.scales.double()[:, None]).float())
+            cc.b_dec.data.copy_(mean)
+        if self.hparams.b_enc_init == "center":
+            cc.b_enc.data.copy_(-(mean.reshape(-1) @ cc.W_enc.detach().reshape(-1, cc.n_latents)))
         self.data_init_done.fill_(True)
-        log.info("data init from %d tokens: per-model scales %s, b_dec %s", int(n),
-                 [round(s, 5) for s in cc.scales.tolist()], self.hparams.b_dec_init)
+        log.info("data init from %d tokens: per-model scales %s, b_dec %s, b_enc %s", int(n),
+                 [round(s, 5) for s in cc.scales.tolist()], self.hparams.b_dec_init, self.hparams.b_enc_init)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
@@ -315,6 +324,8 @@ def _validate(**v: Any) -> None:
         raise ValueError(f"loss={v['loss']!r} is not one of {LOSSES}")
     if v["b_dec_init"] not in ("mean", "zeros"):
         raise ValueError(f"b_dec_init={v['b_dec_init']!r} is not 'mean' or 'zeros'")
+    if v["b_enc_init"] not in ("center", "zeros"):
+        raise ValueError(f"b_enc_init={v['b_enc_init']!r} is not 'center' or 'zeros'")
     if not 0 < v["threshold_decay"] < 1:
         raise ValueError(f"threshold_decay must be in (0, 1), got {v['threshold_decay']}")
     if not v["dec_init_norm"] > 0:

@@ -112,7 +112,7 @@ def test_analyze_reproduces_the_training_run_figures(tiny_run: Path) -> None:
 
 
 def test_multirun_sweep_gives_each_job_its_own_artifact(tmp_path: Path) -> None:
-    result = run("train.py", "-m", "+experiment=tiny", "crosscoder.k=4,8", "trainer.max_steps=4",
+    result = run("train.py", "-m", "+experiment=tiny", "crosscoder.k=4,8", "trainer.max_steps=4", "crosscoder.k_anneal_steps=2",
                  "trainer.val_check_interval=4", "~callbacks.analyses", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     ks = sorted(CrossCoder.from_pretrained(p).k for p in tmp_path.glob("*/artifact"))
@@ -132,7 +132,7 @@ def test_cache_then_train_from_cache(tmp_path: Path) -> None:
                  f"hydra.run.dir={tmp_path / 'cache_run'}")
     assert result.returncode == 0, result.stderr[-3000:]
     result = run("train.py", "data=cached", f"data.path={tmp_path / 'acts'}", "data.batch_size=256", *tiny_pair,
-                 "crosscoder.n_latents=64", "crosscoder.k=4", "crosscoder.k_start=4", "crosscoder.scale_tokens=512",
+                 "crosscoder.n_latents=64", "crosscoder.k=4", "crosscoder.k_start=4", "crosscoder.k_anneal_steps=0", "crosscoder.scale_tokens=512",
                  "trainer.max_steps=6", "trainer.val_check_interval=6", "analysis.causal.max_latents=2",
                  f"hydra.run.dir={tmp_path / 'train_run'}")
     assert result.returncode == 0, result.stderr[-3000:]
