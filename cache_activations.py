@@ -11,7 +11,7 @@ from crosscoder_pl.data.datamodule import write_activation_cache
 @hydra.main(version_base="1.3", config_path="conf", config_name="cache_activations")
 def main(cfg: DictConfig) -> None:
     pair = instantiate(cfg.model_pair)
-    datamodule = instantiate(cfg.data, _partial_=True)(model_pair=pair)
+    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(model_pair=pair)
     path = write_activation_cache(datamodule, cfg.out, cfg.n_tokens, cfg.tokens_per_shard, getattr(torch, cfg.dtype))
     print(f"\nactivation cache written to {path}; train on it with: python train.py data=cached data.path={path}")
 

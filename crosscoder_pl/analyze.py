@@ -39,7 +39,7 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     if cfg.device is not None:
         train_cfg.model_pair.device = cfg.device
     pair = instantiate(train_cfg.model_pair)
-    datamodule = instantiate(train_cfg.data, _partial_=True)(model_pair=pair)
+    datamodule = instantiate(train_cfg.data, _partial_=True, _convert_="all")(model_pair=pair)
     input_ids, attention_mask = datamodule.probe_batch()
     metrics = run_analyses(
         crosscoder.to(train_cfg.model_pair.device), pair, datamodule.heldout_activations(), input_ids, attention_mask,

@@ -66,8 +66,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.matmul_precision)  # "high": TF32 tensor cores on Ampere and newer
     pair = instantiate(cfg.model_pair)
     # Passed after instantiation: Hydra would turn the ModelPair dataclass into a config node.
-    datamodule = instantiate(cfg.data, _partial_=True)(model_pair=pair)
-    module: CrossCoderModule = instantiate(cfg.crosscoder, d_model=pair.d_model, metadata=recipe(cfg, pair))
+    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(model_pair=pair)
+    # Plain containers, not OmegaConf nodes: checkpoints then load with torch's weights_only unpickler.
+    module: CrossCoderModule = instantiate(cfg.crosscoder, d_model=pair.d_model, metadata=recipe(cfg, pair),
+                                           _convert_="all")
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     for callback in callbacks:
         if isinstance(callback, ExportArtifact):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import DictConfig
@@ -146,3 +147,19 @@ def test_sweeper_example_grids_existing_keys() -> None:
     for key in params:
         group, name = key.split(".")
         assert name in cfg[group]
+
+
+def test_resume_from_last_checkpoint_continues_without_reinitialising(tmp_path: Path) -> None:
+    common = ["+experiment=tiny", "crosscoder.k_anneal_steps=4"]
+    first = run("train.py", *common, "trainer.max_steps=16", f"hydra.run.dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "data init from" in first.stdout + first.stderr
+    second = run("train.py", *common, "trainer.max_steps=30", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+                 f"hydra.run.dir={tmp_path / 'b'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    logs = second.stdout + second.stderr
+    assert "Restored all states" in logs and "data init from" not in logs  # scales and b_dec come from the checkpoint
+    resumed = CrossCoder.from_pretrained(tmp_path / "b" / "artifact")
+    first_scales = CrossCoder.from_pretrained(tmp_path / "a" / "artifact").scales
+    assert resumed.metadata["training_dead_fraction"]["step"] == 30
+    assert torch.equal(resumed.scales, first_scales)
