@@ -25,10 +25,10 @@ class VarianceExplained(Metric):
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         """``x``, ``x_hat``: ``[tokens, n_models, d_model]``."""
-        x, x_hat = x.double(), x_hat.double()
-        self.sq_err += (x - x_hat).pow(2).sum(dim=(0, 2))
-        self.sq_sum += x.pow(2).sum(dim=(0, 2))
-        self.sum += x.sum(0)
+        # One batch sums fine in the input's precision; the window's running sums are float64.
+        self.sq_err += (x - x_hat).pow(2).sum(dim=(0, 2)).double()
+        self.sq_sum += x.pow(2).sum(dim=(0, 2)).double()
+        self.sum += x.sum(0).double()
         self.n += x.shape[0]
 
     def compute(self) -> torch.Tensor:

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from crosscoder_pl.analysis.report import run_analyses
 from crosscoder_pl.callbacks.analyses import EndOfTrainingAnalyses
 from crosscoder_pl.crosscoder import CrossCoder
+from test_analysis_causal import D, LAYER, VOCAB, tiny_pair
 
-D, VOCAB, LAYER, BOS = 32, 64, 1, 2
+BOS = 2
 CONF = Path(__file__).parents[1] / "conf" / "analysis" / "default.yaml"
 FILES = (
     "taxonomy.json",
@@ -32,29 +32,6 @@ def settings() -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(CONF))
     cfg["causal"].update(max_latents=6, latents_per_batch=6)
     return cfg
-
-
-def tiny_pair() -> SimpleNamespace:
-    """A random 3-layer Gemma-2 and a perturbed copy standing in for its chat version."""
-    config = Gemma2Config(
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-        initializer_range=0.3,
-    )
-    torch.manual_seed(0)
-    base, chat = Gemma2ForCausalLM(config).eval(), Gemma2ForCausalLM(config).eval()
-    chat.load_state_dict(base.state_dict())
-    with torch.no_grad():
-        for param in chat.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return SimpleNamespace(base=base, chat=chat, layer=LAYER, base_id="tiny/base", chat_id="tiny/chat")
 
 
 def inputs(pair: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +66,7 @@ def crosscoder(paired: torch.Tensor) -> CrossCoder:
 
 
 def test_run_analyses_writes_the_artifact(tmp_path: Path) -> None:
-    pair = tiny_pair()
+    pair = tiny_pair(identical=False)
     paired, ids, mask = inputs(pair)
     cc = crosscoder(paired)
     metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, settings(), cc.metadata, "python train.py seed=1")
@@ -117,7 +94,7 @@ def test_run_analyses_writes_the_artifact(tmp_path: Path) -> None:
 
 
 def test_disabled_analyses_and_bad_settings(tmp_path: Path) -> None:
-    pair = tiny_pair()
+    pair = tiny_pair(identical=False)
     paired, ids, mask = inputs(pair)
     cfg = settings()
     for group in ("scaling", "causal", "splice"):
@@ -135,7 +112,7 @@ def test_disabled_analyses_and_bad_settings(tmp_path: Path) -> None:
 
 
 def test_callback_runs_on_rank_zero_only(tmp_path: Path) -> None:
-    pair = tiny_pair()
+    pair = tiny_pair(identical=False)
     paired, ids, mask = inputs(pair)
     datamodule = SimpleNamespace(model_pair=pair, heldout_activations=lambda: paired, probe_batch=lambda: (ids, mask))
     module = SimpleNamespace(crosscoder=crosscoder(paired))
