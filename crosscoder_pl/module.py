@@ -108,7 +108,7 @@ class CrossCoderModule(L.LightningModule):
         self._window_tokens = 0
 
     # ----------------------------------------------------------------------------------- training
-    def training_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: torch.Tensor | list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = self._clean(batch)
         if x.shape[0] == 0:  # returning None would desynchronise DDP ranks
             raise ValueError(f"every row of the batch at step {self.global_step} was NaN/inf: check the activations")
@@ -191,9 +191,10 @@ class CrossCoderModule(L.LightningModule):
 
     @torch.no_grad()
     def estimate_scales(self, batches: Iterable[torch.Tensor | list[torch.Tensor]]) -> None:
-        """Set ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given), b_dec to the normalised mean
-        (if ``b_dec_init="mean"``) and b_enc to centre the pre-activations (if ``b_enc_init="center"``) from the first ``scale_tokens`` tokens of ``batches``, summed over ranks. A fresh iterator is used, so
-        these tokens are trained on as well."""
+        """Data-dependent init from the first ``scale_tokens`` tokens of ``batches`` (summed over ranks):
+        ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given), b_dec = the normalised mean (if
+        ``b_dec_init="mean"``), b_enc centring the pre-activations (if ``b_enc_init="center"``).
+        A fresh iterator is used, so these tokens are trained on as well."""
         norm_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
         x_sum = torch.zeros(2, self.hparams.d_model, dtype=torch.float64, device=self.device)
         n = torch.zeros((), dtype=torch.float64, device=self.device)
