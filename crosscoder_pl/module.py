@@ -15,8 +15,8 @@ import logging
 import math
 import time
 import warnings
-from functools import partial
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import lightning as L

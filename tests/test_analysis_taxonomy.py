@@ -1,6 +1,5 @@
 """Taxonomy on a hand-built crosscoder with planted base-only, chat-only, shared, unclassified and dead latents."""
 
-import json
 
 import pytest
 import torch
@@ -52,7 +51,6 @@ def test_planted_classes_and_counts() -> None:
     assert list(counts) == list(CLASSES)
     assert sum(counts.values()) == cc.n_latents
     assert counts == {"shared": 1, "dead": 2, "unclassified": 1, "base_only": 1, "chat_only": 1}
-    assert json.loads(json.dumps(counts)) == counts
     assert taxonomy.firing_frequency.tolist() == [1, 1, 1, 1, 0, 0]
     assert stats.l0 == 4 and stats.dead_fraction == pytest.approx(2 / 6)
 

@@ -37,8 +37,7 @@ def run(script: str, *args: str, env: dict | None = None) -> subprocess.Complete
 @pytest.mark.parametrize("experiment", ["", *EXPERIMENTS])
 def test_every_experiment_composes_and_passes_validation(experiment: str) -> None:
     cfg = compose_train(*([f"+experiment={experiment}"] if experiment else []), "hydra.runtime.output_dir=/tmp/x")
-    check_config(cfg)
-    assert cfg.crosscoder.k <= cfg.crosscoder.n_latents
+    check_config(cfg)  # raises on any impossible value
 
 
 def test_papergrade_is_the_seed_recipe() -> None:
@@ -106,6 +105,8 @@ def test_train_writes_a_complete_loadable_artifact(tiny_run: Path) -> None:
 
 def test_analyze_reproduces_the_training_run_figures(tiny_run: Path) -> None:
     before = {name: (tiny_run / name).read_text() for name in ("taxonomy.json", "causal_validation.csv", "latents.csv")}
+    for name in before:
+        (tiny_run / name).unlink()  # analyze.py must write them again
     result = run("analyze.py", f"artifact={tiny_run}", f"hydra.run.dir={tiny_run.parent / 'analyze'}")
     assert result.returncode == 0, result.stderr[-3000:]
     after = {name: (tiny_run / name).read_text() for name in before}

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from crosscoder_pl import CrossCoder, CrossCoderModule
+from crosscoder_pl.analysis.taxonomy import delta_norm
 from crosscoder_pl.metrics import VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
 from planted import make_planted
@@ -59,10 +60,6 @@ def planted_run():
     return planted, module, trainer, held_out
 
 
-def delta_norm(norms: torch.Tensor) -> torch.Tensor:
-    return 0.5 * ((norms[:, 1] - norms[:, 0]) / norms.max(1).values + 1)
-
-
 def test_planted_atoms_are_recovered_and_classified(planted_run) -> None:
     planted, module, trainer, _ = planted_run
     cc = module.crosscoder
@@ -73,7 +70,7 @@ def test_planted_atoms_are_recovered_and_classified(planted_run) -> None:
     cos = atoms @ (dec / dec.norm(dim=-1, keepdim=True)).T
     best, match = cos.max(1)
     assert best.min() > 0.95, best
-    dn = delta_norm(cc.decoder_norms().detach())[match]
+    dn = delta_norm(cc)[match]
     for i, kind in enumerate(planted.kind):
         if kind == "base_only":
             assert dn[i] <= 0.1

@@ -116,7 +116,9 @@ def test_corpus_is_built_once(tmp_path):
     assert meta["complete"] == sum(meta["skipped"].values()) + sum(meta["conversations"].values())
     assert sum(1 for _ in info.rows("chat")) == meta["rows"]["chat"]
     assert not list(tmp_path.glob(".corpus-*")), "the temporary build directory was left behind"
+    built = (tmp_path / "corpus" / "meta.json").stat().st_mtime_ns
     assert build_embedded_corpus(tmp_path / "corpus", max_conversations=200).stats == meta
+    assert (tmp_path / "corpus" / "meta.json").stat().st_mtime_ns == built  # not rebuilt
     with pytest.raises(ValueError, match="max_conversations=200, not None"):
         build_embedded_corpus(tmp_path / "corpus")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.data.activations import position_ids
+from crosscoder_pl.data.activations import content_mask, position_ids
 from crosscoder_pl.hooks import edit_residual
 
 MODEL_NAMES = ("base", "chat")
@@ -37,12 +37,6 @@ def check_probes(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     too_short = (content_mask(attention_mask).sum(-1) == 0).nonzero().flatten()
     if too_short.numel():
         raise ValueError(f"probes {too_short.tolist()} have no token after BOS: nothing to score")
-
-
-def content_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Valid positions other than each row's first (its BOS): ``[n_probes, seq]`` bool."""
-    valid = attention_mask.bool()
-    return valid & (valid.cumsum(-1) > 1)
 
 
 def next_token_logprobs(

@@ -24,6 +24,7 @@ import torch
 from crosscoder_pl.analysis.taxonomy import Taxonomy, check_eval_mode
 from crosscoder_pl.crosscoder import CrossCoder
 
+
 @dataclass(frozen=True)
 class ChatSpecificRule:
     """Truly chat-specific: ``Δ >= chat_only_min``, ``nu_eps < nu_eps_max`` and ``nu_r < nu_r_max``."""

@@ -49,11 +49,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
-    """``[batch, seq]`` bool: True at positions that reach the crosscoder: not padding, not a BOS id, and not
-    a sequence's first token (its attention sink, huge-norm even for tokenizers without a BOS token)."""
+def content_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Valid positions other than each row's first (its BOS, or attention sink): ``[batch, seq]`` bool."""
     valid = attention_mask.bool()
-    keep = valid & (valid.cumsum(-1) > 1)
+    return valid & (valid.cumsum(-1) > 1)
+
+
+def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    """``[batch, seq]`` bool: True at positions that reach the crosscoder: not padding, not a sequence's first
+    token (huge-norm even for tokenizers without a BOS token), and not any other BOS id."""
+    keep = content_mask(attention_mask)
     return keep if bos_token_id is None else keep & (input_ids != bos_token_id)
 
 

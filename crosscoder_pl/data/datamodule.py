@@ -26,7 +26,7 @@ from datasets import IterableDataset as RowStream
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 
-from crosscoder_pl.data.activations import PairLike, PaddingSide, paired_activations, tokenize
+from crosscoder_pl.data.activations import PaddingSide, PairLike, paired_activations, tokenize
 from crosscoder_pl.data.buffer import shuffled_batches
 from crosscoder_pl.data.cache import CachedActivations, load_val, read_meta, write_cache
 from crosscoder_pl.data.sources import SourceConfig, StreamStats, mix_probabilities, mixed_rows, texts
@@ -225,10 +225,6 @@ class CachedActivationDataModule(L.LightningDataModule):
                 f"(d_model={self.meta['d_model']}), not for the configured pair {expected} (d_model={pair.d_model}); "
                 "rewrite the cache or change data.path"
             )
-
-    @property
-    def d_model(self) -> int:
-        return self.meta["d_model"]
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
