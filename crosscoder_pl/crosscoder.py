@@ -85,10 +85,16 @@ class CrossCoder(nn.Module):
         # One matmul over the concatenated models == sum_m x_m @ W_enc[m].
         return F.relu(flat @ self.W_enc.reshape(-1, self.n_latents) + self.b_enc)
 
+    def decoder(self, normalised: bool) -> torch.Tensor:
+        """``W_dec [F, n_models, d_model]`` in the normalised space or in raw activation units, folded or not."""
+        if normalised == self.folded:  # stored in the other space
+            scales = self.scales[:, None]
+            return self.W_dec * scales if self.folded else self.W_dec / scales
+        return self.W_dec
+
     def decoder_norms(self) -> torch.Tensor:
         """``n[j, m] = ||W_dec[j, m]||`` in the normalised space: ``[F, n_models]``."""
-        norms = self.W_dec.norm(dim=-1)
-        return norms * self.scales if self.folded else norms
+        return self.decoder(normalised=True).norm(dim=-1)
 
     def scores(self, f: torch.Tensor) -> torch.Tensor:
         """BatchTopK selection score ``f * (sum_m n[:, m])``: ``[..., F]``."""

@@ -111,3 +111,11 @@ def test_bad_input_shapes_and_dtypes() -> None:
 def test_from_pretrained_missing_dir_is_clear(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no crosscoder at"):
         CrossCoder.from_pretrained(tmp_path / "nope")
+
+
+def test_decoder_in_both_spaces_folded_or_not() -> None:
+    cc = _cc(scales=[0.5, 20.0])
+    folded = cc.fold()
+    for normalised in (True, False):
+        torch.testing.assert_close(folded.decoder(normalised), cc.decoder(normalised))
+    torch.testing.assert_close(cc.decoder(normalised=False), cc.W_dec / torch.tensor([0.5, 20.0])[:, None])

@@ -134,7 +134,7 @@ def causal_validation(
     n_probes = input_ids.shape[0]
     active = (codes > 0).any(dim=1).T.cpu()  # [L, P]
     pair_latent, pair_probe = active.nonzero(as_tuple=True)
-    decoder = _raw_decoder(crosscoder)[latents.to(codes.device)]  # [L, 2, d]
+    decoder = crosscoder.decoder(normalised=False).detach()[latents.to(codes.device)]  # [L, 2, d]
     kl = torch.zeros(latents.numel(), crosscoder.n_models, n_probes)
     rows = latents_per_batch * n_probes
     for start in tqdm(range(0, pair_latent.numel(), rows), desc="causal validation", unit="batch"):
@@ -193,13 +193,6 @@ def _latent_codes(
     index = latents.to(crosscoder.W_dec.device)
     steps = zip(residual.split(PROBES_PER_ENCODE), content.split(PROBES_PER_ENCODE))
     return torch.cat([encode_content(crosscoder, r, c)[..., index] for r, c in steps])
-
-
-def _raw_decoder(crosscoder: CrossCoder) -> torch.Tensor:
-    """``W_dec [F, 2, d_model]`` in raw activation units, whether or not the crosscoder is folded."""
-    if crosscoder.folded:
-        return crosscoder.W_dec.detach()
-    return crosscoder.W_dec.detach() / crosscoder.scales[None, :, None]
 
 
 def _subtract(delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -19,8 +19,6 @@ from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.activations import content_mask, position_ids
 from crosscoder_pl.hooks import edit_residual
 
-MODEL_NAMES = ("base", "chat")
-
 
 def pair_models(pair: Any) -> tuple[nn.Module, nn.Module]:
     """``(base, chat)`` of a model pair (anything with ``.base`` and ``.chat``), in crosscoder order."""

@@ -71,8 +71,7 @@ def latent_betas(
     check_eval_mode(crosscoder)
     latents = latents.to(crosscoder.W_dec.device)
     scales = crosscoder.scales.double()[:, None]  # raw -> normalised, per model
-    w_dec = crosscoder.W_dec.double()[latents]  # [L, 2, d]
-    w_dec = w_dec * scales if crosscoder.folded else w_dec
+    w_dec = crosscoder.decoder(normalised=True).detach().double()[latents]  # [L, 2, d]
     n_latents, width = latents.numel(), crosscoder.n_models * crosscoder.d_model
     recon_sum = w_dec.new_zeros(n_latents, width)  # sum_n f_j(n) x̂(n)
     error_sum = w_dec.new_zeros(n_latents, width)  # sum_n f_j(n) (x(n) - x̂(n))

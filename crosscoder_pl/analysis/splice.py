@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from crosscoder_pl.analysis.probes import (
-    MODEL_NAMES,
     check_probes,
     clean_run,
     content_mask,
@@ -27,7 +26,7 @@ from crosscoder_pl.analysis.probes import (
     pair_models,
 )
 from crosscoder_pl.analysis.taxonomy import check_eval_mode
-from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.crosscoder import MODEL_ORDER, CrossCoder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def splice_evaluation(
     clean = clean_run(pair, input_ids, attention_mask)
     recon = crosscoder(clean.residual.to(crosscoder.W_dec))  # [P, S, 2, d]
     results = {}
-    for m, (name, model) in enumerate(zip(MODEL_NAMES, pair_models(pair))):
+    for m, (name, model) in enumerate(zip(MODEL_ORDER, pair_models(pair))):
         run = partial(next_token_logprobs, model, pair.layer, input_ids, attention_mask)
         spliced, zeroed = run(_replace(content, recon[:, :, m])), run(_replace(content, 0.0))
         ce = {

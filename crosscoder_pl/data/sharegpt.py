@@ -34,7 +34,7 @@ from crosscoder_pl.paths import cache_dir
 log = logging.getLogger(__name__)
 
 N_SHARDS = 8
-HALVES = ("web", "chat")
+HALVES = ("web", "chat")  # the two sources of crosscoder_pl.data.sources, in the same order
 ROLES = {"human": "user", "gpt": "assistant"}
 _WHITESPACE = re.compile(r"\s*")
 
