@@ -5,8 +5,13 @@ import lightning as L
 import pytest
 import torch
 
-from crosscoder_pl.data.cache import read_meta
-from crosscoder_pl.data.datamodule import ActivationDataModule, CachedActivationDataModule, write_activation_cache
+from crosscoder_pl.data.cache import CachedActivations, read_meta
+from crosscoder_pl.data.datamodule import (
+    ActivationDataModule,
+    CachedActivationDataModule,
+    Endless,
+    write_activation_cache,
+)
 from test_data_helpers import tiny_pair, write_corpus
 
 
@@ -77,7 +82,8 @@ def test_written_cache_serves_the_same_data(tmp_path: Path) -> None:
     cached = CachedActivationDataModule(path, batch_size=16, model_pair=dm.model_pair)
     assert torch.equal(torch.cat(list(cached.val_dataloader())), dm.val_acts)
     assert all(torch.equal(a, b) for a, b in zip(cached.probe_batch(), dm.probe_batch()))
-    assert sum(len(b) for b in cached.train_dataloader()) == 192  # 200 tokens, full batches of 16 only
+    assert sum(len(b) for b in CachedActivations(path, batch_size=16)) == 192  # one pass: full batches of 16 only
+    assert len(list(islice(cached.train_dataloader(), 30))) == 30  # training runs pass after pass
 
     other = tiny_pair(layer=2)
     with pytest.raises(ValueError, match="'layer': 1.*'layer': 2"):
@@ -94,3 +100,18 @@ def test_probe_batch_is_heldout_text_with_one_bos_per_row(tmp_path: Path) -> Non
     again, _ = dm.probe_batch()
     assert torch.equal(ids, again)  # fixed by the seed
     assert dm.heldout_activations() is dm.heldout_activations()  # computed once
+
+
+def test_endless_repeats_passes_and_refuses_an_empty_one() -> None:
+    class Passes(torch.utils.data.IterableDataset):
+        def __init__(self, sizes: list[int]):
+            self.sizes, self.calls = sizes, 0
+
+        def __iter__(self):
+            size = self.sizes[min(self.calls, len(self.sizes) - 1)]
+            self.calls += 1
+            return iter([torch.full((1,), float(self.calls))] * size)
+
+    assert [float(b) for b in islice(Endless(Passes([2, 3])), 6)] == [1, 1, 2, 2, 2, 3]
+    with pytest.raises(ValueError, match="gave no full batch"):
+        next(iter(Endless(Passes([0]))))

@@ -45,6 +45,26 @@ def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+class Endless(IterableDataset):
+    """Pass after pass over an iterable dataset, so training is bounded by ``max_steps`` alone.
+
+    Per-rank streams and cache shards differ in length; with epochs, one DDP rank would end its pass
+    while the others wait in a collective for ever.
+    """
+
+    def __init__(self, dataset: IterableDataset):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            served = 0
+            for batch in self.dataset:
+                served += 1
+                yield batch
+            if not served:
+                raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
+
+
 class ActivationStream(IterableDataset):
     """Training batches ``[batch_size, 2, d_model]``: text rows -> paired activations -> shuffle buffer.
 
@@ -165,7 +185,7 @@ class ActivationDataModule(L.LightningDataModule):
             outlier_factor=h.outlier_factor,
         )
         workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
-        return DataLoader(self.stream, batch_size=None, **workers)
+        return DataLoader(Endless(self.stream), batch_size=None, **workers)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_acts is None:
@@ -231,7 +251,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         dataset = CachedActivations(h.path, h.batch_size, h.seed, rank, world_size)
         workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
-        return DataLoader(dataset, batch_size=None, **workers)
+        return DataLoader(Endless(dataset), batch_size=None, **workers)
 
     def val_dataloader(self) -> DataLoader:
         return _batches_of(self.heldout_activations(), self.hparams.batch_size)
