@@ -85,8 +85,8 @@ class CrossCoderModule(L.LightningModule):
         k_start = k if k_start is None else k_start
         k_aux = d_model // 2 if k_aux is None else k_aux
         _validate(n_latents=n_latents, k=k, k_start=k_start, k_aux=k_aux, lr=lr, lr_decay_frac=lr_decay_frac,
-                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, b_enc_init=b_enc_init, threshold_decay=threshold_decay, dec_init_norm=dec_init_norm,
-                  dead_after_tokens=dead_after_tokens)
+                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, b_enc_init=b_enc_init,
+                  threshold_decay=threshold_decay, dec_init_norm=dec_init_norm, dead_after_tokens=dead_after_tokens)
         self.save_hyperparameters()
         self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
         self.threshold_start_step = k_anneal_steps if threshold_start_step is None else threshold_start_step
