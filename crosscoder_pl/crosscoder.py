@@ -1,6 +1,6 @@
 """The BatchTopK crosscoder: one sparse dictionary over paired activations of a base and a chat model.
 
-Shapes (DESIGN.md): ``x [..., 2, d_model]`` (index 0 = base, 1 = chat), ``W_enc [2, d_model, F]``,
+Shapes (docs/method.md, "Shapes and notation"): ``x [..., 2, d_model]`` (index 0 = base, 1 = chat), ``W_enc [2, d_model, F]``,
 ``b_enc [F]``, ``W_dec [F, 2, d_model]``, ``b_dec [2, d_model]``.
 
 Per-model normalisation: training runs on ``x_m * scales[m]`` so both models weigh the same in the loss.
@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,39 @@ from torch import nn
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_ORDER = ("base", "chat")
+LOSSES = ("mse", "l2")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Everything one training step computes and reports, in the normalised (training) space.
+
+    ``loss = recon + aux_coef * aux * unit`` (docs/method.md, "Loss"): ``recon`` is the reconstruction
+    term under the loss option, ``aux`` the AuxK error normalised by its target's (dimensionless: 1 = the
+    dead latents explain none of the residual, 0 when no latent is dead), ``unit`` the loss of predicting
+    the batch mean, which puts AuxK in the reconstruction term's units under either loss option.
+    """
+
+    loss: torch.Tensor  # [] what the optimiser minimises
+    recon: torch.Tensor  # []
+    aux: torch.Tensor  # []
+    unit: torch.Tensor  # [] detached
+    codes: torch.Tensor  # [batch, F] BatchTopK codes (unscaled f of the kept entries)
+    x: torch.Tensor  # [batch, n_models, d_model] normalised input
+    x_hat: torch.Tensor  # [batch, n_models, d_model] its reconstruction
+    min_kept: torch.Tensor  # [] smallest positive kept score (inf if none): what the threshold tracks
+
+
+def token_loss(err: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-token error of ``err [batch, n_models, d_model]`` under a loss option: ``[batch]``.
+
+    ``mse``: squared norm summed over models; ``l2``: unsquared norm per model, summed over models
+    (the crosscoder paper's code). The one place where the loss option is interpreted.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+    sq = err.pow(2).sum(-1)  # [batch, n_models]
+    return (sq if loss == "mse" else sq.sqrt()).sum(-1)
 
 
 class CrossCoder(nn.Module):
@@ -76,11 +110,15 @@ class CrossCoder(nn.Module):
         self._warned_uncalibrated = False
 
     # ----------------------------------------------------------------------------------- encoding
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations ``[..., n_models, d_model]`` into the space the weights live in (``x_m * scales[m]``
+        before folding, unchanged after): the one place the per-model scales touch the input."""
+        return x if self.folded else x * self.scales[:, None].to(x.dtype)
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU pre-activations ``[..., F]`` of raw activations ``x [..., 2, d_model]``."""
         self._check_input(x)
-        if not self.folded:
-            x = x * self.scales[:, None]
+        x = self.normalise(x)
         flat = x.reshape(*x.shape[:-2], self.n_models * self.d_model).to(self.W_enc.dtype)
         # One matmul over the concatenated models == sum_m x_m @ W_enc[m].
         return F.relu(flat @ self.W_enc.reshape(-1, self.n_latents) + self.b_enc)
@@ -157,6 +195,63 @@ class CrossCoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))``: raw activations in, raw reconstructions out."""
         return self.decode(self.encode(x))
+
+    # ----------------------------------------------------------------------------------- training
+    def step(
+        self,
+        x: torch.Tensor,
+        k: int,
+        dead: torch.Tensor | None = None,
+        *,
+        loss: str = "mse",
+        aux_coef: float = 1 / 32,
+        k_aux: int = 1,
+    ) -> StepOutput:
+        """One training step's loss and everything reported about it (docs/method.md, "Loss").
+
+        Args:
+            x: raw activations ``[batch, n_models, d_model]``.
+            k: BatchTopK's k for this step (``k * batch`` entries kept over the whole batch).
+            dead: ``[F]`` bool, latents that had not fired for the dead-latent window before this step
+                (None or all False: no AuxK).
+            loss: ``"mse"`` or ``"l2"`` (:func:`token_loss`); AuxK uses the same per-token error.
+            aux_coef: AuxK weight relative to the reconstruction term (Gao et al. 2024: 1/32).
+            k_aux: dead latents AuxK may use per token.
+        """
+        if self.folded:
+            raise RuntimeError("a folded crosscoder is for inference; train the unfolded one (CrossCoder.fold copies)")
+        f = self.pre_acts(x)  # [batch, F]
+        codes, min_kept = self.batch_topk(f, k)
+        x_n = self.normalise(x.to(f.dtype))
+        x_hat = self.decode(codes, normalised=True)
+        recon = token_loss(x_n - x_hat, loss).mean()
+        unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
+        aux = self.aux_error((x_n - x_hat).detach(), f, dead, k_aux, loss) if aux_coef > 0 else recon.new_zeros(())
+        total = recon + aux_coef * aux * unit
+        return StepOutput(total, recon, aux, unit, codes, x_n, x_hat, min_kept)
+
+    def aux_topk(self, f: torch.Tensor, dead_idx: torch.Tensor, k_aux: int) -> torch.Tensor:
+        """AuxK's selection, the per-token twin of :meth:`batch_topk`: among the dead latents ``dead_idx [n_dead]``,
+        keep each token's ``k_aux`` highest scores. Returns codes ``[batch, n_dead]`` (unscaled ``f``)."""
+        f_dead = f[:, dead_idx]  # [batch, n_dead]
+        scores = f_dead * self.decoder_norms()[dead_idx].sum(-1)
+        idx = scores.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False).indices
+        return torch.zeros_like(f_dead).scatter(-1, idx, f_dead.gather(-1, idx))
+
+    def aux_error(
+        self, residual: torch.Tensor, f: torch.Tensor, dead: torch.Tensor | None, k_aux: int, loss: str
+    ) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the top-``k_aux`` dead latents reconstruct the detached residual
+        ``[batch, n_models, d_model]`` with the decoder and no bias; returns their error normalised by the
+        error of predicting the residual's mean (both under ``loss``). 0 with no dead latent."""
+        # One host sync; healthy runs skip all the work below.
+        dead_idx = dead.nonzero().squeeze(1) if dead is not None else f.new_zeros(0, dtype=torch.long)
+        if dead_idx.numel() == 0:
+            return residual.new_zeros(())
+        aux_codes = self.aux_topk(f, dead_idx, k_aux)
+        e_hat = (aux_codes @ self.W_dec[dead_idx].reshape(dead_idx.numel(), -1)).view_as(residual)
+        baseline = token_loss(residual - residual.mean(0), loss).mean().clamp_min(1e-12)
+        return token_loss(residual - e_hat, loss).mean() / baseline
 
     # ----------------------------------------------------------------------------------- folding / io
     def fold(self) -> CrossCoder:

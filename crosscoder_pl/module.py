@@ -1,11 +1,11 @@
 """LightningModule that trains a CrossCoder from any stream of paired activations ``[batch, 2, d_model]``.
 
-One training step (DESIGN.md):
-  1. before the first step, the per-model scales ``sqrt(d_model) / mean ||x_m||`` (and the decoder
-     bias init) are estimated from the first ``scale_tokens`` tokens of the training data;
-  2. BatchTopK with ``k`` annealed linearly from ``k_start``; reconstruction loss in the normalised space;
-  3. AuxK (Gao et al. 2024): the residual is reconstructed by the top ``k_aux`` dead latents;
-  4. the inference threshold follows an EMA of the smallest kept score per batch.
+The loss and everything reported about it is computed by :meth:`CrossCoder.step` (docs/method.md);
+this module only optimises, schedules and logs:
+  1. before the first step, the per-model scales ``sqrt(d_model) / mean ||x_m||`` (and the bias inits)
+     are estimated from the first ``scale_tokens`` tokens of the training data;
+  2. ``k`` is annealed linearly from ``k_start``; the dead-latent counters feed AuxK;
+  3. the inference threshold is a bias-corrected EMA of the smallest kept score per batch.
 Gradient clipping is the Trainer's (``gradient_clip_val=1.0`` in the recipe).
 """
 
@@ -24,12 +24,11 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.crosscoder import LOSSES, CrossCoder, StepOutput, token_loss
 from crosscoder_pl.metrics import FiringCounts, VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
 
 log = logging.getLogger(__name__)
-LOSSES = ("mse", "l2")
 
 
 class CrossCoderModule(L.LightningModule):
@@ -51,6 +50,10 @@ class CrossCoderModule(L.LightningModule):
             is centred on the data and fires on about half the tokens at first; residual streams have a large
             mean, and without this about half the latents start negative on every token, never fire, and get
             no gradient, not even from AuxK) or ``"zeros"``.
+        enc_init: ``"equal_variance"`` (each latent's encoder column rescaled so that its pre-activation has
+            the same variance on the init tokens: residual streams are strongly anisotropic, and a random
+            direction that falls in a low-variance subspace gets small scores, loses every BatchTopK contest
+            and dies before AuxK can see it) or ``"transpose"`` (the encoder is the decoder transposed).
         loss: ``"mse"`` (squared error summed over models and d_model) or ``"l2"`` (unsquared norm per
             model, as in the crosscoder paper's code); mean over tokens either way.
         metrics_window_steps: steps pooled by the training variance explained and tokens/s.
@@ -76,6 +79,7 @@ class CrossCoderModule(L.LightningModule):
         scale_tokens: int = 8192,
         b_dec_init: str = "mean",
         b_enc_init: str = "center",
+        enc_init: str = "transpose",
         dec_init_norm: float = 0.08,
         loss: str = "mse",
         metrics_window_steps: int = 50,
@@ -85,7 +89,7 @@ class CrossCoderModule(L.LightningModule):
         k_start = k if k_start is None else k_start
         k_aux = d_model // 2 if k_aux is None else k_aux
         _validate(n_latents=n_latents, k=k, k_start=k_start, k_aux=k_aux, lr=lr, lr_decay_frac=lr_decay_frac,
-                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, b_enc_init=b_enc_init,
+                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, b_enc_init=b_enc_init, enc_init=enc_init,
                   threshold_decay=threshold_decay, dec_init_norm=dec_init_norm, dead_after_tokens=dead_after_tokens)
         self.save_hyperparameters()
         self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
@@ -94,8 +98,11 @@ class CrossCoderModule(L.LightningModule):
                                      metadata=metadata)
 
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        # θ's EMA state (float64: 1 - decay^n must not round to 0 for decays near 1), in the checkpoint.
+        self.register_buffer("threshold_ema", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         # In the checkpoint, so a resumed run does not initialise from data twice.
-        needs_data = scales is None or b_dec_init == "mean" or b_enc_init == "center"
+        needs_data = scales is None or b_dec_init == "mean" or b_enc_init == "center" or enc_init == "equal_variance"
         self.register_buffer("data_init_done", torch.tensor(not needs_data))
         self.skipped_rows = 0
 
@@ -112,77 +119,49 @@ class CrossCoderModule(L.LightningModule):
         x = self._clean(batch)
         if x.shape[0] == 0:  # returning None would desynchronise DDP ranks
             raise ValueError(f"every row of the batch at step {self.global_step} was NaN/inf: check the activations")
-        hp, cc = self.hparams, self.crosscoder
+        hp = self.hparams
         k_now = k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
-        f = cc.pre_acts(x)  # [batch, F]
-        codes, min_kept = cc.batch_topk(f, k_now)
-        x_n = x * cc.scales[:, None]  # [batch, 2, d_model], the training space
-        x_hat = cc.decode(codes, normalised=True)
-        recon = self._recon_loss(x_n, x_hat)
-        dead = self._update_dead(codes)
-        aux = self._aux_loss((x_n - x_hat).detach(), f, dead)
-        # Gao et al. normalise both terms by their target's variance; the reconstruction term here is not
-        # normalised, so AuxK is put in its units (times the batch's variance per token) to keep
-        # aux_coef=1/32 meaning what it means there.
-        loss = recon + hp.aux_coef * aux * _variance_per_token(x_n)
-        if not torch.isfinite(loss):
+        dead = self.tokens_since_fired >= hp.dead_after_tokens  # [F], before this step's batch
+        out = self.crosscoder.step(x, k_now, dead, loss=hp.loss, aux_coef=hp.aux_coef, k_aux=self.k_aux)
+        if not torch.isfinite(out.loss):
             raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {self.global_step} (recon={recon.item()}, aux={aux.item()}); "
-                f"lower lr (now {hp.lr}) or check the activations' scale (scales={cc.scales.tolist()})"
+                f"non-finite loss {out.loss.item()} at step {self.global_step} (recon={out.recon.item()}, "
+                f"aux={out.aux.item()}); lower crosscoder.lr (now {hp.lr}) or check the activations' scale "
+                f"(scales={self.crosscoder.scales.tolist()})"
             )
-        self._update_threshold(min_kept)
-        self.train_ve.update(x_n.detach(), x_hat.detach())
-        self._log_train(loss, recon, aux, codes, dead, k_now, x.shape[0])
-        return loss
-
-    def _recon_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """Reconstruction loss of ``[batch, 2, d_model]`` tensors, summed over models, mean over tokens."""
-        err = (x - x_hat).pow(2).sum(-1)  # [batch, 2]
-        if self.hparams.loss == "l2":
-            err = err.sqrt()
-        return err.sum(-1).mean()
-
-    def _aux_loss(self, residual: torch.Tensor, f: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK: normalised MSE of the top-``k_aux`` dead latents reconstructing the detached residual.
-
-        Args:
-            residual: ``x - x̂`` in the training space, ``[batch, 2, d_model]``.
-            f: pre-activations ``[batch, F]``; dead: ``[F]`` bool.
-        """
-        # One host sync (the loss check makes one anyway); healthy runs skip all the work below.
-        dead_idx = dead.nonzero().squeeze(1) if self.hparams.aux_coef > 0 else dead.new_zeros(0, dtype=torch.long)
-        if dead_idx.numel() == 0:
-            return residual.new_zeros(())
-        cc = self.crosscoder
-        f_dead = f[:, dead_idx]  # [batch, n_dead]
-        scores = f_dead * cc.decoder_norms()[dead_idx].sum(-1)
-        idx = scores.topk(min(self.k_aux, dead_idx.numel()), dim=-1, sorted=False).indices
-        aux_codes = torch.zeros_like(f_dead).scatter(-1, idx, f_dead.gather(-1, idx))
-        e_hat = (aux_codes @ cc.W_dec[dead_idx].reshape(dead_idx.numel(), -1)).view_as(residual)  # no decoder bias
-        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (residual - e_hat).pow(2).sum() / variance
+        self._update_dead(out.codes)
+        self._update_threshold(out.min_kept)
+        self.train_ve.update(out.x.detach(), out.x_hat.detach())
+        self._log_train(out, dead, k_now)
+        return out.loss
 
     @torch.no_grad()
-    def _update_dead(self, codes: torch.Tensor) -> torch.Tensor:
-        """Advance the per-latent "tokens since last fired" counters (all ranks); return the dead mask ``[F]``."""
+    def _update_dead(self, codes: torch.Tensor) -> None:
+        """Advance the per-latent "tokens since last fired" counters by this step's batch (all ranks)."""
         fired = (codes > 0).any(0)
         gathered = self.all_gather(fired)
         if gathered.dim() == 2:  # [world, F] under DDP
             fired = gathered.any(0)
         tokens = codes.shape[0] * self.trainer.world_size
         self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + tokens)
-        return self.tokens_since_fired >= self.hparams.dead_after_tokens
 
     @torch.no_grad()
     def _update_threshold(self, min_kept: torch.Tensor) -> None:
+        """From step ``threshold_start_step`` on, θ = bias-corrected EMA of the smallest kept score per batch.
+
+        The EMA starts at 0 and is divided by ``1 - decay^n`` after n updates (as Adam's moments), so θ is
+        a weighted mean of the scores seen so far at every step, not a first batch's value decaying slowly
+        towards the truth: short runs get a calibrated threshold too.
+        """
         if self.global_step < self.threshold_start_step:
             return
-        gathered = self.all_gather(min_kept)
-        min_kept = gathered.mean()  # the same threshold on every rank; each rank's min is of its own batch
-        theta = self.crosscoder.threshold
+        min_kept = self.all_gather(min_kept).mean()  # the same θ on every rank; each min is of its own batch
+        if not bool(torch.isfinite(min_kept)):
+            return
         decay = self.hparams.threshold_decay
-        new = torch.where(theta < 0, min_kept, decay * theta + (1 - decay) * min_kept)
-        theta.copy_(torch.where(torch.isfinite(min_kept), new, theta))
+        self.threshold_ema.mul_(decay).add_((1 - decay) * min_kept.double())
+        self.threshold_updates += 1
+        self.crosscoder.threshold.copy_(self.threshold_ema / (1 - decay ** self.threshold_updates.double()))
 
     # ----------------------------------------------------------------------------------- scales
     def on_train_start(self) -> None:
@@ -192,36 +171,47 @@ class CrossCoderModule(L.LightningModule):
     @torch.no_grad()
     def estimate_scales(self, batches: Iterable[torch.Tensor | list[torch.Tensor]]) -> None:
         """Data-dependent init from the first ``scale_tokens`` tokens of ``batches`` (summed over ranks):
-        ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given), b_dec = the normalised mean (if
-        ``b_dec_init="mean"``), b_enc centring the pre-activations (if ``b_enc_init="center"``).
-        A fresh iterator is used, so these tokens are trained on as well."""
+        ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given); with ``enc_init="equal_variance"`` each
+        encoder column rescaled so that every latent's pre-activation has the same variance on these tokens;
+        b_dec = the normalised mean (if ``b_dec_init="mean"``); b_enc centring the pre-activations (if
+        ``b_enc_init="center"``). A fresh iterator is used, so these tokens are trained on as well."""
+        width = 2 * self.hparams.d_model
         norm_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
-        x_sum = torch.zeros(2, self.hparams.d_model, dtype=torch.float64, device=self.device)
+        x_sum = torch.zeros(width, dtype=torch.float64, device=self.device)
+        xx_sum = torch.zeros(width, width, dtype=torch.float64, device=self.device)
         n = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             x = self._clean(batch).to(self.device).double()
             norm_sum += x.norm(dim=-1).sum(0)
-            x_sum += x.sum(0)
+            flat = x.flatten(1)  # [batch, 2 * d_model]
+            x_sum += flat.sum(0)
+            xx_sum += flat.T @ flat
             n += x.shape[0]
             if n >= self.hparams.scale_tokens:
                 break
-        norm_sum, x_sum, n = (self._reduce(t) for t in (norm_sum, x_sum, n))
+        norm_sum, x_sum, xx_sum, n = (self._reduce(t) for t in (norm_sum, x_sum, xx_sum, n))
         if n == 0:
             raise ValueError("cannot estimate the per-model scales: the training data yielded no tokens")
         if n < self.hparams.scale_tokens:
             warnings.warn(f"scales estimated from only {int(n)} tokens (scale_tokens={self.hparams.scale_tokens})",
                           stacklevel=2)
-        cc = self.crosscoder
-        if self.hparams.scales is None:
+        cc, hp = self.crosscoder, self.hparams
+        if hp.scales is None:
             cc.scales.copy_((math.sqrt(cc.d_model) / (norm_sum / n)).float())
-        mean = (x_sum / n * cc.scales.double()[:, None]).float()  # [2, d_model], training space
-        if self.hparams.b_dec_init == "mean":
-            cc.b_dec.data.copy_(mean)
-        if self.hparams.b_enc_init == "center":
-            cc.b_enc.data.copy_(-(mean.reshape(-1) @ cc.W_enc.detach().reshape(-1, cc.n_latents)))
+        s = cc.scales.double().repeat_interleave(cc.d_model)  # [2 * d_model], per coordinate
+        mean = x_sum / n * s  # training space
+        W_enc = cc.W_enc.data.reshape(width, cc.n_latents)  # a view: edits land in the parameter
+        if hp.enc_init == "equal_variance":
+            cov = (xx_sum / n - torch.outer(x_sum / n, x_sum / n)) * torch.outer(s, s)
+            var = _preact_variance(cov, W_enc)
+            W_enc.mul_((var.sqrt().mean() / var.sqrt()).to(W_enc.dtype))
+        if hp.b_dec_init == "mean":
+            cc.b_dec.data.copy_(mean.view(2, cc.d_model))
+        if hp.b_enc_init == "center":
+            cc.b_enc.data.copy_(-(mean.to(W_enc.dtype) @ W_enc))
         self.data_init_done.fill_(True)
-        log.info("data init from %d tokens: per-model scales %s, b_dec %s, b_enc %s", int(n),
-                 [round(s, 5) for s in cc.scales.tolist()], self.hparams.b_dec_init, self.hparams.b_enc_init)
+        log.info("data init from %d tokens: per-model scales %s, encoder %s, b_dec %s, b_enc %s", int(n),
+                 [round(v, 5) for v in cc.scales.tolist()], hp.enc_init, hp.b_dec_init, hp.b_enc_init)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
@@ -232,11 +222,11 @@ class CrossCoderModule(L.LightningModule):
         cc = self.crosscoder
         codes = cc.encode(x)  # eval mode: the learned threshold, token by token
         x_hat = cc.decode(codes, normalised=True)
-        x_n = x * cc.scales[:, None]
+        x_n = cc.normalise(x)
         self.val_ve.update(x_n, x_hat)
         self.val_firing.update(codes)
         self.val_l0.update((codes > 0).sum(-1).float())
-        self.val_recon.update(self._recon_loss(x_n, x_hat), weight=x.shape[0])
+        self.val_recon.update(token_loss(x_n - x_hat, self.hparams.loss).mean(), weight=x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         ve = self.val_ve.compute()
@@ -277,11 +267,11 @@ class CrossCoderModule(L.LightningModule):
             x = x[finite]
         return x.float()
 
-    def _log_train(self, loss: torch.Tensor, recon: torch.Tensor, aux: torch.Tensor, codes: torch.Tensor,
-                   dead: torch.Tensor, k_now: int, n_tokens: int) -> None:
+    def _log_train(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
+        n_tokens = out.codes.shape[0]
         self.log_dict({
-            "train/loss": loss, "train/loss_recon": recon, "train/loss_aux": aux,
-            "train/l0": (codes > 0).sum(-1).float().mean(),
+            "train/loss": out.loss, "train/loss_recon": out.recon, "train/loss_aux": out.aux,
+            "train/l0": (out.codes > 0).sum(-1).float().mean(),
             "train/dead_frac": dead.float().mean(),
             "train/k": float(k_now),
             "train/threshold": self.crosscoder.threshold,
@@ -301,9 +291,12 @@ class CrossCoderModule(L.LightningModule):
             self._window_start, self._window_tokens = now, 0
 
 
-def _variance_per_token(x: torch.Tensor) -> torch.Tensor:
-    """``Σ‖x - mean(x)‖² / batch`` of ``[batch, 2, d_model]`` (detached: a unit, not a target)."""
-    return (x - x.mean(0)).pow(2).sum().detach() / x.shape[0]
+def _preact_variance(cov: torch.Tensor, W: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``w_j^T cov w_j`` for every column of ``W [2 * d_model, F]``: ``[F]`` float64, by chunks of latents
+    (papergrade: one ``cov @ W`` in float64 would take 2.7 GB)."""
+    parts = [((cov @ W[:, i : i + chunk].double()) * W[:, i : i + chunk].double()).sum(0)
+             for i in range(0, W.shape[1], chunk)]
+    return torch.cat(parts).clamp_min(1e-12)
 
 
 def _validate(**v: Any) -> None:
@@ -325,6 +318,8 @@ def _validate(**v: Any) -> None:
         raise ValueError(f"loss={v['loss']!r} is not one of {LOSSES}")
     if v["b_dec_init"] not in ("mean", "zeros"):
         raise ValueError(f"b_dec_init={v['b_dec_init']!r} is not 'mean' or 'zeros'")
+    if v["enc_init"] not in ("equal_variance", "transpose"):
+        raise ValueError(f"enc_init={v['enc_init']!r} is not 'equal_variance' or 'transpose'")
     if v["b_enc_init"] not in ("center", "zeros"):
         raise ValueError(f"b_enc_init={v['b_enc_init']!r} is not 'center' or 'zeros'")
     if not 0 < v["threshold_decay"] < 1:

@@ -1,0 +1,120 @@
+"""CrossCoder.step: the training loss and everything reported about it, against a direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosscoder_pl import CrossCoder
+from crosscoder_pl.crosscoder import token_loss
+
+D, F, K = 8, 32, 3
+
+
+def _cc(scales=(0.5, 4.0), seed: int = 0) -> CrossCoder:
+    torch.manual_seed(seed)
+    cc = CrossCoder(d_model=D, n_latents=F, k=K, scales=list(scales)).train()
+    with torch.no_grad():
+        cc.b_dec.normal_()
+        cc.b_enc.uniform_(-0.1, 0.3)
+        cc.W_dec.mul_(torch.rand(F, 2, 1) * 3)  # unequal decoder norms: the score is not f
+    return cc
+
+
+def _direct(cc: CrossCoder, x: torch.Tensor, k: int, dead: torch.Tensor, loss: str, aux_coef: float, k_aux: int):
+    """The DESIGN formulas written out with loops and no shared helper."""
+    s = cc.scales
+    xn = torch.stack([x[:, 0] * s[0], x[:, 1] * s[1]], dim=1)
+    f = torch.relu(xn[:, 0] @ cc.W_enc[0] + xn[:, 1] @ cc.W_enc[1] + cc.b_enc)
+    norms = torch.stack([cc.W_dec[:, 0].norm(dim=-1), cc.W_dec[:, 1].norm(dim=-1)], dim=1)
+    score = f * (norms[:, 0] + norms[:, 1])
+    keep = torch.zeros(score.numel(), dtype=torch.bool)
+    keep[score.flatten().argsort(descending=True)[: k * x.shape[0]]] = True
+    codes = f * keep.view_as(f)
+    x_hat = torch.stack([codes @ cc.W_dec[:, m] + cc.b_dec[m] for m in range(2)], dim=1)
+
+    def per_token(e: torch.Tensor) -> torch.Tensor:
+        if loss == "mse":
+            return (e ** 2).sum(dim=(1, 2))
+        return e[:, 0].norm(dim=-1) + e[:, 1].norm(dim=-1)
+
+    recon = per_token(xn - x_hat).mean()
+    unit = per_token(xn - xn.mean(0)).mean()
+    r = (xn - x_hat).detach()
+    dead_ids = dead.nonzero().flatten()
+    aux_codes = torch.zeros_like(f)
+    for n in range(x.shape[0]):
+        dead_scores = score[n, dead_ids]
+        top = dead_ids[dead_scores.argsort(descending=True)[:k_aux]]
+        aux_codes[n, top] = f[n, top]
+    e_hat = torch.stack([aux_codes @ cc.W_dec[:, m] for m in range(2)], dim=1)
+    aux = per_token(r - e_hat).mean() / per_token(r - r.mean(0)).mean()
+    return recon + aux_coef * aux * unit, recon, aux, unit, codes, x_hat
+
+
+@pytest.mark.parametrize("loss", ["mse", "l2"])
+def test_step_matches_a_direct_computation(loss: str) -> None:
+    cc = _cc()
+    x = torch.randn(40, 2, D) * torch.tensor([3.0, 0.2])[:, None] + 0.5
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[[1, 4, 7, 9, 20, 31]] = True
+    out = cc.step(x, K, dead, loss=loss, aux_coef=0.25, k_aux=2)
+    total, recon, aux, unit, codes, x_hat = _direct(cc, x, K, dead, loss, 0.25, 2)
+    torch.testing.assert_close(out.codes, codes)
+    torch.testing.assert_close(out.x_hat, x_hat)
+    torch.testing.assert_close(out.recon, recon)
+    torch.testing.assert_close(out.unit, unit)
+    torch.testing.assert_close(out.aux, aux)
+    torch.testing.assert_close(out.loss, total)
+    assert 0 < out.aux.item() != pytest.approx(1.0)  # the dead latents did something
+
+
+@pytest.mark.parametrize("loss", ["mse", "l2"])
+def test_step_gradients_match_a_direct_computation(loss: str) -> None:
+    x = torch.randn(24, 2, D) * 2
+    dead = torch.arange(F) % 3 == 0
+    grads = []
+    for use_step in (True, False):
+        cc = _cc(seed=3)
+        if use_step:
+            cc.step(x, K, dead, loss=loss, aux_coef=0.5, k_aux=3).loss.backward()
+        else:
+            _direct(cc, x, K, dead, loss, 0.5, 3)[0].backward()
+        grads.append([p.grad.clone() for p in (cc.W_enc, cc.b_enc, cc.W_dec, cc.b_dec)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_l2_is_the_unsquared_norm_per_model_summed() -> None:
+    err = torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[1.0, 0.0], [6.0, 8.0]]])  # [2 tokens, 2 models, 2]
+    assert token_loss(err, "l2").tolist() == [6.0, 11.0]
+    assert token_loss(err, "mse").tolist() == [26.0, 101.0]
+    with pytest.raises(ValueError, match="loss='l1'"):
+        token_loss(err, "l1")
+
+
+@pytest.mark.parametrize("loss", ["mse", "l2"])
+def test_auxk_weight_means_the_same_under_both_losses(loss: str) -> None:
+    """With dead latents that reproduce a planted share of the residual, the AuxK term relative to the
+    reconstruction unit is aux_coef times the same dimensionless error under either loss option."""
+    cc = _cc()
+    x = torch.randn(64, 2, D)
+    no_dead = cc.step(x, K, torch.zeros(F, dtype=torch.bool), loss=loss, aux_coef=1.0, k_aux=4)
+    assert float(no_dead.aux) == 0.0 and torch.equal(no_dead.loss, no_dead.recon)
+    all_dead = cc.step(x, K, torch.ones(F, dtype=torch.bool), loss=loss, aux_coef=1 / 32, k_aux=4)
+    # the term is aux_coef * (normalised error) * (the loss of predicting the mean), in recon's units
+    torch.testing.assert_close(all_dead.loss - all_dead.recon, all_dead.aux * all_dead.unit / 32)
+    # aux is normalised: scaling every activation by 10 leaves it unchanged under either loss
+    cc10 = _cc()
+    with torch.no_grad():
+        cc10.W_dec.mul_(10)
+        cc10.b_dec.mul_(10)
+        cc10.W_enc.div_(10)
+    scaled = cc10.step(x * 10, K, torch.ones(F, dtype=torch.bool), loss=loss, aux_coef=1 / 32, k_aux=4)
+    torch.testing.assert_close(scaled.aux, all_dead.aux, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scaled.loss / scaled.unit, all_dead.loss / all_dead.unit, rtol=1e-4, atol=1e-6)
+
+
+def test_folded_crosscoder_refuses_to_train() -> None:
+    with pytest.raises(RuntimeError, match="folded"):
+        _cc().fold().step(torch.randn(4, 2, D), K)
