@@ -18,11 +18,13 @@ TRAIN_CONFIG = "train_config.yaml"
 
 def analysis_settings(cfg: DictConfig, train_cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The artifact's own analysis settings with the command line's ``analysis.*`` overrides on top, so that
-    a plain re-run reproduces the training run's figures; ``cfg.analysis`` (conf/analysis) for older artifacts."""
+    a plain re-run reproduces the training run's figures; ``cfg.analysis`` (conf/analysis) for older artifacts
+    and for keys added since the artifact was written (e.g. ``memory_budget_mb``)."""
     if "analysis" not in train_cfg:
         return OmegaConf.to_container(cfg.analysis, resolve=True)
     ours = [o.removeprefix("analysis.") for o in overrides if o.startswith("analysis.")]
-    return OmegaConf.to_container(OmegaConf.merge(train_cfg.analysis, OmegaConf.from_dotlist(ours)), resolve=True)
+    merged = OmegaConf.merge(cfg.analysis, train_cfg.analysis, OmegaConf.from_dotlist(ours))
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -41,8 +43,9 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     pair = instantiate(train_cfg.model_pair)
     datamodule = instantiate(train_cfg.data, _partial_=True, _convert_="all")(model_pair=pair)
     input_ids, attention_mask = datamodule.probe_batch()
+    device = next(pair.base.parameters()).device  # the resolved one: model_pair.device may be "auto"
     metrics = run_analyses(
-        crosscoder.to(train_cfg.model_pair.device), pair, datamodule.heldout_activations(), input_ids, attention_mask,
+        crosscoder.to(device), pair, datamodule.heldout_activations(), input_ids, attention_mask,
         artifact, analysis_settings(cfg, train_cfg, overrides or []), recipe=crosscoder.metadata,
         command=crosscoder.metadata.get("command", "python train.py"),
     )

@@ -11,10 +11,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crosscoder_pl.callbacks.artifact import ExportArtifact
 from crosscoder_pl.data.sources import mix_probabilities
+from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,16 @@ log = logging.getLogger(__name__)
 
 def check_config(cfg: DictConfig) -> None:
     """Fail in seconds, before any model is loaded, on impossible values (each error names its key)."""
+    missing = [f"model_pair.{role}" for role in ("base", "chat") if cfg.model_pair.get(role) is None]
+    if missing:
+        raise ValueError(
+            f"{' and '.join(missing)} not set: name both models, e.g. python train.py +experiment=own_pair "
+            "model_pair.base=DIR model_pair.chat=DIR (a save_pretrained directory, a .gguf file or a hub id)"
+        )
+    d_model = read_hidden_size(cfg.model_pair.base, cfg.model_pair.get("token")) if _expansion(cfg) else 2
     with torch.device("cpu"):
-        instantiate(cfg.crosscoder, d_model=2)  # runs every CrossCoderModule check on a 2-dim stand-in
+        # Every CrossCoderModule check, on a 2-dim stand-in with the real dictionary size.
+        instantiate(crosscoder_config(cfg, d_model), d_model=2)
     if "mix" in cfg.data:
         mix_probabilities(OmegaConf.to_container(cfg.data.mix))
     if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps <= 0:
@@ -36,6 +45,31 @@ def check_config(cfg: DictConfig) -> None:
             f"crosscoder.k_anneal_steps) but training stops at trainer.max_steps={cfg.trainer.max_steps}: "
             "the saved crosscoder would have no threshold"
         )
+
+
+def crosscoder_config(cfg: DictConfig, d_model: int) -> DictConfig:
+    """``cfg.crosscoder`` with ``n_latents`` resolved from ``crosscoder.expansion`` (latents per d_model) when
+    that key is set, and the key removed (CrossCoderModule takes ``n_latents``)."""
+    node = cfg.crosscoder.copy()
+    expansion = _expansion(cfg)
+    if expansion is None:
+        return node
+    with open_dict(node):
+        del node["expansion"]
+    if not isinstance(expansion, int) or expansion < 1:
+        raise ValueError(f"crosscoder.expansion={expansion} must be a positive integer (latents per d_model dimension)")
+    n_latents = expansion * d_model
+    if node.n_latents not in (None, n_latents):
+        raise ValueError(
+            f"crosscoder.n_latents={node.n_latents} and crosscoder.expansion={expansion} (d_model {d_model}: "
+            f"{n_latents} latents) disagree: set crosscoder.n_latents=null or crosscoder.expansion=null"
+        )
+    node.n_latents = n_latents
+    return node
+
+
+def _expansion(cfg: DictConfig) -> int | None:
+    return cfg.crosscoder.get("expansion")
 
 
 def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
@@ -68,12 +102,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Passed after instantiation: Hydra would turn the ModelPair dataclass into a config node.
     datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(model_pair=pair)
     # Plain containers, not OmegaConf nodes: checkpoints then load with torch's weights_only unpickler.
-    module: CrossCoderModule = instantiate(cfg.crosscoder, d_model=pair.d_model, metadata=recipe(cfg, pair),
-                                           _convert_="all")
+    crosscoder = crosscoder_config(cfg, pair.d_model)
+    module: CrossCoderModule = instantiate(crosscoder, d_model=pair.d_model, metadata=recipe(cfg, pair), _convert_="all")
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    train_config = OmegaConf.to_container(cfg, resolve=True)
+    train_config["crosscoder"]["n_latents"] = crosscoder.n_latents  # resolved from the expansion, if any
+    train_config["model_pair"]["layer"] = pair.layer  # resolved when null
     for callback in callbacks:
         if isinstance(callback, ExportArtifact):
-            callback.train_config = OmegaConf.to_container(cfg, resolve=True)
+            callback.train_config = train_config
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

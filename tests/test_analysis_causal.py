@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from crosscoder_pl.analysis.causal import causal_validation, most_frequent, pearson
+from crosscoder_pl.analysis.causal import CSV_COLUMNS, CausalResult, causal_validation, most_frequent, pearson
 from crosscoder_pl.analysis.probes import clean_run, content_mask, kl_per_position, next_token_logprobs
 from crosscoder_pl.analysis.splice import splice_evaluation
+from crosscoder_pl.analysis.taxonomy import decoder_cosine, delta_norm
 from crosscoder_pl.crosscoder import CrossCoder
 
 D, VOCAB, LAYER, BOS, PAD = 32, 64, 1, 2, 0
@@ -118,7 +119,8 @@ def test_packing_matches_one_latent_one_probe_by_hand() -> None:
         codes = torch.where(content[..., None], cc.encode(clean.residual), 0.0)
         delta = codes[..., j, None] * cc.W_dec[j, 1]
         ablated = next_token_logprobs(pair.chat, LAYER, ids[1:2], mask[1:2], lambda h: h - delta)
-        kl = kl_per_position(clean.logprobs[1], ablated)[content].mean()
+        reference = next_token_logprobs(pair.chat, LAYER, ids[1:2], mask[1:2], lambda h: h)
+        kl = kl_per_position(reference, ablated)[content].mean()
     assert packed.kl[j, 1, 1] == pytest.approx(float(kl), rel=1e-4)
 
 
@@ -164,3 +166,91 @@ def test_pearson_counts_only_the_probes_where_the_latent_fires() -> None:
     assert pearson(base, chat, active).item() == pytest.approx(-1.0)
     assert pearson(base, chat).item() > 0  # the shared zeros alone would make them look alike
     assert pearson(base, chat, active & torch.tensor([True, True, False, False, False, False])).isnan().all()
+
+
+def direct_pearson(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+def test_pearson_matches_the_direct_formula_on_masked_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, 7, generator=g) * 3 + 1, torch.rand(5, 7, generator=g) * 0.1
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0],
+                         [1, 0, 0, 0, 0, 0, 0]]).bool()
+    got = pearson(a, b, mask)
+    for i in range(3):
+        keep = mask[i]
+        assert got[i].item() == pytest.approx(direct_pearson(a[i][keep].tolist(), b[i][keep].tolist()), abs=1e-5)
+    assert got[3].isnan() and got[4].isnan()  # 2 and 1 probes: fewer than 3
+    unmasked = pearson(a, b)
+    for i in range(5):
+        assert unmasked[i].item() == pytest.approx(direct_pearson(a[i].tolist(), b[i].tolist()), abs=1e-5)
+    assert pearson(a, -2 * a + 1).tolist() == pytest.approx([-1.0] * 5, abs=1e-6)  # sign and scale
+    constant = pearson(torch.ones(1, 4), torch.arange(4.0)[None])
+    assert constant.isnan().all() and pearson(torch.arange(4.0)[None], torch.ones(1, 4)).isnan().all()
+
+
+def test_summary_rows_and_medians_on_a_planted_result() -> None:
+    kl = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3)
+    result = CausalResult(
+        latents=torch.tensor([10, 11, 12, 13]),
+        delta_norm=torch.tensor([0.5, 0.45, 0.55, 0.5]),
+        decoder_cosine=torch.tensor([0.2, 0.99, 0.4, 0.6]),
+        kl=kl,
+        n_probes_active=torch.tensor([3, 1, 2, 3]),
+        pearson=torch.tensor([0.9, float("nan"), 0.1, 0.5]),
+    )
+    assert result.summary() == pytest.approx({
+        "n_latents_tested": 4,
+        "n_pearson_nan": 1,
+        "median_pearson": 0.5,
+        "median_decoder_cosine": 0.4,  # over the latents with a defined Pearson (0.2, 0.4, 0.6)
+        "median_decoder_cosine_all_tested": 0.5,  # (0.4 + 0.6) / 2
+        "mean_kl_base": float(kl[:, 0].mean()),
+        "mean_kl_chat": float(kl[:, 1].mean()),
+    })
+    rows = result.rows()
+    assert [row["latent"] for row in rows] == [10, 11, 12, 13]
+    assert rows[1]["mean_kl_base"] == pytest.approx(7.0) and rows[1]["mean_kl_chat"] == pytest.approx(10.0)
+    assert rows[2]["n_probes"] == 3 and rows[2]["n_probes_active"] == 2 and math.isnan(rows[1]["pearson"])
+    assert rows[3]["decoder_cosine"] == pytest.approx(0.6) and rows[2]["delta_norm"] == pytest.approx(0.55)
+    assert list(rows[0]) == list(CSV_COLUMNS)
+
+
+def test_most_frequent_orders_by_frequency_and_keeps_ties_in_order() -> None:
+    frequency = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.3, 0.0])
+    assert most_frequent(torch.tensor([0, 1, 2, 4, 5]), frequency, 3).tolist() == [1, 2, 4]
+    assert most_frequent(torch.tensor([4, 2, 0]), frequency, 10).tolist() == [4, 2, 0]
+    assert most_frequent(torch.tensor([3, 5]), frequency, 1).tolist() == [3]
+
+
+def test_every_kl_matches_the_direct_computation() -> None:
+    """All (latent, model, probe) KLs against full-vocabulary forwards, one latent and probe at a time."""
+    cc, pair = crosscoder(tied_decoders=False), tiny_pair(identical=False)
+    ids, mask = probes(pair.base)
+    latents = torch.tensor([1, 3, 6])
+    result = causal_validation(cc, pair, ids, mask, latents, latents_per_batch=2)
+    content = content_mask(mask)
+    with torch.inference_mode():
+        clean = clean_run(pair, ids, mask)
+        codes = torch.where(content[..., None], cc.encode(clean.residual), 0.0)  # [P, S, F]
+        expected = torch.zeros(3, 2, ids.shape[0])
+        for i, j in enumerate(latents.tolist()):
+            for m, model in enumerate((pair.base, pair.chat)):
+                reference = next_token_logprobs(model, LAYER, ids, mask, lambda h: h)
+                delta = codes[..., j, None] * cc.W_dec[j, m]
+                ablated = next_token_logprobs(model, LAYER, ids, mask, lambda h, d=delta: h - d)
+                per_position = kl_per_position(reference, ablated)
+                expected[i, m] = torch.stack([per_position[p][content[p]].mean() for p in range(ids.shape[0])])
+    assert torch.allclose(result.kl, expected, rtol=1e-3, atol=1e-7)
+    assert (expected > 0).sum() >= 6  # not a trivial all-zero case
+    active = (codes[..., latents] > 0).any(1).T  # [L, P]: probes where each latent fires
+    assert result.n_probes_active.tolist() == active.sum(-1).tolist()
+    expected_pearson = pearson(expected[:, 0], expected[:, 1], active)
+    assert result.pearson.tolist() == pytest.approx(expected_pearson.tolist(), abs=1e-3, nan_ok=True)
+    assert result.latents.tolist() == [1, 3, 6]
+    assert result.delta_norm.tolist() == pytest.approx(delta_norm(cc)[latents].tolist())
+    assert result.decoder_cosine.tolist() == pytest.approx(decoder_cosine(cc)[latents].tolist())

@@ -20,6 +20,8 @@ from crosscoder_pl.training import check_config
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# Experiments that need the user's own models: the tiny embedded pair stands in.
+EXPERIMENT_ARGS = {"own_pair": ["model_pair.base=embedded-tiny:base", "model_pair.chat=embedded-tiny:chat"]}
 ARTIFACT_FILES = {"README.md", "config.json", "model.safetensors", "taxonomy.json", "latents.csv",
                   "causal_validation.csv", "cosine_vs_causal.png", "metrics.json", "train_config.yaml"}
 
@@ -36,7 +38,8 @@ def run(script: str, *args: str, env: dict | None = None) -> subprocess.Complete
 
 @pytest.mark.parametrize("experiment", ["", *EXPERIMENTS])
 def test_every_experiment_composes_and_passes_validation(experiment: str) -> None:
-    cfg = compose_train(*([f"+experiment={experiment}"] if experiment else []), "hydra.runtime.output_dir=/tmp/x")
+    args = [f"+experiment={experiment}", *EXPERIMENT_ARGS.get(experiment, [])] if experiment else []
+    cfg = compose_train(*args, "hydra.runtime.output_dir=/tmp/x")
     check_config(cfg)  # raises on any impossible value
 
 

@@ -1,4 +1,4 @@
-"""Causal validation of latents across the two models (seed 000's contribution; DESIGN.md).
+"""Causal validation of latents across the two models (docs/method.md "Causal validation").
 
 For latent j and model m, the ablation subtracts ``f_j * W_dec[j, m]`` (raw space; ``f`` encodes the
 paired residuals of both models at that position) from model m's layer output at every content
@@ -8,11 +8,13 @@ is exactly 0 and is left out; padding is never scored): ``kl[j, m, probe]``. Cau
 is the Pearson correlation of ``kl[j, base]`` and ``kl[j, chat]`` over the probes where j fires; nan with
 fewer than 3 such probes or when either vector is constant on them.
 
-Cost: one clean forward per model over the probes (kept: ``n_probes * seq * vocab`` log-probs per
-model), then per latent ``2 * n_probes_active`` sequence forwards, one per model and probe where the
-latent fires. Probes where it never fires are not run: their ablation edits nothing, so their KL is
-exactly 0. The (latent, probe) pairs are packed into the batch dimension of shared forward passes,
-``latents_per_batch * n_probes`` sequences per forward.
+Cost: one clean forward per model over the probes (kept: final hidden states, ``n_probes * seq *
+d_model`` per model), then per latent ``2 * n_probes_active`` sequence forwards, one per model and probe
+where the latent fires. Probes where it never fires are not run: their ablation edits nothing, so their KL
+is exactly 0. The (latent, probe) pairs are packed into the batch dimension of shared forward passes, at
+most ``latents_per_batch * n_probes`` sequences per forward and fewer when the memory budget asks; the
+LM head then runs on a budgeted number of positions at a time, clean log-probs recomputed alongside
+(``probes.compare_positions``). Memory does not grow with ``n_probes * seq * vocab``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ from tqdm.auto import tqdm
 
 from crosscoder_pl.analysis.probes import (
     check_probes,
+    check_head,
     clean_run,
+    compare_positions,
     content_mask,
     encode_content,
-    kl_per_position,
+    final_hidden,
     masked_mean,
-    next_token_logprobs,
+    memory_budget_bytes,
     pair_models,
+    positions_per_chunk,
+    rows_per_chunk,
 )
 from crosscoder_pl.analysis.taxonomy import check_eval_mode, decoder_cosine, delta_norm, nan_median
 from crosscoder_pl.crosscoder import CrossCoder
@@ -120,32 +126,48 @@ def causal_validation(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     latents: torch.Tensor,
-    latents_per_batch: int = 4,
+    latents_per_batch: int | None = 4,
+    memory_budget_mb: float | None = None,
 ) -> CausalResult:
-    """Ablate each latent of ``latents [L]`` in both models on the probes ``[n_probes, seq]``; see module doc."""
+    """Ablate each latent of ``latents [L]`` in both models on the probes ``[n_probes, seq]``; see module doc.
+
+    ``latents_per_batch``: latents packed per forward (None: as many as the budget allows);
+    ``memory_budget_mb``: working memory for the forwards (None: from the device, ``memory_budget_bytes``).
+    """
     check_eval_mode(crosscoder)
     check_probes(input_ids, attention_mask)
-    if latents_per_batch < 1:
-        raise ValueError(f"latents_per_batch must be >= 1, got {latents_per_batch}")
+    if latents_per_batch is not None and latents_per_batch < 1:
+        raise ValueError(f"latents_per_batch must be >= 1 (or null: from the memory budget), got {latents_per_batch}")
+    models = pair_models(pair)
+    for model in models:
+        check_head(model)
     latents = latents.long().cpu()
+    n_probes, seq = input_ids.shape
     content = content_mask(attention_mask)
-    clean = clean_run(pair, input_ids, attention_mask)
+    budget = memory_budget_bytes(memory_budget_mb, next(models[0].parameters()).device)
+    rows = min(rows_per_chunk(budget, model, seq) for model in models)
+    if latents_per_batch is not None:
+        rows = min(rows, latents_per_batch * n_probes)
+    clean = clean_run(pair, input_ids, attention_mask, rows)
     codes = _latent_codes(crosscoder, clean.residual, content, latents)  # [P, S, L], crosscoder's device
-    n_probes = input_ids.shape[0]
     active = (codes > 0).any(dim=1).T.cpu()  # [L, P]
     pair_latent, pair_probe = active.nonzero(as_tuple=True)
     decoder = crosscoder.decoder(normalised=False).detach()[latents.to(codes.device)]  # [L, 2, d]
     kl = torch.zeros(latents.numel(), crosscoder.n_models, n_probes)
-    rows = latents_per_batch * n_probes
     for start in tqdm(range(0, pair_latent.numel(), rows), desc="causal validation", unit="batch"):
         lat, probe = pair_latent[start : start + rows], pair_probe[start : start + rows]  # one row per pair
         coef = codes[probe, :, lat]  # [R, S]: the row latent's code at every position of its probe
-        for m, model in enumerate(pair_models(pair)):
+        where = content[probe]  # [R, S]: the positions edited and scored
+        row, pos = where.nonzero(as_tuple=True)
+        for m, model in enumerate(models):
             delta = coef[..., None] * decoder[lat, m][:, None, :]  # [R, S, d_model]
-            ids, mask = input_ids[probe], attention_mask[probe]
-            ablated = next_token_logprobs(model, pair.layer, ids, mask, _subtract(delta))
-            shift = kl_per_position(clean.logprobs[m][probe.to(ablated.device)], ablated)  # [R, S]
-            kl[lat, m, probe] = masked_mean(shift, content[probe]).cpu()
+            ablated = final_hidden(model, pair.layer, input_ids[probe], attention_mask[probe], _subtract(delta))
+            at = (row.to(ablated.device), pos.to(ablated.device))
+            reference = clean.final[m][probe.to(ablated.device)]  # [R, S, d_model]
+            chunk = positions_per_chunk(budget, model.config.get_text_config().vocab_size)
+            shift, _ = compare_positions(model, reference[at], [ablated[at]], None, chunk)
+            per_position = torch.zeros(where.shape, device=shift.device).index_put_(at, shift[0])
+            kl[lat, m, probe] = masked_mean(per_position, where).cpu()
     return CausalResult(
         latents=latents,
         delta_norm=delta_norm(crosscoder).cpu()[latents],

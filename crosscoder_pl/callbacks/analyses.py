@@ -29,7 +29,8 @@ class EndOfTrainingAnalyses(L.Callback):
 
     Args:
         artifact_dir: the artifact directory (the one holding ``config.json``).
-        chunk_tokens, taxonomy, scaling, causal, splice: the ``conf/analysis`` group, key for key.
+        chunk_tokens, taxonomy, scaling, causal, splice, memory_budget_mb: the ``conf/analysis`` group, key
+            for key (``memory_budget_mb`` None: derived from the device's memory).
         command: the command recorded in the card's "Reproduce" section (default: this process's argv).
     """
 
@@ -41,12 +42,14 @@ class EndOfTrainingAnalyses(L.Callback):
         scaling: Mapping[str, Any],
         causal: Mapping[str, Any],
         splice: Mapping[str, Any],
+        memory_budget_mb: float | None = None,
         command: str | None = None,
     ) -> None:
         super().__init__()
         self.artifact_dir = Path(artifact_dir)
         self.settings = {
             "chunk_tokens": chunk_tokens,
+            "memory_budget_mb": memory_budget_mb,
             "taxonomy": dict(taxonomy),
             "scaling": dict(scaling),
             "causal": dict(causal),
