@@ -9,7 +9,7 @@ from torchmetrics import Metric
 class VarianceExplained(Metric):
     """Pooled variance explained per model over a window of tokens.
 
-    ``VE_m = 1 - sum_n ||x_m - x̂_m||^2 / sum_n ||x_m - mean(x_m)||^2`` (DESIGN.md): a ratio of sums over
+    ``VE_m = 1 - sum_n ||x_m - x̂_m||^2 / sum_n ||x_m - mean(x_m)||^2`` (docs/method.md "Metrics"): a ratio of sums over
     the whole window, not a mean of per-token ratios. ``compute()`` returns ``[n_models]``.
     """
 

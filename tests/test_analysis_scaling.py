@@ -1,9 +1,19 @@
 """Latent scaling: the closed form matches least squares; undefined ratios are nan with a reason."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
-from crosscoder_pl.analysis.scaling import ChatSpecificRule, LatentScaling, latent_betas, latent_scaling
+from crosscoder_pl.analysis.scaling import (
+    ChatSpecificRule,
+    LatentScaling,
+    latent_betas,
+    latent_scaling,
+    sample_latents,
+)
+from crosscoder_pl.analysis.taxonomy import Taxonomy
 from crosscoder_pl.crosscoder import CrossCoder
 
 D, F = 8, 12
@@ -98,3 +108,110 @@ def test_chat_specific_rule() -> None:
     )
     delta = torch.tensor([0.95, 0.5, 0.95, 0.95])
     assert scaling.chat_specific(delta, ChatSpecificRule()).tolist() == [True, False, False, False]
+
+
+NAN, INF = float("nan"), float("inf")
+# Latent j lives on axis e_j (latent 6's chat decoder cancels latent 5's on e_5). Per latent: base and chat
+# decoder coefficients, and the reconstruction error added to x along that axis, per model.
+# (base, chat, error base, error chat, fires)
+PLANTED_BETAS = [
+    (0.5, 2.0, -0.4, 1.0, True),  # nu_r = 0.25, nu_eps = 0.05 / 1.5
+    (-0.5, 1.0, 0.0, 0.0, True),  # nu = -0.5: flipped in the base model
+    (1.0, 0.0, 0.0, 0.0, True),  # zero chat decoder
+    (1.0, 1.0, 0.0, 0.0, False),  # never fires
+    (3.0, 1.0, 0.0, -1.5, True),  # chat beta_eps = -0.5
+    (0.0, 1.0, 0.0, 0.0, True),  # chat reconstruction 0 on e_5 (cancelled by latent 6): chat beta_r = 0
+    (1.0, -1.0, 0.0, 0.0, True),  # chat decoder -e_5; base decoder on e_6
+    (2.0, 1.0, 0.0, -1.0, True),  # chat beta_eps = 0 exactly
+    (0.0, 4.0, 0.0, 0.0, True),  # absent from the base model: nu = 0, -log nu = inf
+]
+
+
+def planted_betas() -> tuple[CrossCoder, torch.Tensor]:
+    """Folded crosscoder (scales 1) whose codes are 1 on every token, and x = x̂ + the planted errors."""
+    d, n = 16, len(PLANTED_BETAS)
+    cc = CrossCoder(d, n, k=1, threshold=0.0, folded=True)
+    e = torch.eye(d)
+    with torch.no_grad():
+        cc.W_enc.zero_()
+        cc.b_enc.copy_(torch.tensor([1.0 if row[4] else -1.0 for row in PLANTED_BETAS]))
+        cc.b_dec.copy_(torch.stack([3 * e[15], -2 * e[15]]))  # orthogonal to every decoder
+        for j, (base, chat, *_rest) in enumerate(PLANTED_BETAS):
+            cc.W_dec[j, 0] = base * e[6 if j == 6 else j]
+            cc.W_dec[j, 1] = chat * e[5 if j == 6 else j]
+    cc.eval()
+    x = cc.decode(cc.encode(torch.zeros(12, 2, d))).detach()
+    for j, (_b, _c, err_base, err_chat, _f) in enumerate(PLANTED_BETAS):
+        x[:, 0] += err_base * e[j]
+        x[:, 1] += err_chat * e[j]
+    return cc, x
+
+
+def test_planted_betas_ratios_and_notes() -> None:
+    cc, x = planted_betas()
+    result = latent_scaling(cc, x, torch.arange(len(PLANTED_BETAS)), chunk_tokens=5)
+    beta_r = [[0.25, 1.0], [-0.5, 1.0], [NAN, NAN], [NAN, NAN], [3.0, 1.0], [0.0, 0.0], [0.0, 0.0], [2.0, 1.0],
+              [0.0, 1.0]]
+    beta_eps = [[0.05, 1.5], [-0.5, 1.0], [NAN, NAN], [NAN, NAN], [3.0, -0.5], [0.0, 1.0], [0.0, 1.0], [2.0, 0.0],
+                [0.0, 1.0]]
+    nu_r = [0.25, -0.5, NAN, NAN, 3.0, NAN, NAN, 2.0, 0.0]
+    nu_eps = [0.05 / 1.5, -0.5, NAN, NAN, NAN, 0.0, 0.0, NAN, 0.0]
+    close = dict(abs=1e-6, nan_ok=True)
+    assert result.beta_r.flatten().tolist() == pytest.approx(sum(beta_r, []), **close)
+    assert result.beta_eps.flatten().tolist() == pytest.approx(sum(beta_eps, []), **close)
+    assert result.nu_r.tolist() == pytest.approx(nu_r, **close)
+    assert result.nu_eps.tolist() == pytest.approx(nu_eps, **close)
+    neg_log = [-math.log(v) if v > 0 else (INF if v == 0 else NAN) for v in nu_r]
+    assert result.neg_log_nu_r.tolist() == pytest.approx(neg_log, **close)
+    assert result.notes == [
+        "",
+        "nu_r < 0: -log undefined; nu_eps < 0: -log undefined",
+        "zero chat decoder",
+        "never fired",
+        "nu_eps: chat beta <= 0",
+        "nu_r: chat beta <= 0",
+        "nu_r: chat beta <= 0",
+        "nu_eps: chat beta <= 0",
+        "",
+    ]
+
+
+def test_neg_log_nu() -> None:
+    nu = torch.tensor([0.25, 1.0, 4.0, 0.0, -0.5, NAN])
+    scaling = LatentScaling(torch.arange(6), torch.ones(6, 2), torch.ones(6, 2), nu, nu.flip(0), [""] * 6)
+    expected = [math.log(4), 0.0, -math.log(4), INF, NAN, NAN]
+    assert scaling.neg_log_nu_r.tolist() == pytest.approx(expected, abs=1e-6, nan_ok=True)
+    assert scaling.neg_log_nu_eps.tolist() == pytest.approx(expected[::-1], abs=1e-6, nan_ok=True)
+
+
+def test_chat_specific_rule_boundaries_and_defaults() -> None:
+    """Δ >= 0.9 (inclusive), nu_eps < 0.2 and nu_r < 0.5 (strict); the defaults are those of Minder et al."""
+    assert ChatSpecificRule() == ChatSpecificRule(0.9, 0.2, 0.5)
+    scaling = LatentScaling(
+        latents=torch.tensor([0, 1, 2, 3, 4, 5]),
+        beta_r=torch.ones(6, 2),
+        beta_eps=torch.ones(6, 2),
+        nu_r=torch.tensor([0.1, 0.1, 0.5, 0.49, 0.1, 0.1]),
+        nu_eps=torch.tensor([0.1, 0.2, 0.1, 0.19, 0.3, 0.1]),
+        notes=[""] * 6,
+    )
+    delta = torch.tensor([0.9, 0.95, 0.95, 0.95, 0.95, 0.89])
+    assert scaling.chat_specific(delta, ChatSpecificRule()).tolist() == [True, False, False, True, False, False]
+    loose = ChatSpecificRule(chat_only_min=0.85, nu_eps_max=0.35, nu_r_max=0.6)
+    assert scaling.chat_specific(delta, loose).tolist() == [True, True, True, True, True, True]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ChatSpecificRule().nu_r_max = 0.9
+
+
+def test_sample_latents_takes_all_when_few_and_a_seeded_sample_otherwise() -> None:
+    classes = torch.tensor([0, 3, 0, 0, 3, 0, 0, 3, 0, 0, 0])  # 8 shared (class 0), 3 base-only (class 3), no dead
+    taxonomy = Taxonomy(torch.zeros(11), torch.zeros(11), torch.zeros(11), classes, n_tokens=1)
+    shared = [0, 2, 3, 5, 6, 8, 9, 10]
+    for max_count in (8, 9, 100):  # all of them, sorted, without drawing from the generator
+        generator = torch.Generator().manual_seed(7)
+        assert sample_latents(taxonomy, "shared", max_count, generator).tolist() == shared
+        assert torch.equal(generator.get_state(), torch.Generator().manual_seed(7).get_state())
+    sample = sample_latents(taxonomy, "shared", 5, torch.Generator().manual_seed(7))
+    expected = torch.tensor(shared)[torch.randperm(8, generator=torch.Generator().manual_seed(7))[:5]].sort().values
+    assert sample.tolist() == expected.tolist() and len(set(sample.tolist())) == 5
+    assert sample_latents(taxonomy, "dead", 3, torch.Generator()).tolist() == []

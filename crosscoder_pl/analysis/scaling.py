@@ -1,4 +1,6 @@
-"""Latent scaling (Minder et al. 2025; seed 002's "base uselessness"; DESIGN.md "Latent scaling").
+"""Latent scaling (Minder et al. 2025; Dumas & Minder's "base uselessness").
+
+See docs/method.md "Latent scaling and base uselessness".
 
 For latent j with chat decoder vector ``d = W_dec[j, chat]`` (normalised space) and a target ``y_n`` per
 token, the least-squares scalar of ``min_beta sum_n ||beta f_j(n) d - y_n||^2`` is

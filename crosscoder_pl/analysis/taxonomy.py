@@ -1,4 +1,4 @@
-"""Latent taxonomy by relative decoder norm (Minder et al. 2025; DESIGN.md "Taxonomy").
+"""Latent taxonomy by relative decoder norm (Minder et al. 2025; docs/method.md "Taxonomy").
 
 ``Δnorm_j = 0.5 * ((n[j, chat] - n[j, base]) / max(n[j, chat], n[j, base]) + 1)`` with decoder norms
 measured in the normalised space: 0 = base-only, 1 = chat-only. A latent whose two decoder vectors are
