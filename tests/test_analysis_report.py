@@ -88,7 +88,7 @@ def test_run_analyses_writes_the_artifact(tmp_path: Path) -> None:
     assert "python train.py seed=1" in card and "arxiv:2504.02922" in card
 
     saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=_no_nan)
-    assert set(saved["timings_s"]) == {"validation", "taxonomy", "scaling", "causal", "splice"}
+    assert set(saved["timings_s"]) == {"validation", "taxonomy", "scaling", "chat_specific_tokens", "causal", "splice"}
     assert math.isfinite(saved["splice"]["chat"]["ce_splice"])
     assert saved["validation"]["variance_explained"].keys() == {"base", "chat"}
 

@@ -76,3 +76,13 @@ def test_embedded_names_load_a_frozen_pair(cache):
     assert pair.tokenizer.chat_template is not None
     for model in (pair.base, pair.chat):
         assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_pair_built_with_another_recipe_is_rebuilt(cache, pair_dirs):
+    report_file = cache / "models" / "embedded-tiny" / "build_report.json"
+    report = json.loads(report_file.read_text())
+    report["spec"]["chat_steps"] += 1  # as left by an older version of the builder
+    report_file.write_text(json.dumps(report))
+    assert ensure_embedded_pair("tiny", cache) == pair_dirs
+    rebuilt = json.loads(report_file.read_text())
+    assert rebuilt["spec"]["chat_steps"] == report["spec"]["chat_steps"] - 1

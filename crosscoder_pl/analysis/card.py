@@ -48,12 +48,14 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
         f"{art['d_model']}) decomposes both models' activations into shared, base-specific, and "
         "chat-specific features.",
         "## Recipe\n\n" + "\n".join([*_recipe_lines(recipe, art["k"]), _scales_line(art["scales"])]),
-        _validation(metrics["validation"], recipe.get(TRAINING_DEAD)),
+        _validation(metrics["validation"], recipe.get(TRAINING_DEAD), art["k"]),
     ]
     if "taxonomy" in metrics:
         sections.append(_taxonomy(metrics["taxonomy"]))
     if "scaling" in metrics:
         sections.append(_scaling(metrics["scaling"]))
+    if "chat_specific_latents" in metrics:
+        sections.append(_chat_specific(metrics["chat_specific_latents"]))
     if "causal" in metrics:
         sections.append(_causal(metrics["causal"]))
     if "splice" in metrics:
@@ -65,7 +67,8 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
 
 def _front_matter(art: Mapping[str, Any]) -> str:
     lines = ["---", "license: apache-2.0", "tags:", *(f"- {t}" for t in TAGS), "base_model:"]
-    lines += [f"- {art['base_model']}", f"- {art['chat_model']}", "---"]
+    # dict.fromkeys: an identical pair (a control run) lists its one model once.
+    lines += [f"- {model}" for model in dict.fromkeys((art["base_model"], art["chat_model"]))] + ["---"]
     return "\n".join(lines)
 
 
@@ -91,13 +94,14 @@ def _scales_line(scales: list[float]) -> str:
     return f"- Per-model normalization scales: base {base:.4g}, chat {chat:.4g} (folded into the saved weights)"
 
 
-def _validation(v: Mapping[str, Any], training_dead: Mapping[str, Any] | None) -> str:
+def _validation(v: Mapping[str, Any], training_dead: Mapping[str, Any] | None, k: int) -> str:
     ve = v["variance_explained"]
     text = (
         "## Validation\n\n"
         "| | base | chat |\n|---|---|---|\n"
         f"| variance explained | {_num(ve['base'])} | {_num(ve['chat'])} |\n\n"
-        f"L0 = {_num(v['l0'], 1)}, dead-feature fraction = {_pct(v['dead_fraction'])} "
+        f"L0 = {_num(v['l0'], 1)} with the inference threshold on the held-out tokens (training: BatchTopK, "
+        f"{k} per token on average), dead-feature fraction = {_pct(v['dead_fraction'])} "
         f"(window: latents that never fired on the {v['n_tokens']:,} held-out tokens)"
     )
     if training_dead:
@@ -134,6 +138,42 @@ def _scaling(s: Mapping[str, Any]) -> str:
         f"ν_ε < {rule['nu_eps_max']}, ν_r < {rule['nu_r_max']}). Per latent, with the reason for every "
         "undefined value: `latents.csv`."
     )
+
+
+def _chat_specific(latents: list[Mapping[str, Any]]) -> str:
+    """The top chat-only latents by base uselessness with the tokens they fire on most."""
+    head = (
+        "## Top chat-specific latents\n\n"
+        "Chat-only latents ranked by base uselessness −log ν_ε (seed 002: scores above 4 were the most "
+        "interpretable), with the probe tokens they fire on most (the firing token in **bold** after its "
+        "context; activation in brackets).\n\n"
+    )
+    if not latents:
+        return head + "No chat-only latent with a defined ν_ε."
+    rows = "".join(
+        f"| {r['latent']} | {_num(r['delta_norm'], 3)} | {_num(r['nu_eps'], 3)} | {_num(r['nu_r'], 3)} | "
+        f"{_num(r['neg_log_nu_eps'], 2)} | {'yes' if r['chat_specific'] else 'no'} | {_pct(r['firing_frequency'])} | "
+        f"{_tokens(r['top_tokens'])} |\n"
+        for r in latents
+    )
+    return (
+        head + "| latent | Δnorm | ν_ε | ν_r | −log ν_ε | truly chat-specific | frequency | fires most on |\n"
+        f"|---|---|---|---|---|---|---|---|\n{rows}"
+    ).rstrip()
+
+
+def _tokens(top: list[Mapping[str, Any]]) -> str:
+    if not top:
+        return "(no firing in the probes)"
+    return "; ".join(f"{_cell(t['context'])}**{_cell(t['token'])}** ({t['activation']:.2g})" for t in top)
+
+
+def _cell(text: str) -> str:
+    """Token text safe inside a markdown table cell: whitespace and markup characters shown, not interpreted."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎").replace("`", "\\`")
+    for ch in "*_<>[]":
+        text = text.replace(ch, "\\" + ch)
+    return text or "∅"
 
 
 def _causal(c: Mapping[str, Any]) -> str:

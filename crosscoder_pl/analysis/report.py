@@ -1,7 +1,7 @@
 """Run the enabled analyses of a trained crosscoder into an artifact directory (no Lightning needed).
 
 Shared by the end-of-training callback and offline scripts. ``settings`` mirrors ``conf/analysis``
-(see ``SETTINGS_KEYS``); every key must be given. Files written into ``out_dir`` (DESIGN.md "The artifact"):
+(see ``SETTINGS_KEYS``); every key must be given. Files written into ``out_dir`` (README.md, the artifact directory):
 ``taxonomy.json``, ``latents.csv``, ``delta_norm_histogram.png`` (taxonomy); ``causal_validation.csv``,
 ``cosine_vs_causal.png`` (causal); ``metrics.json`` and ``README.md`` always. Weights and
 ``config.json`` are written by whoever saves the crosscoder.
@@ -26,6 +26,7 @@ from crosscoder_pl.analysis.causal import causal_validation, most_frequent, plot
 from crosscoder_pl.analysis.probes import content_mask
 from crosscoder_pl.analysis.scaling import ChatSpecificRule, LatentScaling, latent_scaling, sample_latents
 from crosscoder_pl.analysis.splice import splice_evaluation
+from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.analysis.taxonomy import (
     HeldoutStats,
     Taxonomy,
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 
 SETTINGS_KEYS: dict[str, tuple[str, ...] | None] = {
     "chunk_tokens": None,
+    "memory_budget_mb": None,
     "taxonomy": ("enabled", "base_only_max", "chat_only_min", "shared_min", "shared_max"),
-    "scaling": ("enabled", "max_chat_only", "max_shared", "seed", "nu_eps_max", "nu_r_max"),
+    "scaling": ("enabled", "max_chat_only", "max_shared", "seed", "nu_eps_max", "nu_r_max", "top_latents", "top_tokens"),
     "causal": ("enabled", "max_latents", "latents_per_batch"),
     "splice": ("enabled",),
 }
@@ -128,15 +130,22 @@ def run_analyses(
             with _timed("scaling", timings):
                 scaling, metrics["scaling"] = _scaling(cc, activations, taxonomy, cfg, rule, chunk)
         _write_latents(taxonomy, scaling, rule, out / "latents.csv")
+        if scaling is not None and cfg["top_latents"] > 0:
+            with _timed("chat_specific_tokens", timings):
+                metrics["chat_specific_latents"] = _chat_specific_latents(
+                    cc, pair, probe_ids, probe_mask, taxonomy, scaling, rule, cfg
+                )
 
     if settings["causal"]["enabled"]:
         with _timed("causal", timings):
-            metrics["causal"] = _causal(cc, pair, probe_ids, probe_mask, taxonomy, settings["causal"], out)
+            metrics["causal"] = _causal(
+                cc, pair, probe_ids, probe_mask, taxonomy, settings["causal"], settings["memory_budget_mb"], out
+            )
 
     if settings["splice"]["enabled"]:
         with _timed("splice", timings):
             metrics["splice"] = {
-                **splice_evaluation(cc, pair, probe_ids, probe_mask),
+                **splice_evaluation(cc, pair, probe_ids, probe_mask, settings["memory_budget_mb"]),
                 "n_probes": probe_ids.shape[0],
                 "n_tokens": int(content_mask(probe_mask).sum()),
             }
@@ -211,6 +220,43 @@ def _scaling(
     return result, {"groups": summary, "n_chat_specific": n_specific, "rule": asdict(rule), "seed": cfg["seed"]}
 
 
+def _chat_specific_latents(
+    cc: CrossCoder,
+    pair: Any,
+    probe_ids: torch.Tensor,
+    probe_mask: torch.Tensor,
+    taxonomy: Taxonomy,
+    scaling: LatentScaling,
+    rule: ChatSpecificRule,
+    cfg: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """The ``top_latents`` chat-only latents with the highest base uselessness (−log ν_ε, seed 002), each
+    with the tokens it fires on most in the probes. Latents whose ν_ε is undefined are left out."""
+    chat_only = taxonomy.delta_norm[scaling.latents] >= rule.chat_only_min
+    score = scaling.neg_log_nu_eps
+    ranked = [i for i in score.argsort(descending=True).tolist() if chat_only[i] and score[i].isfinite()]
+    chosen = ranked[: cfg["top_latents"]]
+    if not chosen:
+        return []
+    latents = scaling.latents[chosen]
+    acts = latent_activations(cc, pair, probe_ids, probe_mask, latents)
+    tokens = top_tokens(acts, probe_ids, getattr(pair, "tokenizer", None), cfg["top_tokens"])
+    specific = scaling.chat_specific(taxonomy.delta_norm, rule)
+    return [
+        {
+            "latent": int(scaling.latents[i]),
+            "delta_norm": float(taxonomy.delta_norm[scaling.latents[i]]),
+            "nu_r": float(scaling.nu_r[i]),
+            "nu_eps": float(scaling.nu_eps[i]),
+            "neg_log_nu_eps": float(score[i]),
+            "firing_frequency": float(taxonomy.firing_frequency[scaling.latents[i]]),
+            "chat_specific": bool(specific[i]),
+            "top_tokens": [asdict(t) for t in rows],
+        }
+        for i, rows in zip(chosen, tokens)
+    ]
+
+
 def _write_latents(taxonomy: Taxonomy, scaling: LatentScaling | None, rule: ChatSpecificRule, path: Path) -> Path:
     """``latents.csv``: one row per latent; scaling columns are empty for latents it did not test."""
     n = taxonomy.delta_norm.numel()
@@ -255,12 +301,13 @@ def _causal(
     probe_mask: torch.Tensor,
     taxonomy: Taxonomy,
     cfg: Mapping[str, Any],
+    memory_budget_mb: float | None,
     out: Path,
 ) -> dict[str, Any]:
     """Causal validation of the most frequent shared latents; writes its CSV and figure."""
     shared = taxonomy.members("shared")
     latents = most_frequent(shared, taxonomy.firing_frequency, cfg["max_latents"])
-    result = causal_validation(cc, pair, probe_ids, probe_mask, latents, cfg["latents_per_batch"])
+    result = causal_validation(cc, pair, probe_ids, probe_mask, latents, cfg["latents_per_batch"], memory_budget_mb)
     write_csv(result, out / "causal_validation.csv")
     plot_cosine_vs_causal(result, out / "cosine_vs_causal.png")
     selection = (

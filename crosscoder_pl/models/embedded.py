@@ -5,7 +5,9 @@ Hub models cannot be downloaded everywhere, so the project trains its own pair o
 1. a byte-level BPE tokenizer on the embedded corpus, with Gemma's special tokens and chat template;
 2. the base model: next-token loss on the web half (assistant replies as plain documents);
 3. the chat model: the base weights fine-tuned on the chat half rendered with the template, loss on the
-   model's turns only.
+   model's turns only, for as many steps as the base: long enough that it computes what its base does not
+   (the template's role and turn tokens, reply structure), so that a crosscoder has chat-only latents to
+   find. Nothing is planted: both models only ever see next-token losses.
 
 Layout (``<cache>/models/embedded-<size>``): ``base/`` and ``chat/`` are ``save_pretrained`` directories
 (model + tokenizer, loadable with the Auto classes), ``build_report.json`` holds the held-out losses.
@@ -99,7 +101,10 @@ SIZES = {
     "default": Size(
         vocab_size=4096, hidden_size=128, intermediate_size=512, n_heads=4, head_dim=32, seq_len=256,
         web_docs=5000, chat_conversations=2000, tokenizer_chars=6_000_000,
-        base_steps=200, chat_steps=60, batch_size=16, lr=3e-3,
+        # The chat model gets as many steps as its base: a short fine-tune barely moves a 4-layer model
+        # (60 steps: chat-turn loss 5.71 vs the base's 5.92), this one learns the template's turn structure
+        # (200 steps: 5.20 vs 5.92), which is what gives the crosscoder chat-only latents to find.
+        base_steps=200, chat_steps=200, batch_size=16, lr=3e-3,
     ),
 }
 HELD_OUT = 0.05  # share of documents / conversations kept for the build report
@@ -112,7 +117,11 @@ def default_pair_dir(size: str, cache: Path | None = None) -> Path:
 def ensure_embedded_pair(size: str = "default", cache: Path | None = None) -> tuple[Path, Path]:
     """``(base_dir, chat_dir)`` of the embedded pair of ``size``, built first if missing (minutes)."""
     out = default_pair_dir(size, cache)
-    if not (out / "build_report.json").exists():
+    report = out / "build_report.json"
+    stale = report.exists() and json.loads(report.read_text()).get("spec") != asdict(SIZES[size])
+    if stale:  # built by an older version with another recipe: its figures would not match the README
+        log.info("the embedded %s pair in %s was built with another recipe; rebuilding it", size, out)
+    if stale or not report.exists():
         build_embedded_pair(size, out, corpus=build_embedded_corpus((cache or cache_dir()) / "corpus"))
     return out / "base", out / "chat"
 
