@@ -51,9 +51,9 @@ class CrossCoderModule(L.LightningModule):
             mean, and without this about half the latents start negative on every token, never fire, and get
             no gradient, not even from AuxK) or ``"zeros"``.
         enc_init: ``"equal_variance"`` (each latent's encoder column rescaled so that its pre-activation has
-            the same variance on the init tokens: residual streams are strongly anisotropic, and a random
-            direction that falls in a low-variance subspace gets small scores, loses every BatchTopK contest
-            and dies before AuxK can see it) or ``"transpose"`` (the encoder is the decoder transposed).
+            the same variance on the init tokens, so that no random direction starts in a low-variance
+            subspace with small scores; measured on the embedded pair it did not lower the dead fraction,
+            hence not the default) or ``"transpose"`` (the encoder is the decoder transposed).
         loss: ``"mse"`` (squared error summed over models and d_model) or ``"l2"`` (unsquared norm per
             model, as in the crosscoder paper's code); mean over tokens either way.
         metrics_window_steps: steps pooled by the training variance explained and tokens/s.
@@ -155,13 +155,14 @@ class CrossCoderModule(L.LightningModule):
         """
         if self.global_step < self.threshold_start_step:
             return
-        min_kept = self.all_gather(min_kept).mean()  # the same θ on every rank; each min is of its own batch
-        if not bool(torch.isfinite(min_kept)):
-            return
+        min_kept = self.all_gather(min_kept).mean().double()  # the same θ on every rank; each min is of its own batch
         decay = self.hparams.threshold_decay
-        self.threshold_ema.mul_(decay).add_((1 - decay) * min_kept.double())
-        self.threshold_updates += 1
-        self.crosscoder.threshold.copy_(self.threshold_ema / (1 - decay ** self.threshold_updates.double()))
+        finite = torch.isfinite(min_kept)  # nothing positive kept: skip the update (on device, no host sync)
+        ema = torch.where(finite, decay * self.threshold_ema + (1 - decay) * min_kept, self.threshold_ema)
+        self.threshold_ema.copy_(ema)
+        self.threshold_updates += finite.long()
+        theta = ema / (1 - decay ** self.threshold_updates.double())
+        self.crosscoder.threshold.copy_(torch.where(self.threshold_updates > 0, theta, self.crosscoder.threshold))
 
     # ----------------------------------------------------------------------------------- scales
     def on_train_start(self) -> None:
