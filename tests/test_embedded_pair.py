@@ -86,3 +86,15 @@ def test_a_pair_built_with_another_recipe_is_rebuilt(cache, pair_dirs):
     assert ensure_embedded_pair("tiny", cache) == pair_dirs
     rebuilt = json.loads(report_file.read_text())
     assert rebuilt["spec"]["chat_steps"] == report["spec"]["chat_steps"] - 1
+
+
+def test_building_a_pair_leaves_the_global_random_state_alone(tmp_path):
+    from crosscoder_pl.data.sharegpt import build_embedded_corpus
+    from crosscoder_pl.models.embedded import build_embedded_pair
+
+    corpus = build_embedded_corpus(tmp_path / "corpus", max_conversations=400)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_embedded_pair("tiny", tmp_path / "pair", corpus)
+    assert torch.equal(torch.rand(3), expected)

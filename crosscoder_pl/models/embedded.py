@@ -136,7 +136,10 @@ def build_embedded_pair(size: str, out: Path, corpus: CorpusInfo, seed: int = 0)
     spec, threads = SIZES[size], torch.get_num_threads()
     torch.set_num_threads(spec.threads or threads)
     try:
-        return _build(spec, size, out, corpus, seed)
+        # The build seeds and draws from its own copy of torch's global generator: a run that builds the
+        # pair first then initialises its crosscoder exactly as a run that finds the pair cached.
+        with torch.random.fork_rng(devices=[]):
+            return _build(spec, size, out, corpus, seed)
     finally:
         torch.set_num_threads(threads)
 
