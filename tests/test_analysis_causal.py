@@ -61,9 +61,10 @@ def probes(model: torch.nn.Module, n: int = 6, seq: int = 10) -> tuple[torch.Ten
 
 
 def crosscoder(tied_decoders: bool) -> CrossCoder:
-    """Random crosscoder (eval mode, threshold 0); latent 0 never fires; decoders large enough to matter."""
+    """Random folded crosscoder (eval mode, threshold 0, unequal per-model scales); latent 0 never fires;
+    decoders large enough to matter."""
     torch.manual_seed(2)
-    cc = CrossCoder(D, 8, k=2, threshold=0.0).fold()
+    cc = CrossCoder(D, 8, k=2, threshold=0.0, scales=[0.5, 3.0]).fold()  # unequal: raw and normalised decoders differ
     with torch.no_grad():
         cc.W_dec.mul_(100)
         if tied_decoders:
