@@ -167,3 +167,16 @@ def test_resume_from_last_checkpoint_continues_without_reinitialising(tmp_path: 
     first_scales = CrossCoder.from_pretrained(tmp_path / "a" / "artifact").scales
     assert resumed.metadata["training_dead_fraction"]["step"] == 30
     assert torch.equal(resumed.scales, first_scales)
+
+
+def test_same_seed_same_weights_whether_or_not_the_pair_was_built(tmp_path: Path) -> None:
+    """The first run in an empty cache builds the corpus and the pair; the second finds them. Same bytes."""
+    cache = {"CROSSCODER_PL_CACHE": str(tmp_path / "cache")}
+    weights = []
+    for name in ("cold", "warm"):
+        result = run("train.py", "+experiment=tiny", "trainer.max_steps=12", "crosscoder.k_anneal_steps=4",
+                     f"hydra.run.dir={tmp_path / name}", env=cache)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights.append((tmp_path / name / "artifact" / "model.safetensors").read_bytes())
+    assert (tmp_path / "cache" / "models" / "embedded-tiny" / "build_report.json").exists()
+    assert weights[0] == weights[1]
