@@ -45,6 +45,10 @@ class CrossCoderModule(L.LightningModule):
         threshold_decay: EMA decay of the inference threshold.
         threshold_start_step: first step that updates the threshold (default: end of k annealing).
         scales: per-model normalisation scalars; estimated from the first ``scale_tokens`` tokens if None.
+        scale_by: what the estimated scales equalise to ``sqrt(d_model)``: ``"mean_norm"`` (mean ``||x_m||``, the
+            method's definition) or ``"std"`` (root of the centred second moment ``E||x_m - mean_m||^2``, as the
+            dictionary_learning crosscoders normalise; a model whose activations carry a large constant mean
+            otherwise gets its variable part, and so its decoder norms, scaled down).
         b_dec_init: ``"mean"`` (decoder bias starts at the data mean, estimated with the scales) or ``"zeros"``.
         b_enc_init: ``"center"`` (encoder bias starts at ``-mean(x) @ W_enc``, so each latent's pre-activation
             is centred on the data and fires on about half the tokens at first; residual streams have a large
@@ -77,6 +81,7 @@ class CrossCoderModule(L.LightningModule):
         threshold_start_step: int | None = None,
         scales: list[float] | None = None,
         scale_tokens: int = 8192,
+        scale_by: str = "mean_norm",
         b_dec_init: str = "mean",
         b_enc_init: str = "center",
         enc_init: str = "transpose",
@@ -90,6 +95,7 @@ class CrossCoderModule(L.LightningModule):
         k_aux = d_model // 2 if k_aux is None else k_aux
         _validate(n_latents=n_latents, k=k, k_start=k_start, k_aux=k_aux, lr=lr, lr_decay_frac=lr_decay_frac,
                   aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, b_enc_init=b_enc_init, enc_init=enc_init,
+                  scale_by=scale_by,
                   threshold_decay=threshold_decay, dec_init_norm=dec_init_norm, dead_after_tokens=dead_after_tokens)
         self.save_hyperparameters()
         self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
@@ -198,7 +204,12 @@ class CrossCoderModule(L.LightningModule):
                           stacklevel=2)
         cc, hp = self.crosscoder, self.hparams
         if hp.scales is None:
-            cc.scales.copy_((math.sqrt(cc.d_model) / (norm_sum / n)).float())
+            if hp.scale_by == "mean_norm":
+                spread = norm_sum / n  # [2]: mean ||x_m||
+            else:  # root of the centred second moment: the variable part of each model's activations
+                var = (xx_sum.diagonal() / n - (x_sum / n) ** 2).view(2, cc.d_model).sum(-1)
+                spread = var.clamp_min(1e-12).sqrt()
+            cc.scales.copy_((math.sqrt(cc.d_model) / spread).float())
         s = cc.scales.double().repeat_interleave(cc.d_model)  # [2 * d_model], per coordinate
         mean = x_sum / n * s  # training space
         W_enc = cc.W_enc.data.reshape(width, cc.n_latents)  # a view: edits land in the parameter
@@ -319,6 +330,8 @@ def _validate(**v: Any) -> None:
         raise ValueError(f"loss={v['loss']!r} is not one of {LOSSES}")
     if v["b_dec_init"] not in ("mean", "zeros"):
         raise ValueError(f"b_dec_init={v['b_dec_init']!r} is not 'mean' or 'zeros'")
+    if v["scale_by"] not in ("mean_norm", "std"):
+        raise ValueError(f"scale_by={v['scale_by']!r} is not 'mean_norm' or 'std'")
     if v["enc_init"] not in ("equal_variance", "transpose"):
         raise ValueError(f"enc_init={v['enc_init']!r} is not 'equal_variance' or 'transpose'")
     if v["b_enc_init"] not in ("center", "zeros"):

@@ -297,3 +297,18 @@ def test_planted_atoms_are_recovered_under_l2_too() -> None:
     n_shared, n_base = 24, 6
     assert (dn[n_shared:n_shared + n_base] <= 0.1).all() and (dn[n_shared + n_base:] >= 0.9).all()
     assert ((dn[:n_shared] >= 0.4) & (dn[:n_shared] < 0.6)).all()
+
+
+@pytest.mark.parametrize("scale_by", ["mean_norm", "std"])
+def test_scales_equalise_the_chosen_spread(scale_by: str) -> None:
+    # The chat model carries a large constant mean: mean norms and centred spreads disagree.
+    torch.manual_seed(0)
+    x = torch.randn(4000, 2, 16) * torch.tensor([2.0, 0.5])[:, None] + torch.tensor([0.0, 6.0])[:, None]
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=4000, lr=1e-9, scale_by=scale_by)
+    fit(module, x, steps=1)
+    xn = module.crosscoder.normalise(x)
+    if scale_by == "mean_norm":
+        spread = xn.norm(dim=-1).mean(0)
+    else:
+        spread = (xn - xn.mean(0)).pow(2).sum(-1).mean(0).sqrt()
+    torch.testing.assert_close(spread, torch.full((2,), 4.0), rtol=1e-4, atol=0)
