@@ -118,7 +118,10 @@ class CrossCoder(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU pre-activations ``[..., F]`` of raw activations ``x [..., 2, d_model]``."""
         self._check_input(x)
-        x = self.normalise(x)
+        return self._pre_acts_normalised(self.normalise(x))
+
+    def _pre_acts_normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU pre-activations ``[..., F]`` of activations already in the weights' space ``[..., 2, d_model]``."""
         flat = x.reshape(*x.shape[:-2], self.n_models * self.d_model).to(self.W_enc.dtype)
         # One matmul over the concatenated models == sum_m x_m @ W_enc[m].
         return F.relu(flat @ self.W_enc.reshape(-1, self.n_latents) + self.b_enc)
@@ -220,9 +223,10 @@ class CrossCoder(nn.Module):
         """
         if self.folded:
             raise RuntimeError("a folded crosscoder is for inference; train the unfolded one (CrossCoder.fold copies)")
-        f = self.pre_acts(x)  # [batch, F]
+        self._check_input(x)
+        x_n = self.normalise(x.to(self.W_enc.dtype))  # [batch, n_models, d_model], the training space
+        f = self._pre_acts_normalised(x_n)  # [batch, F]
         codes, min_kept = self.batch_topk(f, k)
-        x_n = self.normalise(x.to(f.dtype))
         x_hat = self.decode(codes, normalised=True)
         recon = token_loss(x_n - x_hat, loss).mean()
         unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
