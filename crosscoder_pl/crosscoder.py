@@ -1,7 +1,7 @@
 """The BatchTopK crosscoder: one sparse dictionary over paired activations of a base and a chat model.
 
-Shapes (docs/method.md, "Shapes and notation"): ``x [..., 2, d_model]`` (index 0 = base, 1 = chat), ``W_enc [2, d_model, F]``,
-``b_enc [F]``, ``W_dec [F, 2, d_model]``, ``b_dec [2, d_model]``.
+Shapes (docs/method.md, "Shapes and notation"): ``x [..., 2, d_model]`` (index 0 = base, 1 = chat),
+``W_enc [2, d_model, F]``, ``b_enc [F]``, ``W_dec [F, 2, d_model]``, ``b_dec [2, d_model]``.
 
 Per-model normalisation: training runs on ``x_m * scales[m]`` so both models weigh the same in the loss.
 While training (``folded=False``) the parameters live in that normalised space and ``encode``/``decode``

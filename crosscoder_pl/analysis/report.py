@@ -26,7 +26,6 @@ from crosscoder_pl.analysis.causal import causal_validation, most_frequent, plot
 from crosscoder_pl.analysis.probes import content_mask
 from crosscoder_pl.analysis.scaling import ChatSpecificRule, LatentScaling, latent_scaling, sample_latents
 from crosscoder_pl.analysis.splice import splice_evaluation
-from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.analysis.taxonomy import (
     HeldoutStats,
     Taxonomy,
@@ -36,6 +35,7 @@ from crosscoder_pl.analysis.taxonomy import (
     nan_median,
     plot_delta_histogram,
 )
+from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.crosscoder import CrossCoder
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ SETTINGS_KEYS: dict[str, tuple[str, ...] | None] = {
     "chunk_tokens": None,
     "memory_budget_mb": None,
     "taxonomy": ("enabled", "base_only_max", "chat_only_min", "shared_min", "shared_max"),
-    "scaling": ("enabled", "max_chat_only", "max_shared", "seed", "nu_eps_max", "nu_r_max", "top_latents", "top_tokens"),
+    "scaling": (
+        "enabled", "max_chat_only", "max_shared", "seed", "nu_eps_max", "nu_r_max", "top_latents", "top_tokens"
+    ),
     "causal": ("enabled", "max_latents", "latents_per_batch"),
     "splice": ("enabled",),
 }
