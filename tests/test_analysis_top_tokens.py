@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from crosscoder_pl.analysis.card import render_card
+from crosscoder_pl.analysis.card import _cell, render_card
 from crosscoder_pl.analysis.report import run_analyses
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from test_analysis_causal import LAYER, tiny_pair
@@ -59,8 +59,9 @@ def test_card_lists_the_top_chat_specific_latents_with_their_tokens(tmp_path: Pa
     assert "## Top chat-specific latents" in card
     first = listed[0]
     assert f"| {first['latent']} | {first['delta_norm']:.3f} |" in card
-    if first["top_tokens"]:
-        assert f"**{first['top_tokens'][0]['token']}**" in card or "\\<b\\>\\|" in card
+    assert first["top_tokens"], "the strongest chat-only latent fires in the probes"
+    for row in first["top_tokens"]:
+        assert f"**{_cell(row['token'])}** ({row['activation']:.2g})" in card
 
 
 def test_card_escapes_token_text() -> None:
