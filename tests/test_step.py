@@ -118,3 +118,15 @@ def test_auxk_weight_means_the_same_under_both_losses(loss: str) -> None:
 def test_folded_crosscoder_refuses_to_train() -> None:
     with pytest.raises(RuntimeError, match="folded"):
         _cc().fold().step(torch.randn(4, 2, D), K)
+
+
+def test_min_kept_is_the_smallest_positive_kept_score() -> None:
+    cc = _cc()
+    f = torch.zeros(4, F)
+    f[0, 3], f[1, 5], f[2, 7] = 2.0, 0.5, 1.0  # 3 positive entries; k * batch = 8 keeps zeros too
+    codes, min_kept = cc.batch_topk(f, 2)
+    norms = cc.decoder_norms().sum(-1).detach()
+    assert float(min_kept) == pytest.approx(min(2.0 * norms[3], 0.5 * norms[5], 1.0 * norms[7]).item())
+    assert int((codes > 0).sum()) == 3
+    _, none_positive = cc.batch_topk(torch.zeros(4, F), 2)
+    assert none_positive.item() == float("inf")
