@@ -59,6 +59,29 @@ def test_chat_template_renders_gemma_turns_with_one_bos(pair_dirs):
     assert tokenizer("plain text")["input_ids"][0] == tokenizer.bos_token_id
 
 
+def test_chat_labels_cover_the_whole_chat_or_the_model_turns(pair_dirs):
+    from crosscoder_pl.models.embedded import IGNORE, encode_chats
+
+    tokenizer = AutoTokenizer.from_pretrained(pair_dirs[1])
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    reply = tokenizer("A sparse dictionary shared by two models.<end_of_turn>", add_special_tokens=False)["input_ids"]
+    seq_len = len(ids) + 3  # three pads at the end
+
+    inputs, whole = encode_chats(tokenizer, [CHAT], seq_len)
+    assert inputs[0, : len(ids)].tolist() == ids
+    assert inputs[0, len(ids) :].tolist() == [tokenizer.pad_token_id] * 3
+    assert whole[0].tolist() == ids + [IGNORE] * 3  # every real token (tags, roles, both turns), no pad
+
+    _, turns = encode_chats(tokenizer, [CHAT], seq_len, labels="model_turns")
+    labelled = [i for i in turns[0].tolist() if i != IGNORE]
+    assert labelled == reply  # the model's content and its closing tag, nothing of the user turn
+    start = ids.index(reply[0])
+    assert turns[0, start : start + len(reply)].tolist() == reply
+    with pytest.raises(ValueError, match="labels='assistant'"):
+        encode_chats(tokenizer, [CHAT], seq_len, labels="assistant")
+
+
 def test_models_load_with_auto_classes_and_differ(pair_dirs):
     base, chat = (AutoModelForCausalLM.from_pretrained(path) for path in pair_dirs)
     assert type(base).__name__ == "Gemma2ForCausalLM"

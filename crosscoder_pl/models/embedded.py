@@ -4,10 +4,11 @@ Hub models cannot be downloaded everywhere, so the project trains its own pair o
 
 1. a byte-level BPE tokenizer on the embedded corpus, with Gemma's special tokens and chat template;
 2. the base model: next-token loss on the web half (assistant replies as plain documents);
-3. the chat model: the base weights fine-tuned on the chat half rendered with the template, loss on the
-   model's turns only, for as many steps as the base: long enough that it computes what its base does not
-   (the template's role and turn tokens, reply structure), so that a crosscoder has chat-only latents to
-   find. Nothing is planted: both models only ever see next-token losses.
+3. the chat model: the base weights fine-tuned on the chat half rendered with the template, loss on every
+   token of the rendered chat (turn tags, role names, user and model turns), for twice the base's steps:
+   it must predict whose turn comes next and how each role writes, which its base never saw, so that a
+   crosscoder has chat-only latents to find. Nothing is planted: both models only ever see next-token
+   losses.
 
 Layout (``<cache>/models/embedded-<size>``): ``base/`` and ``chat/`` are ``save_pretrained`` directories
 (model + tokenizer, loadable with the Auto classes), ``build_report.json`` holds the held-out losses.
@@ -101,10 +102,10 @@ SIZES = {
     "default": Size(
         vocab_size=4096, hidden_size=128, intermediate_size=512, n_heads=4, head_dim=32, seq_len=256,
         web_docs=5000, chat_conversations=2000, tokenizer_chars=6_000_000,
-        # The chat model gets as many steps as its base: a short fine-tune barely moves a 4-layer model
-        # (60 steps: chat-turn loss 5.71 vs the base's 5.92), this one learns the template's turn structure
-        # (200 steps: 5.20 vs 5.92), which is what gives the crosscoder chat-only latents to find.
-        base_steps=200, chat_steps=200, batch_size=16, lr=3e-3,
+        # Chat-only latents need a chat model that computes what its base does not. Measured on the demo
+        # (1,024 latents): 200 chat steps (loss on model turns or on the whole chat) gave 1 chat-only latent;
+        # 400 steps on the whole chat 12, at the cost of chat VE (0.964 vs 0.981 at k 32, 1,500 steps).
+        base_steps=200, chat_steps=400, batch_size=16, lr=3e-3,
     ),
 }
 HELD_OUT = 0.05  # share of documents / conversations kept for the build report
@@ -153,6 +154,7 @@ def _build(spec: Size, size: str, out: Path, corpus: CorpusInfo, seed: int) -> d
     tokenizer = train_tokenizer(web_train + [turn["content"] for conv in chat_train for turn in conv], spec)
     web_train_ids, web_test_ids = (pack_documents(tokenizer, docs, spec.seq_len) for docs in (web_train, web_test))
     chat_train_ids, chat_test_ids = (encode_chats(tokenizer, convs, spec.seq_len) for convs in (chat_train, chat_test))
+    chat_test_model_turns = encode_chats(tokenizer, chat_test, spec.seq_len, labels="model_turns")
 
     model = Gemma2ForCausalLM(model_config(tokenizer, spec))
     train(model, (web_train_ids, web_train_ids), spec.base_steps, spec, seed, "base on web")
@@ -170,14 +172,17 @@ def _build(spec: Size, size: str, out: Path, corpus: CorpusInfo, seed: int) -> d
         "chat_heldout_tokens": int((chat_test_ids[1][:, 1:] != IGNORE).sum()),
         "base_chat_loss": mean_loss(base, chat_test_ids),
         "chat_chat_loss": mean_loss(model, chat_test_ids),
+        "base_model_turn_loss": mean_loss(base, chat_test_model_turns),
+        "chat_model_turn_loss": mean_loss(model, chat_test_model_turns),
     }
     report["build_seconds"] = round(time.perf_counter() - start, 1)
     _save_atomically(out, {"base": base, "chat": model}, tokenizer, report)
     log.info(
         "embedded %s pair in %s (%.0f s): held-out web loss base %.3f vs unigram %.3f; "
-        "chat-text loss (model turns) chat %.3f vs base %.3f",
+        "chat loss (whole chat) chat %.3f vs base %.3f, (model turns) chat %.3f vs base %.3f",
         size, out, report["build_seconds"], report["base_web_loss"], report["unigram_web_loss"],
-        report["chat_chat_loss"], report["base_chat_loss"],
+        report["chat_chat_loss"], report["base_chat_loss"], report["chat_model_turn_loss"],
+        report["base_model_turn_loss"],
     )
     return report
 
@@ -235,26 +240,32 @@ def pack_documents(tokenizer: PreTrainedTokenizerFast, docs: list[str], seq_len:
 
 
 def encode_chats(
-    tokenizer: PreTrainedTokenizerFast, conversations: list[list[dict]], seq_len: int
+    tokenizer: PreTrainedTokenizerFast, conversations: list[list[dict]], seq_len: int, labels: str = "whole_chat"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)``, both ``[n, seq_len]``: chats rendered with the template, cut to ``seq_len``
-    and right-padded; labels are the ids on the model's turns (content and ``<end_of_turn>``), else IGNORE.
+    and right-padded. Labels are the ids of every real token (``labels="whole_chat"``: tags, roles, both
+    turns) or of the model's turns only (``"model_turns"``: content and ``<end_of_turn>``), IGNORE elsewhere.
 
-    Chats whose first ``seq_len`` tokens hold no model token are dropped.
+    Chats whose first ``seq_len`` tokens hold no labelled token are dropped.
     """
+    if labels not in ("whole_chat", "model_turns"):
+        raise ValueError(f"labels={labels!r} is not 'whole_chat' or 'model_turns'")
     max_chars = seq_len * _MAX_CHARS_PER_TOKEN
     texts = [tokenizer.apply_chat_template(conv, tokenize=False)[:max_chars] for conv in conversations]
     enc = tokenizer(
         texts, add_special_tokens=False, truncation=True, max_length=seq_len, padding="max_length",
         return_offsets_mapping=True, return_tensors="pt",
     )
-    labels = torch.full_like(enc["input_ids"], IGNORE)
-    for row, (text, offsets) in enumerate(zip(texts, enc["offset_mapping"])):
-        for match in _MODEL_TURN.finditer(text):
-            in_turn = (offsets[:, 0] >= match.start(1)) & (offsets[:, 1] <= match.end(1)) & (offsets[:, 1] > 0)
-            labels[row, in_turn] = enc["input_ids"][row, in_turn]
-    keep = (labels != IGNORE).any(dim=1)
-    return enc["input_ids"][keep], labels[keep]
+    if labels == "whole_chat":
+        targets = torch.where(enc["attention_mask"].bool(), enc["input_ids"], IGNORE)
+    else:
+        targets = torch.full_like(enc["input_ids"], IGNORE)
+        for row, (text, offsets) in enumerate(zip(texts, enc["offset_mapping"])):
+            for match in _MODEL_TURN.finditer(text):
+                in_turn = (offsets[:, 0] >= match.start(1)) & (offsets[:, 1] <= match.end(1)) & (offsets[:, 1] > 0)
+                targets[row, in_turn] = enc["input_ids"][row, in_turn]
+    keep = (targets != IGNORE).any(dim=1)
+    return enc["input_ids"][keep], targets[keep]
 
 
 def train(
