@@ -201,7 +201,7 @@ class CrossCoderModule(L.LightningModule):
             raise ValueError("cannot estimate the per-model scales: the training data yielded no tokens")
         if n < self.hparams.scale_tokens:
             warnings.warn(f"scales estimated from only {int(n)} tokens (scale_tokens={self.hparams.scale_tokens})",
-                          stacklevel=2)
+                          stacklevel=3)  # 3: past torch.no_grad's wrapper, at the caller
         cc, hp = self.crosscoder, self.hparams
         if hp.scales is None:
             if hp.scale_by == "mean_norm":

@@ -12,7 +12,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ $# -gt 0 ]; then modules=("$@"); else modules=(metrics schedules taxonomy scaling causal splice); fi
+if [ $# -gt 0 ]; then modules=("$@"); else modules=(crosscoder module metrics schedules taxonomy scaling causal splice); fi
 for m in "${modules[@]}"; do
   [ -f "$repo/mutation/$m.toml" ] || { echo "no mutation/$m.toml" >&2; exit 2; }
 done
@@ -31,6 +31,9 @@ mkdir -p "$work/repo" "$work/pristine"
 cp -r "$work/repo/crosscoder_pl" "$work/pristine/"
 cd "$work/repo"
 export PYTHONDONTWRITEBYTECODE=1 MUTATION_FORKSERVER="$work/forkserver.sock"
+# One thread per torch process: on a small machine, a multithreaded test run next to the fork server's
+# import is many times slower, and the tests are tiny.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 nice -n 15 python mutation/forkserver.py serve "$MUTATION_FORKSERVER" > "$work/forkserver.log" 2>&1 &
 server_pid=$!

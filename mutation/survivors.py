@@ -47,7 +47,8 @@ def main() -> int:
         elif result["worker_outcome"] == "no-test":
             outcomes["no mutation possible"] += 1
         elif result["worker_outcome"] == "skipped":
-            outcomes["skipped (presentation)"] += 1
+            why = "annotation" if "annotation" in (result.get("output") or "") else "presentation"
+            outcomes[f"skipped ({why})"] += 1
         elif result["worker_outcome"] != "normal":
             outcomes[f"worker {result['worker_outcome']}"] += 1
         else:

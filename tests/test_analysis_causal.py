@@ -255,3 +255,74 @@ def test_every_kl_matches_the_direct_computation() -> None:
     assert result.latents.tolist() == [1, 3, 6]
     assert result.delta_norm.tolist() == pytest.approx(delta_norm(cc)[latents].tolist())
     assert result.decoder_cosine.tolist() == pytest.approx(decoder_cosine(cc)[latents].tolist())
+
+
+def test_causal_refuses_a_model_whose_logits_are_not_its_head(monkeypatch) -> None:
+    """Both models are checked before any forward: a head that rescales its logits would be scored wrongly."""
+    from types import SimpleNamespace as NS
+
+    cc, pair = crosscoder(tied_decoders=False), tiny_pair(identical=False)
+    ids, mask = probes(pair.base)
+    forward = pair.chat.forward
+    monkeypatch.setattr(pair.chat, "forward", lambda **kw: NS(logits=2 * forward(**kw).logits))
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM: its logits are not lm_head"):
+        causal_validation(cc, pair, ids, mask, torch.arange(1, 3))
+
+
+def test_latents_per_batch_bounds_each_forward_and_none_uses_the_budget(monkeypatch) -> None:
+    """At most ``latents_per_batch * n_probes`` (latent, probe) sequences per ablation forward; None: as many as
+    the memory budget allows (here all of them in one forward per model). The KLs do not depend on it."""
+    import crosscoder_pl.analysis.causal as causal
+
+    sizes: list[int] = []
+    final_hidden = causal.final_hidden
+    monkeypatch.setattr(causal, "final_hidden", lambda model, layer, ids, *a: sizes.append(ids.shape[0])
+                        or final_hidden(model, layer, ids, *a))
+    cc, pair = crosscoder(tied_decoders=False), tiny_pair(identical=False)
+    ids, mask = probes(pair.base)
+    packed = causal_validation(cc, pair, ids, mask, torch.arange(8), latents_per_batch=2, memory_budget_mb=1e6)
+    n_pairs = int(packed.n_probes_active.sum())
+    assert n_pairs > 2 * 12
+    rows = 2 * ids.shape[0]
+    assert sizes == [min(rows, n_pairs - start) for start in range(0, n_pairs, rows) for _ in range(2)]
+    sizes.clear()
+    budget = causal_validation(cc, pair, ids, mask, torch.arange(8), latents_per_batch=None, memory_budget_mb=1e6)
+    assert sizes == [n_pairs, n_pairs]
+    torch.testing.assert_close(budget.kl, packed.kl, rtol=1e-4, atol=1e-7)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"latents_per_batch must be >= 1 .*got {bad}"):
+            causal_validation(cc, pair, ids, mask, torch.arange(8), latents_per_batch=bad)
+
+
+def test_latent_codes_are_encoded_a_few_probes_at_a_time() -> None:
+    """Calibrated crosscoder: token by token, so the grouping of probes changes nothing. Uncalibrated: the
+    (warned) BatchTopK fallback ranks the tokens of each group of PROBES_PER_ENCODE probes together."""
+    import warnings
+
+    from crosscoder_pl.analysis.causal import PROBES_PER_ENCODE, _latent_codes
+
+    torch.manual_seed(0)
+    residual = torch.randn(2 * PROBES_PER_ENCODE + 3, 5, 2, D) * 10
+    content = torch.rand(residual.shape[:2]) > 0.2
+    latents = torch.tensor([5, 1, 2])
+    cc = crosscoder(tied_decoders=False)
+    expected = torch.where(content[..., None], cc.encode(residual), 0.0)[..., latents]
+    assert torch.equal(_latent_codes(cc, residual, content, latents), expected)
+    assert expected.count_nonzero() > 10
+
+    torch.manual_seed(2)
+    uncalibrated = CrossCoder(D, 8, k=2, scales=[0.5, 3.0]).fold().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _latent_codes(uncalibrated, residual, content, latents)
+        groups = [uncalibrated.encode(r) for r in residual.split(PROBES_PER_ENCODE)]
+    expected = torch.where(content[..., None], torch.cat(groups), 0.0)[..., latents]
+    assert PROBES_PER_ENCODE == 8 and torch.equal(got, expected)
+
+
+def test_most_frequent_keeps_ties_in_candidate_order_for_many_candidates() -> None:
+    frequency = torch.zeros(40)
+    frequency[[3, 7]] = 1.0
+    candidates = torch.arange(39, -1, -1)  # 40 candidates, 38 tied at 0: a stable sort is needed
+    expected = [7, 3] + [c for c in range(39, -1, -1) if c not in (3, 7)][:28]
+    assert most_frequent(candidates, frequency, 30).tolist() == expected

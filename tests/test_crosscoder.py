@@ -35,13 +35,22 @@ def test_batch_topk_over_leading_dims_matches_flat() -> None:
 
 def test_eval_threshold_encodes_tokens_independently() -> None:
     cc = _cc().eval()
-    cc.threshold.fill_(0.05)
     x = torch.randn(9, 2, 16)
+    f = cc.pre_acts(x)
+    scores = cc.scores(f).detach()
+    theta = float(scores[scores > 0].median())  # keeps about half the positive entries
+    cc.threshold.fill_(theta)
     batch = cc.encode(x)
     alone = torch.cat([cc.encode(x[i : i + 1]) for i in range(9)])
-    assert torch.equal(batch, alone)
-    f = cc.pre_acts(x)
-    assert torch.equal(batch, f * (cc.scores(f) > 0.05))
+    torch.testing.assert_close(batch, alone)  # one-row matmuls may differ from the batched one in the last bit
+    kept = scores > theta
+    assert 0 < int(kept.sum()) < int((scores > 0).sum())  # the threshold does select
+    assert torch.equal(batch, f * kept)
+    assert torch.equal(batch[kept], f[kept]) and not batch[~kept].any()
+    # an entry whose score equals the threshold exactly is dropped (strictly greater is kept)
+    at = scores[scores > 0].min()
+    cc.threshold.fill_(float(at))
+    assert not cc.encode(x)[scores == at].any()
 
 
 def test_uncalibrated_eval_falls_back_to_batch_topk_with_warning() -> None:
@@ -104,8 +113,11 @@ def test_bad_input_shapes_and_dtypes() -> None:
         cc.encode(torch.randn(3, 16))
     with pytest.raises(ValueError, match=r"\[\.\.\., 2, 16\], got shape \(3, 2, 15\)"):
         cc.encode(torch.randn(3, 2, 15))
-    with pytest.raises(TypeError, match="torch.int64"):
+    with pytest.raises(TypeError, match=r"a floating-point tensor \[\.\.\., 2, 16\], got tensor of dtype torch.int64 "
+                                        r"and shape \(3, 2, 16\)"):
         cc.encode(torch.ones(3, 2, 16, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"\[\.\.\., 2, 16\], got list"):
+        cc.encode([[0.0] * 16] * 2)
 
 
 def test_from_pretrained_missing_dir_is_clear(tmp_path) -> None:
@@ -119,3 +131,140 @@ def test_decoder_in_both_spaces_folded_or_not() -> None:
     for normalised in (True, False):
         torch.testing.assert_close(folded.decoder(normalised), cc.decoder(normalised))
     torch.testing.assert_close(cc.decoder(normalised=False), cc.W_dec / torch.tensor([0.5, 20.0])[:, None])
+
+
+def test_fresh_crosscoder_init_and_uncalibrated_threshold(tmp_path) -> None:
+    for dec_init_norm in (0.08, 0.5):
+        torch.manual_seed(0)
+        cc = CrossCoder(d_model=16, n_latents=64, k=4, dec_init_norm=dec_init_norm)
+        # every decoder vector (one per latent and model) has the init norm; the encoder is its transpose
+        torch.testing.assert_close(cc.W_dec.norm(dim=-1), torch.full((64, 2), dec_init_norm))
+        assert torch.equal(cc.W_enc, cc.W_dec.permute(1, 2, 0))
+        assert not cc.b_enc.any() and not cc.b_dec.any()
+    assert float(cc.threshold) == -1.0 and not cc.threshold_calibrated
+    cc.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["threshold"] == -1.0  # "not calibrated" in the file
+
+
+def test_threshold_zero_is_calibrated() -> None:
+    cc = _cc().eval()
+    cc.threshold.fill_(0.0)
+    assert cc.threshold_calibrated
+    x = torch.randn(5, 2, 16)
+    f = cc.pre_acts(x)
+    assert torch.equal(cc.encode(x), f * (cc.scores(f) > 0))  # threshold encoding, not BatchTopK
+
+
+@pytest.mark.parametrize("scales", [[1.0], [1.0, 1.0, 1.0], [[1.0, 1.0]], [1.0, 0.0], [1.0, float("inf")],
+                                    [float("nan"), 1.0]])
+def test_scales_must_be_one_finite_positive_number_per_model(scales) -> None:
+    with pytest.raises(ValueError, match=r"scales must be 2 finite positive numbers, got "):
+        CrossCoder(d_model=4, n_latents=8, k=1, scales=scales)
+
+
+def test_k_may_equal_the_dictionary_size() -> None:
+    cc = CrossCoder(d_model=4, n_latents=8, k=8).train()
+    x = torch.randn(3, 2, 4)
+    f = cc.pre_acts(x)
+    assert torch.equal(cc.encode(x), f)  # every entry kept
+
+
+def test_one_token_without_a_batch_dimension() -> None:
+    """Activations ``[..., 2, d_model]`` with no leading dimension: one token ``[2, d_model]``."""
+    cc = _cc().eval()
+    cc.threshold.fill_(0.01)
+    x = torch.randn(2, 16)
+    codes = cc.encode(x)
+    assert codes.shape == (64,)
+    assert torch.equal(codes, cc.encode(x[None])[0])
+    assert cc.decode(codes).shape == (2, 16)
+    torch.testing.assert_close(cc(x), cc(x[None])[0])
+
+
+def test_decode_over_leading_dims_matches_flat() -> None:
+    cc = _cc(scales=[0.5, 2.0])
+    with torch.no_grad():
+        cc.b_dec.normal_()
+    codes = torch.relu(torch.randn(3, 5, 64))
+    x_hat = cc.decode(codes)
+    assert x_hat.shape == (3, 5, 2, 16)
+    torch.testing.assert_close(x_hat, cc.decode(codes.reshape(15, 64)).reshape(3, 5, 2, 16))
+    direct = torch.stack([codes @ cc.W_dec[:, m] + cc.b_dec[m] for m in range(2)], dim=-2) / torch.tensor([0.5, 2.0])[:, None]
+    torch.testing.assert_close(x_hat, direct)
+
+
+def test_uncalibrated_warning_only_in_eval_once_and_at_the_caller() -> None:
+    import warnings
+
+    cc = _cc().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cc.encode(torch.randn(10, 2, 16))  # training mode: BatchTopK is the method, nothing to warn about
+    cc.eval()
+    with pytest.warns(UserWarning, match="threshold not calibrated") as record:
+        cc.encode(torch.randn(10, 2, 16))
+    assert len(record) == 1 and record[0].filename == __file__  # stacklevel: the line that called encode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cc.encode(torch.randn(10, 2, 16))  # once per crosscoder
+
+
+def test_save_creates_missing_parents_and_writes_readable_json(tmp_path) -> None:
+    cc = _cc(metadata={"layer": 3})
+    target = tmp_path / "runs" / "demo" / "crosscoder"
+    cc.save_pretrained(target)
+    text = (target / "config.json").read_text()
+    config = json.loads(text)
+    assert text == json.dumps(config, indent=2) + "\n"  # two-space indent, one key a line, final newline
+    assert config["architecture"] == "BatchTopKCrossCoder" and config["model_order"] == ["base", "chat"]
+    assert torch.equal(CrossCoder.from_pretrained(target).W_dec, cc.fold().W_dec)
+
+
+@pytest.mark.parametrize("architecture", ["JumpReLUCrossCoder", "AutoEncoder"])
+def test_from_pretrained_refuses_another_architecture(tmp_path, architecture) -> None:
+    _cc().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architecture"] = architecture
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.json: architecture '{architecture}' is not BatchTopKCrossCoder"):
+        CrossCoder.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_refuses_missing_or_extra_tensors(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _cc().save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for edit in ("missing", "extra"):
+        broken = dict(tensors)
+        if edit == "missing":
+            del broken["b_enc"]
+        else:
+            broken["W_other"] = torch.zeros(3)
+        save_file(broken, str(tmp_path / "model.safetensors"))
+        with pytest.raises(RuntimeError, match="b_enc" if edit == "missing" else "W_other"):
+            CrossCoder.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_tries_the_hub_only_for_an_absent_owner_slash_name(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    saved = _cc().save_pretrained(tmp_path / "saved")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(saved)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    loaded = CrossCoder.from_pretrained("someone/crosscoder")
+    assert calls == [("someone/crosscoder", ["config.json", "model.safetensors"])]
+    assert torch.equal(loaded.W_enc, _cc().fold().W_enc)
+    # a local directory named like a repo id is read from disk; other absent paths are a clear error
+    _cc().save_pretrained(tmp_path / "local" / "cc")
+    CrossCoder.from_pretrained("local/cc")
+    for absent in ("nope", "a/b/c", tmp_path / "x" / "y"):
+        with pytest.raises(FileNotFoundError, match="no crosscoder at"):
+            CrossCoder.from_pretrained(absent)
+    assert len(calls) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -312,3 +314,447 @@ def test_scales_equalise_the_chosen_spread(scale_by: str) -> None:
     else:
         spread = (xn - xn.mean(0)).pow(2).sum(-1).mean(0).sqrt()
     torch.testing.assert_close(spread, torch.full((2,), 4.0), rtol=1e-4, atol=0)
+
+
+# --- fast unit tests: direct calls with a stand-in trainer, or a few Trainer steps ----------------------------
+
+
+def attach(module: CrossCoderModule, world_size: int = 1, global_step: int = 0, others=(), reduce=None):
+    """A stand-in for the Trainer: ``world_size``, ``global_step``; ``all_gather`` stacks this rank's tensor with
+    ``others`` (what the other ranks hold; returned as is on one rank, as Lightning does); ``reduce`` for sums."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(world_size=world_size, global_step=global_step,
+                                      strategy=SimpleNamespace(reduce=reduce))
+    module.all_gather = lambda t: t if world_size == 1 else torch.stack([t, *others])
+    return module
+
+
+def test_defaults_are_the_documented_recipe() -> None:
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4)
+    hp = module.hparams
+    assert (hp.lr, tuple(hp.betas), hp.lr_decay_frac, hp.aux_coef) == (1e-4, (0.9, 0.999), 0.2, 1 / 32)
+    assert (hp.dead_after_tokens, hp.threshold_decay, hp.scale_tokens, hp.metrics_window_steps) == (
+        10_000_000, 0.999, 8192, 50)
+    assert (hp.scale_by, hp.b_dec_init, hp.b_enc_init, hp.enc_init, hp.loss) == (
+        "mean_norm", "mean", "center", "transpose", "mse")
+    assert hp.k_anneal_steps == 0 and hp.scales is None and hp.threshold_start_step is None
+    assert module.k_start == hp.k_start == 4 and module.k_aux == hp.k_aux == 8  # k_start = k; k_aux = d_model // 2
+    assert module.threshold_start_step == 0  # the end of (no) k annealing
+    torch.testing.assert_close(module.crosscoder.decoder_norms(), torch.full((64, 2), 0.08))
+    assert not module.data_init_done and module.skipped_rows == 0
+    assert module.tokens_since_fired.tolist() == [0] * 64 and module.tokens_since_fired.dtype == torch.long
+    assert float(module.threshold_ema) == 0.0 and module.threshold_ema.dtype == torch.float64
+    assert int(module.threshold_updates) == 0 and module.threshold_updates.dtype == torch.long
+    other = CrossCoderModule(d_model=16, n_latents=6, k=2, k_start=5, k_anneal_steps=30, k_aux=100, dec_init_norm=0.5)
+    assert other.k_start == 5 and other.k_aux == 6  # at most the dictionary
+    assert other.threshold_start_step == 30
+    assert CrossCoderModule(d_model=16, n_latents=6, k=2, k_anneal_steps=30, threshold_start_step=7).threshold_start_step == 7
+    torch.testing.assert_close(other.crosscoder.decoder_norms(), torch.full((6, 2), 0.5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needs_data"),
+    [
+        ({}, True),
+        ({"scales": [1.0, 2.0]}, True),  # b_dec still starts at the mean, b_enc centred
+        ({"scales": [1.0, 2.0], "b_dec_init": "zeros", "b_enc_init": "zeros"}, False),
+        ({"scales": [1.0, 2.0], "b_dec_init": "mean", "b_enc_init": "zeros"}, True),
+        ({"scales": [1.0, 2.0], "b_dec_init": "zeros", "b_enc_init": "center"}, True),
+        ({"scales": [1.0, 2.0], "b_dec_init": "zeros", "b_enc_init": "zeros", "enc_init": "equal_variance"}, True),
+        ({"b_dec_init": "zeros", "b_enc_init": "zeros"}, True),
+    ],
+)
+def test_data_init_runs_only_when_something_needs_the_data(kwargs, needs_data) -> None:
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, **kwargs)
+    assert bool(module.data_init_done) is (not needs_data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k_aux": 0}, r"k_aux must be >= 1, got 0"),
+        ({"lr": 0.0}, r"lr must be > 0, got 0.0"),
+        ({"lr": -1e-3}, r"lr must be > 0, got -0.001"),
+        ({"lr_decay_frac": -0.1}, r"lr_decay_frac must be in \[0, 1\], got -0.1"),
+        ({"lr_decay_frac": 1.5}, r"lr_decay_frac must be in \[0, 1\], got 1.5"),
+        ({"aux_coef": -0.1}, r"aux_coef must be >= 0, got -0.1"),
+        ({"b_dec_init": "median"}, r"b_dec_init='median' is not 'mean' or 'zeros'"),
+        ({"scale_by": "max"}, r"scale_by='max' is not 'mean_norm' or 'std'"),
+        ({"enc_init": "random"}, r"enc_init='random' is not 'equal_variance' or 'transpose'"),
+        ({"b_enc_init": "mean"}, r"b_enc_init='mean' is not 'center' or 'zeros'"),
+        ({"threshold_decay": 0.0}, r"threshold_decay must be in \(0, 1\), got 0.0"),
+        ({"threshold_decay": 1.0}, r"threshold_decay must be in \(0, 1\), got 1.0"),
+        ({"threshold_decay": -0.5}, r"threshold_decay must be in \(0, 1\), got -0.5"),
+        ({"threshold_decay": 1.5}, r"threshold_decay must be in \(0, 1\), got 1.5"),
+        ({"dec_init_norm": -1.0}, r"dec_init_norm must be > 0, got -1.0"),
+        ({"dead_after_tokens": 0}, r"dead_after_tokens must be >= 1, got 0"),
+        ({"k": 65}, r"k=65 is larger than the dictionary \(n_latents=64\); choose k <= n_latents"),
+        ({"k": 8, "k_start": 4}, r"k_start=4 is smaller than k=8: annealing goes from k_start down to k"),
+        ({"k_start": 65}, r"k_start=65 is larger than the dictionary \(n_latents=64\)"),
+        ({"loss": "l1"}, r"loss='l1' is not one of \('mse', 'l2'\)"),
+    ],
+)
+def test_each_impossible_setting_is_refused_with_its_value(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        CrossCoderModule(d_model=16, n_latents=64, **{"k": 4, **kwargs})
+
+
+def test_limit_settings_are_accepted() -> None:
+    for kwargs in ({"k": 64}, {"k": 4, "k_start": 4}, {"k": 4, "k_start": 64}, {"k": 4, "k_aux": 1},
+                   {"k": 4, "lr_decay_frac": 0.0}, {"k": 4, "lr_decay_frac": 1.0}, {"k": 4, "aux_coef": 0.0},
+                   {"k": 4, "dead_after_tokens": 1}, {"k": 4, "loss": "l2"}, {"k": 4, "scale_by": "std"},
+                   {"k": 4, "threshold_decay": 0.5}, {"k": 4, "lr": 1e-9, "dec_init_norm": 1e-9}):
+        CrossCoderModule(d_model=16, n_latents=64, **kwargs)
+
+
+def test_dead_counters_count_tokens_since_firing_on_any_rank() -> None:
+    module = attach(CrossCoderModule(d_model=16, n_latents=8, k=2))
+    module.tokens_since_fired.fill_(5)
+    codes = torch.zeros(3, 8)
+    codes[0, 1], codes[2, 4] = 0.5, 1.0
+    module._update_dead(codes)
+    assert module.tokens_since_fired.tolist() == [8, 0, 8, 8, 0, 8, 8, 8]
+    assert module.tokens_since_fired.dtype == torch.long
+    # two ranks: a latent that fired on the other rank is alive too, and both ranks' tokens count
+    other_fired = torch.zeros(8, dtype=torch.bool)
+    other_fired[6] = True
+    attach(module, world_size=2, others=[other_fired])
+    module._update_dead(codes)
+    assert module.tokens_since_fired.tolist() == [14, 0, 14, 14, 0, 14, 0, 14]
+
+
+def test_threshold_skips_batches_with_nothing_positive_and_averages_the_ranks() -> None:
+    module = CrossCoderModule(d_model=16, n_latents=8, k=2, threshold_decay=0.5, threshold_start_step=2)
+    theta = module.crosscoder.threshold
+    attach(module, global_step=1)._update_threshold(torch.tensor(3.0))
+    assert float(theta) == -1.0 and int(module.threshold_updates) == 0  # before the start step
+    attach(module, global_step=2)._update_threshold(torch.tensor(float("inf")))
+    assert float(theta) == -1.0 and int(module.threshold_updates) == 0 and float(module.threshold_ema) == 0.0
+    attach(module, global_step=3)._update_threshold(torch.tensor(4.0))
+    assert float(module.threshold_ema) == 2.0 and int(module.threshold_updates) == 1 and float(theta) == 4.0
+    attach(module, world_size=2, global_step=4, others=[torch.tensor(2.0)])._update_threshold(torch.tensor(4.0))
+    # the mean over ranks, 3: e = 0.5 * 2 + 0.5 * 3 = 2.5, θ = 2.5 / (1 - 0.5^2)
+    assert float(module.threshold_ema) == 2.5 and int(module.threshold_updates) == 2
+    assert float(theta) == pytest.approx(2.5 / 0.75)
+    attach(module, global_step=5)._update_threshold(torch.tensor(float("inf")))
+    assert float(theta) == pytest.approx(2.5 / 0.75) and int(module.threshold_updates) == 2
+
+
+def _batches(*parts: torch.Tensor):
+    return [p.clone() for p in parts]
+
+
+def test_scales_come_from_the_first_scale_tokens_tokens() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(100, 2, 16) + 1.0, torch.randn(100, 2, 16) * torch.tensor([3.0, 0.5])[:, None]
+    c = torch.randn(100, 2, 16) * 50  # past scale_tokens: never read
+    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=150))
+    W_enc = module.crosscoder.W_enc.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 200 tokens read for 150 asked: enough, nothing to warn about
+        module.estimate_scales(_batches(a, b, c))  # whole batches until at least 150 tokens: a and b
+    seen = torch.cat([a, b]).double()
+    scales = 4.0 / seen.norm(dim=-1).mean(0)
+    torch.testing.assert_close(module.crosscoder.scales, scales.float())
+    mean = seen.mean(0) * scales[:, None]
+    torch.testing.assert_close(module.crosscoder.b_dec.detach(), mean.float())
+    torch.testing.assert_close(module.crosscoder.b_enc.detach(), -(mean.flatten().float() @ W_enc.reshape(32, 64)))
+    assert torch.equal(module.crosscoder.W_enc.detach(), W_enc)  # transpose init: the encoder is not touched
+    assert bool(module.data_init_done)
+
+
+def test_scales_are_summed_over_ranks() -> None:
+    torch.manual_seed(0)
+    mine, theirs = torch.randn(100, 2, 16) + 2.0, torch.randn(60, 2, 16) * 3.0
+    t = theirs.double()
+    their_sums = [t.norm(dim=-1).sum(0), t.flatten(1).sum(0), t.flatten(1).T @ t.flatten(1), torch.tensor(60.0).double()]
+    ops = []
+
+    def reduce(tensor, reduce_op):
+        ops.append(reduce_op)
+        return tensor + their_sums[len(ops) - 1]
+
+    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=100, scale_by="std"),
+                    world_size=2, reduce=reduce)
+    module.estimate_scales(_batches(mine))
+    assert ops == ["sum"] * 4
+    both = torch.cat([mine, theirs]).double()
+    spread = (both - both.mean(0)).pow(2).sum(-1).mean(0).sqrt()
+    torch.testing.assert_close(module.crosscoder.scales, (4.0 / spread).float())
+    torch.testing.assert_close(module.crosscoder.b_dec.detach(), (both.mean(0) * 4.0 / spread[:, None]).float())
+
+
+def test_std_scales_of_small_activations() -> None:
+    """``scale_by="std"`` on activations whose centred spread is far below 1 (no floor on the variance there)."""
+    torch.manual_seed(0)
+    x = torch.randn(500, 2, 16) * torch.tensor([1e-3, 1e-2])[:, None] + 0.5
+    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=500, scale_by="std"))
+    module.estimate_scales(_batches(x))
+    xn = module.crosscoder.normalise(x.double())
+    torch.testing.assert_close((xn - xn.mean(0)).pow(2).sum(-1).mean(0).sqrt(), torch.full((2,), 4.0, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+
+
+def test_scale_estimation_without_enough_tokens(caplog) -> None:
+    import logging
+
+    exact = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=300))
+    first, second = torch.randn(200, 2, 16), torch.randn(100, 2, 16) + 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly scale_tokens tokens: enough, and the next batch is not read
+        exact.estimate_scales(_batches(first, second, torch.randn(100, 2, 16) * 50))
+    expected = 4.0 / torch.cat([first, second]).double().norm(dim=-1).mean(0)
+    torch.testing.assert_close(exact.crosscoder.scales, expected.float())
+
+    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=1000))
+    with pytest.raises(ValueError, match="cannot estimate the per-model scales: the training data yielded no tokens"):
+        module.estimate_scales([])
+    nan = torch.full((10, 2, 16), float("nan"))
+    with pytest.warns(UserWarning, match="dropped 10"), pytest.raises(ValueError, match="yielded no tokens"):
+        module.estimate_scales(_batches(nan))
+    with pytest.warns(UserWarning, match=r"scales estimated from only 300 tokens \(scale_tokens=1000\)") as record, \
+            caplog.at_level(logging.INFO, logger="crosscoder_pl.module"):
+        module.estimate_scales(_batches(torch.randn(200, 2, 16), torch.randn(100, 2, 16)))
+    assert [w.filename for w in record] == [__file__]  # points at the caller
+    scales = [round(v, 5) for v in module.crosscoder.scales.tolist()]
+    assert caplog.messages[-1] == (f"data init from 300 tokens: per-model scales {scales}, encoder transpose, "
+                                   "b_dec mean, b_enc center")
+
+
+def test_preact_variance_by_chunks_matches_the_direct_quadratic_form() -> None:
+    from crosscoder_pl.module import _preact_variance
+
+    torch.manual_seed(0)
+    a = torch.randn(8, 8, dtype=torch.float64)
+    cov, W = a @ a.T, torch.randn(8, 13)  # more latents than coordinates, as in any crosscoder
+    W[:, 4] = 0  # a latent with no variance gets the floor, not 0
+    direct = torch.stack([W[:, j].double() @ cov @ W[:, j].double() for j in range(13)])
+    direct[4] = 1e-12
+    for chunk in (1, 4, 5, 13, 8192):
+        torch.testing.assert_close(_preact_variance(cov, W, chunk), direct)
+    torch.testing.assert_close(_preact_variance(cov, W), direct)
+    assert float(_preact_variance(cov, W)[4]) == 1e-12
+
+
+def test_clean_checks_the_batch_and_drops_non_finite_rows() -> None:
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4)
+    x = torch.randn(6, 2, 16, dtype=torch.float64)
+    got = module._clean([x, torch.zeros(6)])  # (x,) or [x, ...] batches: the first element
+    assert got.dtype == torch.float32 and torch.equal(got, x.float())
+    assert torch.equal(module._clean((x,)), x.float())
+    for bad, got in ((torch.ones(6, 2, 16, dtype=torch.long), r"torch.int64 \(6, 2, 16\)"),
+                     (torch.randn(6, 32), r"torch.float32 \(6, 32\)"),
+                     (torch.randn(6, 2, 16, 1), r"torch.float32 \(6, 2, 16, 1\)"),
+                     (torch.randn(6, 2, 32), r"torch.float32 \(6, 2, 32\)"),
+                     (torch.randn(6, 3, 16), r"torch.float32 \(6, 3, 16\)"),
+                     (torch.randn(2, 16), r"torch.float32 \(2, 16\)"),
+                     (x.numpy(), "ndarray")):
+        with pytest.raises(ValueError, match=r"expected float activations \[batch, 2, 16\], got " + got):
+            module._clean(bad)
+    x[[1, 4], 1, 3] = float("inf")
+    x[2, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"dropped 3 activation rows with NaN/inf at step 0 \(3 so far\)") as record:
+        kept = module._clean(x)
+    assert [w.filename for w in record] == [__file__]  # stacklevel: the caller of _clean
+    assert torch.equal(kept, x[[0, 3, 5]].float())
+    with pytest.warns(UserWarning, match=r"dropped 3 .*\(6 so far\)"):
+        module._clean(x)
+    assert module.skipped_rows == 6
+    with pytest.raises(ValueError, match="every row of the batch at step 0 was NaN/inf: check the activations"), \
+            pytest.warns(UserWarning, match="dropped 4"):
+        module.training_step(torch.full((4, 2, 16), float("nan")), 0)
+
+
+@pytest.mark.parametrize("loss", ["mse", "l2"])
+def test_validation_metrics_match_a_direct_computation(loss: str) -> None:
+    torch.manual_seed(0)
+    spread = torch.tensor([2.0, 0.5])[:, None]
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=512, lr=1e-3, threshold_decay=0.5, loss=loss)
+    trainer = fit(module, torch.randn(1024, 2, 16) * spread + 1, steps=4)
+    val = torch.randn(700, 2, 16) * spread + 1
+    with torch.no_grad():
+        module.crosscoder.b_enc[:8] = -1e3  # 8 latents that cannot fire: a dead fraction to measure
+    for _ in range(2):  # the second pass sees only its own tokens: the metrics are reset after each epoch
+        trainer.validate(module, DataLoader(TensorDataset(val), batch_size=300), verbose=False)  # 300, 300, 100
+    metrics = trainer.callback_metrics
+    cc = module.crosscoder.eval()
+    assert cc.threshold_calibrated
+    with torch.no_grad():
+        codes = cc.encode(val)
+        xn = cc.normalise(val)
+        x_hat = cc.decode(codes, normalised=True)
+    ve = 1 - (xn - x_hat).pow(2).sum((0, 2)) / (xn - xn.mean(0)).pow(2).sum((0, 2))
+    err = (xn - x_hat).pow(2).sum(-1)
+    recon = (err if loss == "mse" else err.sqrt()).sum(-1).mean()  # a mean over tokens, not over batches
+    expected = {"val/ve_base": ve[0], "val/ve_chat": ve[1], "val/l0": (codes > 0).sum(-1).float().mean(),
+                "val/dead_frac": ((codes > 0).sum(0) == 0).float().mean(), "val/loss_recon": recon,
+                "val/tokens": 700.0}
+    for name, value in expected.items():
+        assert float(metrics[name]) == pytest.approx(float(value), rel=1e-4, abs=1e-6), name
+    assert 0 < float(metrics["val/dead_frac"]) < 1
+
+
+class StepRecorder(L.Callback):
+    """Before each step, what it should log, computed with the weights of that moment; after it (read at the
+    next batch's start, when Lightning has published them), what it did log."""
+
+    def __init__(self) -> None:
+        self.expected: list[dict[str, float]] = []
+        self.logged: list[dict[str, float]] = []
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _read(self, trainer, pl_module) -> None:
+        if trainer.global_step > len(self.logged):
+            metrics = {name: float(v) for name, v in trainer.callback_metrics.items() if name.startswith("train/")}
+            metrics["threshold_now"] = float(pl_module.crosscoder.threshold)
+            self.logged.append(metrics)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._read(trainer, pl_module)
+        hp = pl_module.hparams
+        dead = pl_module.tokens_since_fired >= hp.dead_after_tokens
+        k = k_at(trainer.global_step, hp.k, pl_module.k_start, hp.k_anneal_steps)
+        with torch.no_grad():
+            out = pl_module.crosscoder.step(batch[0], k, dead, loss=hp.loss, aux_coef=hp.aux_coef, k_aux=pl_module.k_aux)
+        self.batches.append((out.x, out.x_hat))
+        self.expected.append({"train/loss": float(out.loss), "train/loss_recon": float(out.recon),
+                              "train/loss_aux": float(out.aux), "train/k": float(k),
+                              "train/l0": float((out.codes > 0).sum(-1).float().mean()),
+                              "train/dead_frac": float(dead.float().mean())})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._read(trainer, pl_module)
+
+
+def test_training_logs_match_a_direct_computation(monkeypatch) -> None:
+    """Every logged training figure, step by step, against the step recomputed from the same weights; the
+    variance explained pooled over each window of ``metrics_window_steps`` steps; tokens/s on a fake clock."""
+    from types import SimpleNamespace
+
+    import crosscoder_pl.module as module_file
+
+    clock = iter(range(10, 10_000, 10))  # each reading 10 ms after the previous one
+    monkeypatch.setattr(module_file, "time", SimpleNamespace(perf_counter=lambda: next(clock) / 1000))
+    torch.manual_seed(0)
+    recorder = StepRecorder()
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, k_start=12, k_anneal_steps=3, lr=1e-2, scale_tokens=512,
+                              dead_after_tokens=256, aux_coef=0.5, metrics_window_steps=3, threshold_decay=0.5,
+                              b_enc_init="zeros")
+    with torch.no_grad():
+        module.crosscoder.b_enc[:16] = -100.0  # 16 latents that never fire: dead after one batch of 256 tokens
+    trainer = fit(module, torch.randn(6 * 256, 2, 16) + 0.5, steps=6, callbacks=[recorder])
+    assert len(recorder.logged) == 6
+    for step, (expected, logged) in enumerate(zip(recorder.expected, recorder.logged)):
+        for name, value in expected.items():
+            assert logged[name] == pytest.approx(value, rel=1e-4, abs=1e-7), (step, name)
+        assert logged["train/threshold"] == logged["threshold_now"]
+        assert logged["train/skipped_rows"] == 0.0
+    assert recorder.expected[1]["train/dead_frac"] >= 0.25 and recorder.expected[1]["train/loss_aux"] > 0
+    assert recorder.expected[0]["train/dead_frac"] == 0  # no latent has missed 256 tokens yet
+    for end in (2, 5):  # the windows: steps 0-2, 3-5
+        x = torch.cat([recorder.batches[s][0] for s in range(end - 2, end + 1)])
+        x_hat = torch.cat([recorder.batches[s][1] for s in range(end - 2, end + 1)])
+        ve = 1 - (x - x_hat).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2))
+        assert recorder.logged[end]["train/ve_base"] == pytest.approx(float(ve[0]), rel=1e-4)
+        assert recorder.logged[end]["train/ve_chat"] == pytest.approx(float(ve[1]), rel=1e-4)
+        # one clock reading per step: 256 tokens per 10 ms (the first window starts at the end of step 0)
+        assert recorder.logged[end]["train/tokens_per_sec"] == pytest.approx(25_600)
+    assert not {"train/ve_base", "train/tokens_per_sec"} & (set(recorder.logged[0]) | set(recorder.logged[1]))
+    assert recorder.logged[3]["train/ve_base"] == recorder.logged[2]["train/ve_base"]  # not logged between windows
+    assert "train/tokens_per_sec" in trainer.progress_bar_metrics
+
+
+def test_skipped_rows_are_logged() -> None:
+    x = torch.randn(1024, 2, 16)
+    x[::7, 0, 0] = float("nan")
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[1.0, 1.0], b_dec_init="zeros", b_enc_init="zeros")
+    with pytest.warns(UserWarning, match="NaN/inf"):
+        trainer = fit(module, x, steps=4)
+    assert module.skipped_rows == int(x.isnan().any(-1).any(-1).sum())
+    assert float(trainer.callback_metrics["train/skipped_rows"]) == module.skipped_rows
+
+
+def test_optimiser_uses_the_given_betas_and_needs_a_finite_run() -> None:
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=256, betas=(0.8, 0.95), lr=2e-3)
+    trainer = fit(module, torch.randn(512, 2, 16), steps=1)
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["initial_lr"] == 2e-3
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=256)
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    with pytest.raises(ValueError, match=r"the lr schedule needs a finite run: set trainer.max_steps"):
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(512, 2, 16)), batch_size=256))
+
+
+def test_string_options_are_compared_by_value() -> None:
+    """Options read from a config file are equal strings, not necessarily the interned literals."""
+
+    def fresh(text: str) -> str:
+        return "".join(list(text))
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 2, 16) * torch.tensor([2.0, 0.5])[:, None] + 1
+    modules = []
+    for make in (str, fresh):
+        torch.manual_seed(1)
+        module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=300, scale_by=make("mean_norm"),
+                                  b_dec_init=make("mean"), b_enc_init=make("center"), enc_init=make("equal_variance"))
+        assert not module.data_init_done
+        attach(module).estimate_scales(_batches(x))
+        modules.append(module)
+    literal, configured = (m.crosscoder.state_dict() for m in modules)
+    assert all(torch.equal(literal[name], configured[name]) for name in literal)
+    for name in ("b_dec_init", "b_enc_init", "enc_init"):  # each alone is enough to need the data
+        kwargs = {"scales": [1.0, 1.0], "b_dec_init": "zeros", "b_enc_init": "zeros", "enc_init": "transpose"}
+        kwargs[name] = fresh({"b_dec_init": "mean", "b_enc_init": "center", "enc_init": "equal_variance"}[name])
+        assert not CrossCoderModule(d_model=16, n_latents=64, k=4, **kwargs).data_init_done
+
+
+def test_std_scale_of_a_constant_model_is_floored() -> None:
+    """A model whose activations do not vary (here all zero) has no centred spread: it is floored at 1e-6
+    (variance 1e-12), so its scale is large but finite."""
+    x = torch.randn(200, 2, 16)
+    x[:, 1] = 0.0
+    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=200, scale_by="std"))
+    module.estimate_scales(_batches(x))
+    assert float(module.crosscoder.scales[1]) == pytest.approx(4.0 / 1e-6)
+    assert torch.isfinite(module.crosscoder.scales).all()
+
+
+def test_threshold_update_builds_no_autograd_graph() -> None:
+    module = attach(CrossCoderModule(d_model=16, n_latents=8, k=2, threshold_decay=0.5))
+    module._update_threshold(torch.tensor(3.0, requires_grad=True))
+    assert float(module.crosscoder.threshold) == 3.0
+    assert not module.crosscoder.threshold.requires_grad and not module.threshold_ema.requires_grad
+
+
+def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import crosscoder_pl.module as module_file
+
+    clock = iter(range(10, 10_000, 10))  # each reading 10 ms after the previous one
+    monkeypatch.setattr(module_file, "time", SimpleNamespace(perf_counter=lambda: next(clock) / 1000))
+    x = torch.randn(100, 2, 16)
+    for window, world_size in ((3, 2), (1, 1)):
+        module = CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=window)
+        logged: dict[int, dict[str, float]] = {}
+        for step in range(6):
+            attach(module, world_size=world_size, global_step=step)
+            record = logged.setdefault(step, {})
+            module.log_dict = lambda values, record=record, **kw: record.update({k: float(v) for k, v in values.items()})
+            module.log = lambda name, value, record=record, **kw: record.__setitem__(name, float(value))
+            with torch.no_grad():
+                out = module.crosscoder.step(x, 4)
+            module.train_ve.update(out.x.detach(), out.x_hat.detach())
+            module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
+        windows = {step for step, values in logged.items() if "train/tokens_per_sec" in values}
+        if window == 3:
+            assert windows == {2, 5}
+            # 100 tokens on each of 2 ranks per 10 ms (the first window starts at the end of step 0)
+            assert [logged[s]["train/tokens_per_sec"] for s in (2, 5)] == pytest.approx([20_000, 20_000])
+        else:
+            assert windows == set(range(6))
+            assert logged[0]["train/tokens_per_sec"] == 0.0  # the window has just started: no time, no tokens
+            assert [logged[s]["train/tokens_per_sec"] for s in range(1, 6)] == pytest.approx([10_000] * 5)

@@ -130,3 +130,80 @@ def test_min_kept_is_the_smallest_positive_kept_score() -> None:
     assert int((codes > 0).sum()) == 3
     _, none_positive = cc.batch_topk(torch.zeros(4, F), 2)
     assert none_positive.item() == float("inf")
+
+
+def test_step_defaults_are_the_recipe_auxk() -> None:
+    """Defaults: AuxK weight 1/32 (Gao et al. 2024) and one dead latent per token."""
+    cc = _cc()
+    x = torch.randn(32, 2, D) * 2
+    dead = torch.arange(F) % 2 == 0
+    out = cc.step(x, K, dead)
+    total, recon, aux, unit, codes, x_hat = _direct(cc, x, K, dead, "mse", 1 / 32, 1)
+    torch.testing.assert_close(out.aux, aux)
+    torch.testing.assert_close(out.loss, total)
+    assert out.aux.item() != pytest.approx(_direct(cc, x, K, dead, "mse", 1 / 32, 2)[2].item())  # k_aux matters
+
+
+def test_step_options_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        _cc().step(torch.randn(4, 2, D), K, None, "l2")
+
+
+def test_step_output_is_frozen() -> None:
+    import dataclasses
+
+    out = _cc().step(torch.randn(4, 2, D), K)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.loss = torch.zeros(())
+
+
+def test_no_auxk_without_dead_latents_or_weight() -> None:
+    """``dead=None`` and ``aux_coef=0`` both switch AuxK off: aux is 0 and the loss is the reconstruction term."""
+    cc = _cc()
+    x = torch.randn(16, 2, D)
+    all_dead = torch.ones(F, dtype=torch.bool)
+    assert cc.step(x, K, all_dead, aux_coef=0.5).aux.item() > 0  # with dead latents and a weight there is a term
+    for out in (cc.step(x, K, None, aux_coef=0.5), cc.step(x, K), cc.step(x, K, all_dead, aux_coef=0.0)):
+        assert float(out.aux) == 0.0
+        assert torch.equal(out.loss, out.recon)
+
+
+def test_auxk_normalisation_below_one_is_not_clamped() -> None:
+    """Small activations: the residual's spread (AuxK's denominator) is far below 1 and is used as is."""
+    cc = _cc()
+    with torch.no_grad():
+        cc.b_dec.zero_()
+        cc.W_dec.mul_(1e-2)
+    x = torch.randn(32, 2, D) * 1e-2
+    dead = torch.arange(F) % 2 == 1
+    out = cc.step(x, K, dead, aux_coef=0.5, k_aux=2)
+    xn = cc.normalise(x)
+    r = (xn - out.x_hat).detach()
+    assert float((r - r.mean(0)).pow(2).sum((1, 2)).mean()) < 0.1  # the denominator is small
+    torch.testing.assert_close(out.aux, _direct(cc, x, K, dead, "mse", 0.5, 2)[2])
+
+
+def test_auxk_on_a_batch_of_identical_tokens_is_finite() -> None:
+    """Every token the same: the residual has no spread, AuxK's denominator is clamped, nothing is nan or inf."""
+    cc = _cc()
+    x = torch.randn(1, 2, D).expand(8, 2, D).contiguous()
+    out = cc.step(x, K, torch.ones(F, dtype=torch.bool), aux_coef=0.5)
+    assert torch.isfinite(out.aux) and torch.isfinite(out.loss)
+    assert float(out.unit) == 0.0 and torch.equal(out.loss, out.recon)
+
+
+def test_loss_option_is_compared_by_value() -> None:
+    """A loss name read from a config file is an equal string, not necessarily the same object."""
+    err = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
+    mse = "".join(["m", "s", "e"])
+    assert token_loss(err, mse).tolist() == [26.0]
+
+
+def test_min_kept_ignores_nan_scores() -> None:
+    """A NaN score is not a positive kept score: the threshold input is the smallest real one."""
+    cc = _cc()
+    f = torch.zeros(4, F)
+    f[0, 3], f[1, 5] = 2.0, float("nan")
+    _, min_kept = cc.batch_topk(f, 1)
+    norms = cc.decoder_norms().sum(-1).detach()
+    assert float(min_kept) == pytest.approx(float(2.0 * norms[3]))
