@@ -32,9 +32,11 @@ Exit status 0 when every assertion holds; the figures and timings are printed at
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -162,16 +164,13 @@ def _train(overrides: list[str], expect_success: bool) -> str:
 
 def check_identical_pair(artifact: Path) -> dict[str, object]:
     """Assert the known answer of a model paired with itself on a finished artifact; return its figures."""
-    import csv
-
     metrics = json.loads((artifact / "metrics.json").read_text())
     counts = metrics["taxonomy"]["counts"]
     ve = metrics["validation"]["variance_explained"]
     with open(artifact / "latents.csv") as handle:
         rows = list(csv.DictReader(handle))
     live = [r for r in rows if r["class"] != "dead"]
-    delta = sorted(float(r["delta_norm"]) for r in live)
-    median_delta = delta[len(delta) // 2] if len(delta) % 2 else (delta[len(delta) // 2 - 1] + delta[len(delta) // 2]) / 2
+    median_delta = statistics.median(float(r["delta_norm"]) for r in live)
     pearson = metrics["causal"]["median_pearson"]
     figures = {
         "counts": counts,
