@@ -405,7 +405,8 @@ def test_limit_settings_are_accepted() -> None:
                    {"k": 4, "lr_decay_frac": 0.0}, {"k": 4, "lr_decay_frac": 1.0}, {"k": 4, "aux_coef": 0.0},
                    {"k": 4, "dead_after_tokens": 1}, {"k": 4, "loss": "l2"}, {"k": 4, "scale_by": "std"},
                    {"k": 4, "threshold_decay": 0.5}, {"k": 4, "lr": 1e-9, "dec_init_norm": 1e-9}):
-        CrossCoderModule(d_model=16, n_latents=64, **kwargs)
+        hp = CrossCoderModule(d_model=16, n_latents=64, **kwargs).hparams
+        assert {name: hp[name] for name in kwargs} == kwargs  # accepted and kept as given
 
 
 def test_dead_counters_count_tokens_since_firing_on_any_rank() -> None:
