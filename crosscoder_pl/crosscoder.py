@@ -17,6 +17,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crosscoder_pl.files import write_whole
+from crosscoder_pl.sparse import SparseCodes, decode_sparse, pre_acts_at, select_batch_topk
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Present while a directory is being written (crosscoder_pl.artifact); removed last. Readers refuse it.
+INCOMPLETE = "INCOMPLETE"
 MODEL_ORDER = ("base", "chat")
 LOSSES = ("mse", "l2")
+STEP_IMPLS = ("sparse", "dense")
 
 
 @dataclass(frozen=True)
@@ -39,16 +46,23 @@ class StepOutput:
     term under the loss option, ``aux`` the AuxK error normalised by its target's (dimensionless: 1 = the
     dead latents explain none of the residual, 0 when no latent is dead), ``unit`` the loss of predicting
     the batch mean, which puts AuxK in the reconstruction term's units under either loss option.
+    The codes come in coordinate form (``active``: what the training loop reads, without a ``[batch, F]``
+    pass); ``codes`` makes the dense ``[batch, F]`` tensor on first use.
     """
 
     loss: torch.Tensor  # [] what the optimiser minimises
     recon: torch.Tensor  # []
     aux: torch.Tensor  # []
     unit: torch.Tensor  # [] detached
-    codes: torch.Tensor  # [batch, F] BatchTopK codes (unscaled f of the kept entries)
+    active: SparseCodes  # the kept BatchTopK entries (unscaled f), shape (batch, F)
     x: torch.Tensor  # [batch, n_models, d_model] normalised input
     x_hat: torch.Tensor  # [batch, n_models, d_model] its reconstruction
     min_kept: torch.Tensor  # [] smallest positive kept score (inf if none): what the threshold tracks
+
+    @cached_property
+    def codes(self) -> torch.Tensor:
+        """``[batch, F]`` BatchTopK codes (unscaled f of the kept entries, 0 elsewhere)."""
+        return self.active.to_dense()
 
 
 def token_loss(err: torch.Tensor, loss: str) -> torch.Tensor:
@@ -99,7 +113,8 @@ class CrossCoder(nn.Module):
         direction = torch.randn(n_latents, n_models, d_model)
         W_dec = direction / direction.norm(dim=-1, keepdim=True) * dec_init_norm
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).clone())
+        # contiguous, not clone: a clone keeps the permuted strides, and every step would copy the encoder.
+        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).contiguous())
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.b_dec = nn.Parameter(torch.zeros(n_models, d_model))
         scales = torch.ones(n_models) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
@@ -122,9 +137,18 @@ class CrossCoder(nn.Module):
 
     def _pre_acts_normalised(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU pre-activations ``[..., F]`` of activations already in the weights' space ``[..., 2, d_model]``."""
-        flat = x.reshape(*x.shape[:-2], self.n_models * self.d_model).to(self.W_enc.dtype)
-        # One matmul over the concatenated models == sum_m x_m @ W_enc[m].
-        return F.relu(flat @ self.W_enc.reshape(-1, self.n_latents) + self.b_enc)
+        return F.relu(self._encoder_affine(x))
+
+    def _encoder_affine(self, x: torch.Tensor) -> torch.Tensor:
+        """``sum_m x_m @ W_enc[m] + b_enc`` (before the ReLU) ``[..., F]`` of normalised ``x [..., 2, d_model]``.
+
+        The one place both training steps get their pre-activations from, so that they rank bitwise equal
+        scores. One matmul over the concatenated models == sum_m x_m @ W_enc[m]. The bias is added in place
+        (not by addmm, whose rounding depends on the number of rows: a token encoded alone must get the
+        same pre-activations as in a batch, or the threshold keeps it in one and drops it in the other)."""
+        flat = x.reshape(-1, self.n_models * self.d_model).to(self.W_enc.dtype)
+        out = flat @ self.W_enc.reshape(-1, self.n_latents)
+        return out.add_(self.b_enc).view(*x.shape[:-2], self.n_latents)
 
     def decoder(self, normalised: bool) -> torch.Tensor:
         """``W_dec [F, n_models, d_model]`` in the normalised space or in raw activation units, folded or not."""
@@ -209,6 +233,7 @@ class CrossCoder(nn.Module):
         loss: str = "mse",
         aux_coef: float = 1 / 32,
         k_aux: int = 1,
+        impl: str = "sparse",
     ) -> StepOutput:
         """One training step's loss and everything reported about it (docs/method.md, "Loss").
 
@@ -220,40 +245,89 @@ class CrossCoder(nn.Module):
             loss: ``"mse"`` or ``"l2"`` (:func:`token_loss`); AuxK uses the same per-token error.
             aux_coef: AuxK weight relative to the reconstruction term (Gao et al. 2024: 1/32).
             k_aux: dead latents AuxK may use per token.
+            impl: ``"sparse"`` computes from the kept entries only (:mod:`crosscoder_pl.sparse`: exact two-stage
+                selection, decoder rows gathered, gradients of the active entries only); ``"dense"`` multiplies
+                all F latents (the reference). Both keep the same entries and give the same loss and
+                gradients up to float summation order (docs/method.md, "Sparse step").
         """
         if self.folded:
             raise RuntimeError("a folded crosscoder is for inference; train the unfolded one (CrossCoder.fold copies)")
+        if impl not in STEP_IMPLS:
+            raise ValueError(f"impl={impl!r} is not one of {STEP_IMPLS}")
         self._check_input(x)
         x_n = self.normalise(x.to(self.W_enc.dtype))  # [batch, n_models, d_model], the training space
+        # One host sync; healthy runs skip AuxK's work.
+        dead_idx = dead.nonzero().squeeze(1) if dead is not None and aux_coef > 0 else None
+        if dead_idx is not None and dead_idx.numel() == 0:
+            dead_idx = None
+        forward = self._forward_sparse if impl == "sparse" else self._forward_dense
+        active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux)
+        recon = token_loss(x_n - x_hat, loss).mean()
+        unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
+        aux = recon.new_zeros(()) if e_hat is None else self.aux_error((x_n - x_hat).detach(), e_hat, loss)
+        total = recon + aux_coef * aux * unit
+        return StepOutput(total, recon, aux, unit, active, x_n, x_hat, min_kept)
+
+    def _forward_dense(
+        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int
+    ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The reference: all F latents through the decoder. Returns the kept entries, ``min_kept``, the
+        reconstruction ``x_hat`` and AuxK's reconstruction of the residual ``e_hat`` (None without dead latents),
+        both ``[batch, n_models, d_model]``."""
         f = self._pre_acts_normalised(x_n)  # [batch, F]
         codes, min_kept = self.batch_topk(f, k)
         x_hat = self.decode(codes, normalised=True)
-        recon = token_loss(x_n - x_hat, loss).mean()
-        unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
-        aux = self.aux_error((x_n - x_hat).detach(), f, dead, k_aux, loss) if aux_coef > 0 else recon.new_zeros(())
-        total = recon + aux_coef * aux * unit
-        return StepOutput(total, recon, aux, unit, codes, x_n, x_hat, min_kept)
+        e_hat = None
+        if dead_idx is not None:
+            aux_codes = self.aux_topk(f, dead_idx, k_aux)  # [batch, n_dead]
+            e_hat = self._aux_decode(aux_codes, dead_idx).view_as(x_n)
+        return SparseCodes.from_dense(codes), min_kept, x_hat, e_hat
+
+    def _forward_sparse(
+        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int
+    ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_forward_dense` computed from the kept entries: the encoder's matmul is the only ``[batch, F]``
+        product; selection, decoding and the backward touch the kept entries (and AuxK's dead columns) only."""
+        n_tokens = x_n.shape[0]
+        x_flat = x_n.reshape(n_tokens, -1)
+        W_enc = self.W_enc.reshape(-1, self.n_latents)
+        with torch.no_grad():
+            pre = self._encoder_affine(x_n)  # [batch, F], before the ReLU; no autograd graph
+            weight = self.decoder_norms().sum(-1)  # [F] the score weight, as in scores()
+            flat, _, min_kept = select_batch_topk(pre, weight, k)
+            rows, cols = flat.div(self.n_latents, rounding_mode="floor"), flat.remainder(self.n_latents)
+        dead_cols = torch.zeros(0, dtype=torch.long, device=pre.device) if dead_idx is None else dead_idx
+        values, f_dead = pre_acts_at(x_flat, W_enc, self.b_enc, pre, rows, cols, dead_cols)
+        active = SparseCodes(rows, cols, values, (n_tokens, self.n_latents))
+        W_dec = self.W_dec.reshape(self.n_latents, -1)
+        x_hat = decode_sparse(W_dec, values, rows, cols, n_tokens).view_as(x_n) + self.b_dec
+        e_hat = None
+        if dead_idx is not None:  # AuxK as in the dense step, on the dead columns only
+            aux_codes = self._aux_codes(f_dead, weight[dead_idx], k_aux)
+            e_hat = self._aux_decode(aux_codes, dead_idx).view_as(x_n)
+        return active, min_kept, x_hat, e_hat
 
     def aux_topk(self, f: torch.Tensor, dead_idx: torch.Tensor, k_aux: int) -> torch.Tensor:
         """AuxK's selection, the per-token twin of :meth:`batch_topk`: among the dead latents ``dead_idx [n_dead]``,
         keep each token's ``k_aux`` highest scores. Returns codes ``[batch, n_dead]`` (unscaled ``f``)."""
-        f_dead = f[:, dead_idx]  # [batch, n_dead]
-        scores = f_dead * self.decoder_norms()[dead_idx].sum(-1)
-        idx = scores.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False).indices
+        return self._aux_codes(f[:, dead_idx], self.decoder_norms()[dead_idx].sum(-1), k_aux)
+
+    @staticmethod
+    def _aux_codes(f_dead: torch.Tensor, weight_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+        """:meth:`aux_topk` from the dead latents' ``f [batch, n_dead]`` and score weights ``[n_dead]``."""
+        scores = f_dead * weight_dead
+        idx = scores.topk(min(k_aux, f_dead.shape[-1]), dim=-1, sorted=False).indices
         return torch.zeros_like(f_dead).scatter(-1, idx, f_dead.gather(-1, idx))
 
-    def aux_error(
-        self, residual: torch.Tensor, f: torch.Tensor, dead: torch.Tensor | None, k_aux: int, loss: str
-    ) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the top-``k_aux`` dead latents reconstruct the detached residual
-        ``[batch, n_models, d_model]`` with the decoder and no bias; returns their error normalised by the
-        error of predicting the residual's mean (both under ``loss``). 0 with no dead latent."""
-        # One host sync; healthy runs skip all the work below.
-        dead_idx = dead.nonzero().squeeze(1) if dead is not None else f.new_zeros(0, dtype=torch.long)
-        if dead_idx.numel() == 0:
-            return residual.new_zeros(())
-        aux_codes = self.aux_topk(f, dead_idx, k_aux)
-        e_hat = (aux_codes @ self.W_dec[dead_idx].reshape(dead_idx.numel(), -1)).view_as(residual)
+    def _aux_decode(self, aux_codes: torch.Tensor, dead_idx: torch.Tensor) -> torch.Tensor:
+        """AuxK's reconstruction ``[batch, n_models * d_model]`` from codes over the dead latents: decoder, no bias."""
+        return aux_codes @ self.W_dec[dead_idx].reshape(dead_idx.numel(), -1)
+
+    @staticmethod
+    def aux_error(residual: torch.Tensor, e_hat: torch.Tensor, loss: str) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the error of the dead latents' reconstruction ``e_hat`` (decoder, no bias) of
+        the detached residual ``[batch, n_models, d_model]``, normalised by the error of predicting the
+        residual's mean (both under ``loss``)."""
         baseline = token_loss(residual - residual.mean(0), loss).mean().clamp_min(1e-12)
         return token_loss(residual - e_hat, loss).mean() / baseline
 
@@ -293,17 +367,22 @@ class CrossCoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         folded = self.fold()
         tensors = {name: t.detach().contiguous().cpu() for name, t in folded.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(folded.config(), indent=2) + "\n")
+        # Each file lands whole, with the umask's mode (safetensors alone would leave 0600); weights first, so
+        # that config.json never describes weights that are not there yet.
+        write_whole(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        write_whole(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(folded.config(), indent=2) + "\n"))
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CrossCoder:
         """Load a saved crosscoder; a non-existent local path is tried as a Hugging Face hub repo id.
 
-        Only JSON and safetensors are read: loading never unpickles code.
+        Only JSON and safetensors are read: loading never unpickles code. A directory still being written
+        (it holds an ``INCOMPLETE`` file: see `crosscoder_pl.artifact`) is refused. Hub downloads give up
+        after ``HF_HUB_ETAG_TIMEOUT`` seconds (default 10) without an answer, naming the offline alternatives.
         """
         directory = _resolve(directory)
+        check_complete(directory)
         config = json.loads((directory / CONFIG_NAME).read_text())
         if config.get("architecture") != "BatchTopKCrossCoder":
             raise ValueError(f"{directory / CONFIG_NAME}: architecture {config.get('architecture')!r} is not BatchTopKCrossCoder")
@@ -342,12 +421,60 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
+def check_complete(directory: Path) -> None:
+    """Raise a clear error unless ``directory`` holds a finished crosscoder (both files, no ``INCOMPLETE``)."""
+    if (directory / INCOMPLETE).exists():
+        raise ValueError(
+            f"{directory} is an incomplete artifact: its writer was stopped before finishing (the {INCOMPLETE} file "
+            "is still there), so files may be missing or stale. Use the complete artifact next to it (the same name "
+            "without the leading dot and '.partial-' suffix), or write it again (re-run training, or python "
+            "analyze.py artifact=<the complete one>); this directory can be deleted."
+        )
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} is not a saved crosscoder: {' and '.join(missing)} missing (CrossCoder.save_pretrained "
+            "writes both)"
+        )
+
+
 def _resolve(directory: str | Path) -> Path:
     path = Path(directory)
     if path.is_dir():
         return path
     if isinstance(directory, str) and directory.count("/") == 1 and not path.exists():
-        from huggingface_hub import snapshot_download
+        return _from_hub(directory)
+    aside = sorted(path.parent.glob(f".{path.name}.replaced-*"))
+    hint = f"; a complete copy set aside by an interrupted rewrite is at {aside[-1]}: rename it to {path}" if aside else ""
+    raise FileNotFoundError(f"no crosscoder at {directory!s}: expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
 
-        return Path(snapshot_download(directory, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
-    raise FileNotFoundError(f"no crosscoder at {directory!s}: expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+
+def _from_hub(repo_id: str) -> Path:
+    """The hub repo's two files: from the local cache if there, else downloaded after one probe request that
+    gives up after ``HF_HUB_ETAG_TIMEOUT`` s (huggingface_hub's own calls retry a silent hub for minutes)."""
+    from huggingface_hub import constants, model_info, snapshot_download
+
+    files = [CONFIG_NAME, WEIGHTS_NAME]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=True))
+    except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not in the cache
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(_hub_failure(repo_id, "offline mode is on (HF_HUB_OFFLINE) and it is not in the cache"))
+    try:
+        model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as err:  # the transport's error types depend on the huggingface_hub version
+        reason = f"no usable answer within HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s ({type(err).__name__}: {err})"
+        raise ConnectionError(_hub_failure(repo_id, reason)) from err
+    return Path(snapshot_download(repo_id, allow_patterns=files, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT))
+
+
+def _hub_failure(repo_id: str, reason: str) -> str:
+    from huggingface_hub import constants
+
+    return (
+        f"could not load the crosscoder {repo_id!r}: it is not a local directory, so it was looked up on the "
+        f"Hugging Face hub ({constants.ENDPOINT}): {reason}. To run offline, pass the artifact's local directory, or "
+        f"download it once where the hub is reachable (hf download {repo_id}) and set HF_HUB_OFFLINE=1 to use that "
+        "cached copy; on a slow network raise HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT (seconds)."
+    )
