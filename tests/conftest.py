@@ -1,10 +1,13 @@
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
@@ -22,3 +25,15 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifact of ``python train.py +experiment=tiny``, trained once per test session (seconds)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "train.py", "+experiment=tiny", f"hydra.run.dir={out}"], cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"artifact written to {out / 'artifact'}" in result.stdout
+    return out / "artifact"

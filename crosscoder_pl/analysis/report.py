@@ -3,7 +3,8 @@
 Shared by the end-of-training callback and offline scripts. ``settings`` mirrors ``conf/analysis``
 (see ``SETTINGS_KEYS``); every key must be given. Files written into ``out_dir`` (README.md, the artifact directory):
 ``taxonomy.json``, ``latents.csv``, ``delta_norm_histogram.png`` (taxonomy); ``causal_validation.csv``,
-``cosine_vs_causal.png`` (causal); ``metrics.json`` and ``README.md`` always. Weights and
+``cosine_vs_causal.png`` (causal); ``dashboard/`` (the latent dashboard, when the held-out activations carry
+their token ids and the ``dashboard`` settings enable it); ``metrics.json`` and ``README.md`` always. Weights and
 ``config.json`` are written by whoever saves the crosscoder.
 """
 
@@ -37,6 +38,8 @@ from crosscoder_pl.analysis.taxonomy import (
 )
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.dashboard.offline import resolve_settings, write_dashboard
+from crosscoder_pl.data.activations import token_table
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,7 @@ def run_analyses(
     settings: Mapping[str, Any],
     recipe: Mapping[str, Any],
     command: str,
+    dashboard: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the enabled analyses and write their files, ``metrics.json`` and ``README.md``; return the metrics.
 
@@ -104,6 +108,8 @@ def run_analyses(
         settings: the ``conf/analysis`` group (see ``SETTINGS_KEYS``).
         recipe: training facts for the card's recipe section (e.g. the crosscoder's metadata).
         command: the exact command that reproduces the artifact.
+        dashboard: the ``conf/dashboard`` group; None: the one recorded in ``out_dir/train_config.yaml``, else
+            the defaults (on). Needs ``activations`` carrying their token ids (``data.activations.token_table``).
     """
     check_settings(settings)
     out = Path(out_dir)
@@ -151,6 +157,15 @@ def run_analyses(
                 "n_probes": probe_ids.shape[0],
                 "n_tokens": int(content_mask(probe_mask).sum()),
             }
+
+    dashboard_settings = resolve_settings(dashboard, out)
+    if dashboard_settings.enabled:
+        tokens = token_table(activations)
+        if tokens is None:
+            log.warning("dashboard not written: the held-out activations carry no token ids (an older cache?)")
+        else:
+            with _timed("dashboard", timings):
+                metrics["dashboard"] = write_dashboard(cc, pair, activations, tokens, out, dashboard_settings)
 
     metrics["timings_s"] = timings
     write_metrics(metrics, out / "metrics.json")

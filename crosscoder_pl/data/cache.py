@@ -6,11 +6,15 @@ Format: one directory holding
   ``activations`` of shape ``[n, 2, d_model]`` each (index 0 base, 1 chat), raw (unnormalised) residuals
   with BOS and padding already removed, in the order the shuffle buffer served them;
 - ``val.safetensors``: the held-out tokens, same layout (optional);
+- ``val_tokens.safetensors``: where each held-out row was read (optional): the tensors of a
+  `crosscoder_pl.data.activations.TokenTable` (``input_ids``, ``attention_mask`` ``[n_seq, seq]``, ``source``
+  ``[n_seq]`` 0 web / 1 chat / -1 unknown, ``seq``, ``pos`` ``[n]``), so dashboards can show tokens in context;
 - ``probes.safetensors``: ``input_ids`` and ``attention_mask`` ``[n_probes, seq]`` of the end-of-training
   analyses (written by `crosscoder_pl.data.datamodule.write_activation_cache`);
 - ``meta.json``: ``{"format": 1, "d_model": int, "dtype": "float32" | "bfloat16" | ...,
   "shards": [{"file": str, "n_tokens": int}, ...], "val": {"file": str, "n_tokens": int} | null,
-  "source": {...}}`` where ``source`` records provenance (model ids, layer, data config). It is written
+  "val_tokens": {"file": str, "n_tokens": int} | null (absent in older caches), "source": {...}}`` where
+  ``source`` records provenance (model ids, layer, data config). It is written
   last: a directory without it is an unfinished cache.
 
 Reading: each pass shuffles the shard order and the tokens within each shard with ``seed`` (+ pass
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from crosscoder_pl.data.activations import TokenTable, with_tokens
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -48,8 +54,12 @@ def write_cache(
     val: torch.Tensor | None = None,
     source: dict | None = None,
     dtype: torch.dtype = torch.float32,
+    val_tokens: TokenTable | None = None,
 ) -> Path:
-    """Write the first ``n_tokens`` rows of ``batches`` (each ``[b, 2, d_model]``) and ``val`` as a cache."""
+    """Write the first ``n_tokens`` rows of ``batches`` (each ``[b, 2, d_model]``) and ``val`` as a cache;
+    ``val_tokens``: where each row of ``val`` was read (kept with it)."""
+    if val_tokens is not None and (val is None or len(val_tokens) != len(val)):
+        raise ValueError(f"val_tokens describes {len(val_tokens)} rows but val has {0 if val is None else len(val)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
@@ -83,11 +93,17 @@ def write_cache(
         "dtype": str(dtype).removeprefix("torch."),
         "shards": shards,
         "val": None if val is None else _save(val.to("cpu", dtype), out / "val.safetensors"),
+        "val_tokens": None if val_tokens is None else _save_tokens(val_tokens, out / "val_tokens.safetensors"),
         "source": source or {},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("Cached %d tokens in %d shards at %s", written, len(shards), out)
     return out
+
+
+def _save_tokens(tokens: TokenTable, path: Path) -> dict:
+    save_file(tokens.tensors(), str(path))
+    return {"file": path.name, "n_tokens": len(tokens)}
 
 
 def read_meta(path: str | Path) -> dict:
@@ -104,11 +120,14 @@ def load_tensor(path: str | Path, file: str) -> torch.Tensor:
 
 
 def load_val(path: str | Path) -> torch.Tensor:
-    """The held-out tokens of the cache, float32 ``[n, 2, d_model]``."""
-    val = read_meta(path)["val"]
-    if val is None:
+    """The held-out tokens of the cache, float32 ``[n, 2, d_model]``, carrying their `TokenTable` when stored."""
+    meta = read_meta(path)
+    if meta["val"] is None:
         raise ValueError(f"The activation cache at {path} has no held-out set (written without val=)")
-    return load_tensor(path, val["file"]).float()
+    val = load_tensor(path, meta["val"]["file"]).float()
+    if meta.get("val_tokens"):
+        with_tokens(val, TokenTable.from_tensors(load_file(str(Path(path) / meta["val_tokens"]["file"]))))
+    return val
 
 
 class CachedActivations(IterableDataset):

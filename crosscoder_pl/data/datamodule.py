@@ -8,7 +8,8 @@ written by `write_activation_cache`.
 
 Validation: a fixed held-out set of ``val_tokens`` tokens (documents selected by hash, disjoint from
 training, see `crosscoder_pl.data.sources`), computed once, kept on the CPU; under DDP Lightning splits
-it across ranks with its distributed sampler.
+it across ranks with its distributed sampler. The held-out tensor carries its `TokenTable` (token ids,
+positions, web/chat source of every row; `crosscoder_pl.data.activations.token_table`), and so does a cache's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from datasets import IterableDataset as RowStream
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 
-from crosscoder_pl.data.activations import PaddingSide, PairLike, paired_activations, tokenize
+from crosscoder_pl.data.activations import (
+    PaddingSide,
+    PairLike,
+    TokenTable,
+    paired_activations,
+    paired_activations_with_tokens,
+    token_table,
+    tokenize,
+    with_tokens,
+)
 from crosscoder_pl.data.buffer import shuffled_batches
 from crosscoder_pl.data.cache import CachedActivations, load_val, read_meta, write_cache
 from crosscoder_pl.data.sources import SourceConfig, StreamStats, mix_probabilities, mixed_rows, texts
@@ -40,9 +50,16 @@ def _batches_of(tensor: torch.Tensor, batch_size: int) -> DataLoader:
     return DataLoader(list(tensor.split(batch_size)), batch_size=None)
 
 
-def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
     while batch := list(islice(items, size)):
         yield batch
+
+
+def _labelled_texts(rows: RowStream, stats: StreamStats) -> Iterator[tuple[str, str]]:
+    """``(text, source)`` of the usable rows (``texts`` per row, so skipped rows are counted alike)."""
+    for row in rows:
+        for text in texts((row,), stats):
+            yield text, row["source"]
 
 
 class Endless(IterableDataset):
@@ -147,9 +164,14 @@ class ActivationDataModule(L.LightningDataModule):
             self.val_acts = self._heldout_activations()
 
     def heldout_activations(self) -> torch.Tensor:
-        """The validation set: raw paired activations ``[val_tokens, 2, d_model]`` never trained on (CPU)."""
+        """The validation set: raw paired activations ``[val_tokens, 2, d_model]`` never trained on (CPU), carrying
+        its `TokenTable` (read it with `token_table`)."""
         self.setup("validate")
         return self.val_acts
+
+    def heldout_tokens(self) -> TokenTable:
+        """Where each held-out row was read: token ids, positions, web/chat source."""
+        return token_table(self.heldout_activations())
 
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``n_probes`` held-out texts (web and chat, as mixed by the seed), tokenised:
@@ -162,19 +184,26 @@ class ActivationDataModule(L.LightningDataModule):
         return batch["input_ids"], batch["attention_mask"]
 
     def _heldout_activations(self) -> torch.Tensor:
-        """The first ``val_tokens`` held-out tokens, float32 ``[n, 2, d_model]`` on the CPU (same on every rank)."""
+        """The first ``val_tokens`` held-out tokens, float32 ``[n, 2, d_model]`` on the CPU (same on every rank),
+        with their `TokenTable` attached."""
         h = self.hparams
-        parts, n = [], 0
-        for group in _batched(texts(self._rows(heldout=True), StreamStats()), h.text_batch_size):
-            parts.append(paired_activations(self.model_pair, group, h.seq_len, h.padding_side, h.outlier_factor).cpu())
-            n += len(parts[-1])
+        parts, tables, n = [], [], 0
+        for group in _batched(_labelled_texts(self._rows(heldout=True), StreamStats()), h.text_batch_size):
+            group_texts, sources = zip(*group)
+            acts, tokens = paired_activations_with_tokens(
+                self.model_pair, group_texts, h.seq_len, h.padding_side, h.outlier_factor, sources
+            )
+            parts.append(acts.cpu())
+            tables.append(tokens)
+            n += len(acts)
             if n >= h.val_tokens:
                 break
         if n == 0:
             raise ValueError(f"The held-out stream is empty (heldout_fraction={h.heldout_fraction}); raise it")
         if n < h.val_tokens:
             log.warning("Only %d of val_tokens=%d held-out tokens available; raise heldout_fraction", n, h.val_tokens)
-        return torch.cat(parts)[: h.val_tokens]
+        pad = self.model_pair.tokenizer.pad_token_id or 0
+        return with_tokens(torch.cat(parts)[: h.val_tokens], TokenTable.concat(tables, pad).head(h.val_tokens))
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -215,7 +244,8 @@ def write_activation_cache(
     save_file({"input_ids": input_ids.contiguous(), "attention_mask": attention_mask.contiguous()},
               str(Path(out_dir) / PROBES))
     batches = iter(datamodule.train_dataloader())
-    path = write_cache(out_dir, batches, n_tokens, tokens_per_shard, datamodule.val_acts, source, dtype)
+    path = write_cache(out_dir, batches, n_tokens, tokens_per_shard, datamodule.val_acts, source, dtype,
+                       val_tokens=token_table(datamodule.val_acts))
     log.info("Cache stream stats: %s", datamodule.stats())
     return path
 
@@ -257,8 +287,12 @@ class CachedActivationDataModule(L.LightningDataModule):
         return _batches_of(self.heldout_activations(), self.hparams.batch_size)
 
     def heldout_activations(self) -> torch.Tensor:
-        """The cache's held-out tokens ``[n, 2, d_model]``."""
+        """The cache's held-out tokens ``[n, 2, d_model]``, with their `TokenTable` when the cache stores one."""
         return load_val(self.hparams.path)
+
+    def heldout_tokens(self) -> TokenTable | None:
+        """Where each held-out row was read (None for caches written before token ids were kept)."""
+        return token_table(self.heldout_activations())
 
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The probe batch stored with the cache (``input_ids``, ``attention_mask``)."""
