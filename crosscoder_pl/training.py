@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from crosscoder_pl.callbacks.artifact import ExportArtifact
+from crosscoder_pl.analysis.report import check_settings
+from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.data.sources import mix_probabilities
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
 
 log = logging.getLogger(__name__)
+# ckpt_path values Lightning resolves to this run's own local checkpoints.
+CHECKPOINT_KEYWORDS = ("last", "best", "hpc")
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -29,12 +35,18 @@ def check_config(cfg: DictConfig) -> None:
             f"{' and '.join(missing)} not set: name both models, e.g. python train.py +experiment=own_pair "
             "model_pair.base=DIR model_pair.chat=DIR (a save_pretrained directory, a .gguf file or a hub id)"
         )
+    check_counts(cfg)
     d_model = read_hidden_size(cfg.model_pair.base, cfg.model_pair.get("token")) if _expansion(cfg) else 2
     with torch.device("cpu"):
         # Every CrossCoderModule check, on a 2-dim stand-in with the real dictionary size.
         instantiate(crosscoder_config(cfg, d_model), d_model=2)
     if "mix" in cfg.data:
         mix_probabilities(OmegaConf.to_container(cfg.data.mix))
+    check_settings(OmegaConf.to_container(cfg.analysis, resolve=True))
+    check_checkpoint(cfg.get("ckpt_path"))
+    threads = cfg.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads={threads} must be a positive number of CPU threads, or null for torch's default")
     if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps <= 0:
         raise ValueError(f"trainer.max_steps={cfg.trainer.max_steps} must be a positive number of steps")
     c = cfg.crosscoder
@@ -45,6 +57,66 @@ def check_config(cfg: DictConfig) -> None:
             f"crosscoder.k_anneal_steps) but training stops at trainer.max_steps={cfg.trainer.max_steps}: "
             "the saved crosscoder would have no threshold"
         )
+
+
+def check_counts(cfg: DictConfig) -> None:
+    """Counts that would otherwise fail late: a ZeroDivisionError in the first steps or an error after training."""
+    counts = [  # key, value (absent: the default, valid), smallest valid value, what it counts
+        ("crosscoder.metrics_window_steps", cfg.crosscoder.get("metrics_window_steps", 1), 1,
+         "the steps pooled by the training variance explained and tokens/s (e.g. 50)"),
+        ("crosscoder.k_anneal_steps", cfg.crosscoder.get("k_anneal_steps", 0), 0,
+         "the steps over which k goes from k_start down to k (0: no annealing)"),
+        ("data.val_tokens", cfg.data.get("val_tokens", 1), 1,
+         "the held-out tokens of validation and of the end-of-training analyses (e.g. 16384)"),
+    ]
+    interval = cfg.trainer.get("val_check_interval")
+    if not (interval is None or isinstance(interval, (str, Mapping))):  # else Lightning's: none, or a duration
+        counts.append(("trainer.val_check_interval", interval, 1,
+                       "the training steps between validations (e.g. 500; the stream has no epochs to take a fraction of)"))
+    for key, value, least, meaning in counts:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{key}={value!r} must be an integer >= {least}: {meaning}")
+
+
+def check_checkpoint(ckpt_path: str | None) -> None:
+    """Refuse, before anything loads, a checkpoint that is remote or that names code: unpickling runs what a
+    pickle names. ``ckpt_path``: None, one of Lightning's keywords (``last``, ``best``, ``hpc``: this run's own
+    local checkpoints) or a local file. Lightning then loads it with ``weights_only=True`` (see `train`)."""
+    if ckpt_path is None or str(ckpt_path) in CHECKPOINT_KEYWORDS:
+        return
+    path = str(ckpt_path)
+    if URL.match(path) or path.lower() == "registry" or path.lower().startswith("registry:"):
+        raise ValueError(
+            f"ckpt_path={path} is remote, and a checkpoint is a pickle, which can run code when loaded: remote "
+            "checkpoints are refused. Download it yourself from a source you trust, then pass the local file "
+            "(ckpt_path=/path/to/last.ckpt)"
+        )
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={path}: no such file. Pass a checkpoint of an earlier run (e.g. "
+            "ckpt_path=outputs/<run>/checkpoints/last.ckpt), or ckpt_path=null to start from scratch"
+        )
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the pickle, runs nothing
+    except Exception as err:  # not a zip archive written by torch.save (a raw pickle, a truncated file, ...)
+        raise ValueError(
+            f"ckpt_path={path} is not a checkpoint written by torch.save ({err}); pass a checkpoint of an earlier run "
+            "(outputs/<run>/checkpoints/last.ckpt)"
+        ) from err
+    if unsafe:
+        raise ValueError(
+            f"ckpt_path={path} names code that loading it would run ({', '.join(unsafe)}): this application's "
+            "checkpoints hold tensors and plain values only, so it was not written by train.py (or was altered). "
+            "Refused; resume from a checkpoint of your own run"
+        )
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` for the rest of the process (model pair build, activations, the
+    crosscoder's steps); ``None`` leaves torch's default (one thread per core)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        log.info("torch threads: %d", torch.get_num_threads())
 
 
 def crosscoder_config(cfg: DictConfig, d_model: int) -> DictConfig:
@@ -96,6 +168,7 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train a crosscoder as configured; write the artifact to ``cfg.artifact_dir``; return final metrics."""
     check_config(cfg)
+    set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)  # "high": TF32 tensor cores on Ampere and newer
     pair = instantiate(cfg.model_pair)
@@ -104,16 +177,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Plain containers, not OmegaConf nodes: checkpoints then load with torch's weights_only unpickler.
     crosscoder = crosscoder_config(cfg, pair.d_model)
     module: CrossCoderModule = instantiate(crosscoder, d_model=pair.d_model, metadata=recipe(cfg, pair), _convert_="all")
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     train_config = OmegaConf.to_container(cfg, resolve=True)
     train_config["crosscoder"]["n_latents"] = crosscoder.n_latents  # resolved from the expansion, if any
     train_config["model_pair"]["layer"] = pair.layer  # resolved when null
-    for callback in callbacks:
-        if isinstance(callback, ExportArtifact):
-            callback.train_config = train_config
+    # The artifact is what train.py is for: its writer is not one of the optional callbacks of conf/callbacks.
+    artifact = WriteArtifact(cfg.artifact_dir, train_config["analysis"], train_config, train_config.get("dashboard"))
+    callbacks = [*(instantiate(c) for c in cfg.callbacks.values()), artifact]
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only: torch's restricted unpickler, which builds tensors and plain values only (check_checkpoint).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("artifact: %s", Path(cfg.artifact_dir).resolve())
     print(f"\nartifact written to {Path(cfg.artifact_dir).resolve()}")

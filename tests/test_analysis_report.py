@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from crosscoder_pl.analysis.report import run_analyses
-from crosscoder_pl.callbacks.analyses import EndOfTrainingAnalyses
+from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.crosscoder import CrossCoder
 from test_analysis_causal import D, LAYER, VOCAB, tiny_pair
 
@@ -115,15 +115,20 @@ def test_callback_runs_on_rank_zero_only(tmp_path: Path) -> None:
     pair = tiny_pair(identical=False)
     paired, ids, mask = inputs(pair)
     datamodule = SimpleNamespace(model_pair=pair, heldout_activations=lambda: paired, probe_batch=lambda: (ids, mask))
-    module = SimpleNamespace(crosscoder=crosscoder(paired))
+    cc = crosscoder(paired)
+    dead = torch.arange(cc.n_latents) < 12  # 12 of 48 latents past the dead window
+    module = SimpleNamespace(crosscoder=cc, tokens_since_fired=dead.long() * 200, hparams=SimpleNamespace(dead_after_tokens=100))
     cfg = settings()
     cfg["causal"]["enabled"] = False  # covered above; keeps the test short
-    callback = EndOfTrainingAnalyses(artifact_dir=tmp_path / "artifact", command="python train.py", **cfg)
-    callback.on_fit_end(SimpleNamespace(is_global_zero=False, datamodule=datamodule), module)
+    callback = WriteArtifact(tmp_path / "artifact", cfg, {"seed": 0}, command="python train.py")
+    callback.on_fit_end(SimpleNamespace(is_global_zero=False, datamodule=datamodule, global_step=9), module)
     assert not (tmp_path / "artifact").exists()
-    callback.on_fit_end(SimpleNamespace(is_global_zero=True, datamodule=datamodule), module)
+    callback.on_fit_end(SimpleNamespace(is_global_zero=True, datamodule=datamodule, global_step=9), module)
     written = {path.name for path in (tmp_path / "artifact").iterdir()}
-    assert written == set(FILES) - {"causal_validation.csv", "cosine_vs_causal.png"}
+    weights = {"config.json", "model.safetensors", "train_config.yaml"}
+    assert written == set(FILES) - {"causal_validation.csv", "cosine_vs_causal.png"} | weights
+    assert CrossCoder.from_pretrained(tmp_path / "artifact").metadata["training_dead_fraction"] == {
+        "fraction": 0.25, "window_tokens": 100, "step": 9}
     assert "annealed from 16" in (tmp_path / "artifact" / "README.md").read_text()
 
 

@@ -1,1 +1,1 @@
-"""Lightning callbacks: artifact export, data-stream statistics, end-of-training analyses."""
+"""Lightning callbacks: the artifact at the end of training, data-stream statistics."""

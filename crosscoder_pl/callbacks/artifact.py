@@ -1,40 +1,66 @@
-"""Writing the artifact directory at the end of training, and logging what the data stream did."""
+"""Writing the artifact at the end of training, and logging what the data stream did."""
 
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
+
+from crosscoder_pl.artifact import write_artifact
 
 log = logging.getLogger(__name__)
 
 
-class ExportArtifact(L.Callback):
-    """At the end of fit (rank zero), save the folded crosscoder (``config.json`` + ``model.safetensors``)
-    and the run's resolved configuration (``train_config.yaml``, read back by ``analyze.py``) into
-    ``artifact_dir``. Put it before the analyses callback, which adds the other files."""
+class WriteArtifact(L.Callback):
+    """At the end of fit (rank zero), write the whole artifact with `crosscoder_pl.artifact.write_artifact`:
+    the folded crosscoder, the run's resolved configuration and every analysis.
 
-    def __init__(self, artifact_dir: str | Path, train_config: dict[str, Any] | None = None) -> None:
+    The datamodule provides the analyses' inputs: ``model_pair``, ``heldout_activations()``, ``probe_batch()``.
+
+    Args:
+        artifact_dir: where the artifact goes (replaced atomically if it exists).
+        analysis: the ``conf/analysis`` group.
+        train_config: the run's resolved configuration, plain containers (``train_config.yaml``).
+        dashboard: the ``conf/dashboard`` group; None: the one in ``train_config``.
+        command: the command recorded in the card's "Reproduce" section (default: this process's argv).
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | Path,
+        analysis: Mapping[str, Any],
+        train_config: Mapping[str, Any],
+        dashboard: Mapping[str, Any] | None = None,
+        command: str | None = None,
+    ) -> None:
         super().__init__()
         self.artifact_dir = Path(artifact_dir)
+        self.analysis = analysis
         self.train_config = train_config
+        self.dashboard = dashboard
+        self.command = command or shlex.join(["python", *sys.argv])
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        if trainer.datamodule is None:
+            raise RuntimeError(
+                "WriteArtifact needs trainer.datamodule with model_pair, heldout_activations(), probe_batch()"
+            )
         # The training-window dead fraction (the literature's), next to the held-out one of the card.
         pl_module.crosscoder.metadata["training_dead_fraction"] = {
             "fraction": float((pl_module.tokens_since_fired >= pl_module.hparams.dead_after_tokens).float().mean()),
             "window_tokens": int(pl_module.hparams.dead_after_tokens),
             "step": trainer.global_step,
         }
-        pl_module.crosscoder.save_pretrained(self.artifact_dir)
-        if self.train_config is not None:
-            (self.artifact_dir / "train_config.yaml").write_text(yaml.safe_dump(self.train_config, sort_keys=False))
-        log.info("crosscoder saved to %s", self.artifact_dir)
+        log.info("writing the artifact (weights, configuration, analyses) to %s", self.artifact_dir)
+        write_artifact(self.artifact_dir, pl_module.crosscoder, trainer.datamodule, self.analysis, self.train_config,
+                       self.command, self.dashboard)
 
 
 class DataStreamStats(L.Callback):

@@ -1,0 +1,119 @@
+"""The artifact directory, written whole by one function for train.py and analyze.py alike.
+
+Layout (README, "The artifact directory"): ``config.json`` + ``model.safetensors`` (`CrossCoder.save_pretrained`),
+``train_config.yaml`` (the run's resolved configuration, read back by analyze.py) and every file of
+`run_analyses` (model card, ``metrics.json``, taxonomy, csv files, figures, dashboard when enabled).
+
+Atomic: everything is written into a hidden sibling directory (``.artifact.partial-XXXX``) that holds an
+``INCOMPLETE`` file until the last file is written; the finished directory then replaces the old one by two
+renames. A run killed at any moment leaves either the previous artifact or the new one at the final path,
+plus at most a hidden partial directory, which `CrossCoder.from_pretrained` and analyze.py refuse.
+Between the two renames (microseconds) the final path is absent; a complete copy is then at
+``.artifact.replaced-XXXX``, which the loader's error names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+
+from crosscoder_pl.analysis.report import run_analyses
+from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
+from crosscoder_pl.files import dir_mode, write_whole
+
+log = logging.getLogger(__name__)
+TRAIN_CONFIG = "train_config.yaml"
+
+
+class AnalysisData(Protocol):
+    """What the analyses read (an `ActivationDataModule` or `CachedActivationDataModule`)."""
+
+    model_pair: Any  # base, chat, layer, base_id, chat_id (and tokenizer, for top tokens)
+
+    def heldout_activations(self) -> torch.Tensor: ...  # [tokens, 2, d_model], raw, never trained on
+
+    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...  # input_ids, attention_mask [n_probes, seq]
+
+
+def write_artifact(
+    directory: str | Path,
+    crosscoder: CrossCoder,
+    data: AnalysisData,
+    settings: Mapping[str, Any],
+    train_config: Mapping[str, Any],
+    command: str,
+    dashboard: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the whole artifact at ``directory``, replacing any previous one atomically; return the metrics.
+
+    Args:
+        crosscoder: the trained crosscoder (folded or not: saved folded, analysed as a folded eval-mode copy).
+        data: the model pair, held-out activations and probe batch the analyses run on.
+        settings: the ``conf/analysis`` group (`crosscoder_pl.analysis.report.SETTINGS_KEYS`).
+        train_config: the run's resolved configuration, plain containers (written as ``train_config.yaml``).
+        command: the command that reproduces the artifact (for the card).
+        dashboard: the ``conf/dashboard`` group; None: the one in ``train_config`` (see `run_analyses`).
+    """
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        os.chmod(staging, dir_mode())  # mkdtemp makes it private (0700); an artifact is as readable as any new dir
+        (staging / INCOMPLETE).write_text(f"being written by: {command}\n")
+        crosscoder.save_pretrained(staging)
+        # Before the analyses: run_analyses reads the dashboard settings from it when none are given.
+        config_text = yaml.safe_dump(dict(train_config), sort_keys=False)
+        write_whole(staging / TRAIN_CONFIG, lambda tmp: tmp.write_text(config_text))
+        input_ids, attention_mask = data.probe_batch()
+        metrics = run_analyses(
+            crosscoder, data.model_pair, data.heldout_activations(), input_ids, attention_mask, staging, settings,
+            recipe=crosscoder.metadata, command=command, dashboard=dashboard,
+        )
+        _keep_other_files(final, staging)
+        (staging / INCOMPLETE).unlink()
+        _replace_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # not reached on SIGKILL: the INCOMPLETE file marks it then
+        raise
+    log.info("artifact written to %s", final)
+    return metrics
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Copy into ``new`` what the previous artifact ``old`` holds and this write did not produce (the user's own
+    notes, or the files of an analysis disabled this time), so that rewriting an artifact loses nothing."""
+    if not old.is_dir():
+        return
+    for path in old.iterdir():
+        target = new / path.name
+        if target.exists() or target.is_symlink():
+            continue
+        log.info("keeping %s from the previous artifact", path.name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, target, symlinks=True)
+        else:
+            shutil.copy2(path, target, follow_symlinks=False)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move the finished directory ``new`` to ``final``: one rename, or three steps when ``final`` exists (POSIX
+    cannot rename a directory onto a non-empty one): set the old one aside, rename, delete the old one."""
+    if not final.exists() and not final.is_symlink():
+        os.rename(new, final)
+        return
+    aside = final.with_name(f".{final.name}.replaced-{os.getpid()}-{time.time_ns()}")
+    os.rename(final, aside)
+    os.rename(new, final)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink()
