@@ -154,8 +154,26 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     (`crosscoder_pl.artifact.write_artifact`: the same writer as training, replacing it atomically).
 
     ``overrides``: the command line's overrides (``analysis.causal.max_latents=80``), applied to the
-    artifact's recorded analysis settings.
+    artifact's recorded analysis settings. ``sweep=DIR`` summarises a multirun instead (`crosscoder_pl.sweep`);
+    ``checkpoint=DIR`` imports a foreign crosscoder into a new artifact (`crosscoder_pl.interop.artifact`);
+    ``push_to_hub=user/name`` uploads the artifact as it is (`crosscoder_pl.hub`), after checking the login first.
     """
+    if cfg.get("sweep"):
+        from crosscoder_pl.sweep import summarise_sweep
+
+        return summarise_sweep(cfg.sweep)
+    if cfg.get("artifact") is None:
+        raise ValueError("artifact=DIR is required: an artifact directory written by train.py (or a new one for "
+                         "checkpoint=), or pass sweep=DIR to summarise a multirun")
+    if cfg.get("push_to_hub"):
+        from crosscoder_pl.hub import check_hub_access, push_artifact
+
+        check_hub_access(cfg.push_to_hub)  # fails in seconds, before any import
+        metrics = _import(cfg) if cfg.get("checkpoint") else {}
+        push_artifact(cfg.artifact, cfg.push_to_hub, private=cfg.hub_private, license=cfg.hub_license)
+        return metrics
+    if cfg.get("checkpoint"):
+        return _import(cfg)
     artifact = Path(cfg.artifact)
     if artifact.is_dir():
         check_complete(artifact)  # an interrupted write says so before anything else
@@ -176,3 +194,9 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     )
     print(f"\nanalyses rewritten in {artifact.resolve()}")
     return metrics
+
+
+def _import(cfg: DictConfig) -> dict[str, Any]:
+    from crosscoder_pl.interop.artifact import import_artifact
+
+    return import_artifact(cfg)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -30,3 +31,42 @@ def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
     if offline:
         log.info("W&B: no API key found, logging offline (run `wandb login`, then `wandb sync` to upload)")
     return WandbLogger(offline=offline, **kwargs)
+
+
+def card_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The model card's figures as flat ``card/...`` numbers for a run summary (absent analyses are left out)."""
+    validation = metrics.get("validation", {})
+    figures: dict[str, Any] = {
+        "card/ve_base": validation.get("variance_explained", {}).get("base"),
+        "card/ve_chat": validation.get("variance_explained", {}).get("chat"),
+        "card/l0": validation.get("l0"),
+        "card/dead_fraction": validation.get("dead_fraction"),
+        "card/threshold": metrics.get("artifact", {}).get("threshold"),
+        "card/n_chat_specific": metrics.get("scaling", {}).get("n_chat_specific"),
+        "card/median_causal_pearson": metrics.get("causal", {}).get("median_pearson"),
+        "card/median_decoder_cosine": metrics.get("causal", {}).get("median_decoder_cosine"),
+    }
+    figures.update({f"card/taxonomy/{name}": count
+                    for name, count in metrics.get("taxonomy", {}).get("counts", {}).items()})
+    figures.update({f"card/splice/ce_increase_{model}": metrics["splice"][model].get("ce_increase")
+                    for model in ("base", "chat") if model in metrics.get("splice", {})})
+    return {key: float(value) for key, value in figures.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def log_artifact_to_wandb(loggers: Iterable[Logger], directory: str | Path, metrics: Mapping[str, Any]) -> None:
+    """For each W&B logger: the artifact directory as a W&B artifact of type ``model`` (aliased ``latest``; offline
+    runs keep it for ``wandb sync``) and `card_summary` in the run summary. No W&B logger: nothing."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        run = logger.experiment
+        summary = card_summary(metrics)
+        artifact = wandb.Artifact(name=f"crosscoder-{run.id}", type="model", metadata=summary,
+                                  description=f"crosscoder_pl artifact ({Path(directory).name}): weights, model card, analyses")
+        artifact.add_dir(str(directory))
+        run.log_artifact(artifact, aliases=["latest"])
+        run.summary.update(summary)
+        log.info("W&B: artifact crosscoder-%s (type model) logged with %d summary figures", run.id, len(summary))

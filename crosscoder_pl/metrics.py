@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torchmetrics import Metric
 
@@ -15,8 +19,8 @@ class VarianceExplained(Metric):
 
     full_state_update = False
 
-    def __init__(self, n_models: int, d_model: int) -> None:
-        super().__init__()
+    def __init__(self, n_models: int, d_model: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # e.g. sync_on_compute=False for a computation one rank does alone
         # float64: the total variance is a difference of two large sums.
         self.add_state("sq_err", torch.zeros(n_models, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sq_sum", torch.zeros(n_models, dtype=torch.float64), dist_reduce_fx="sum")
@@ -45,8 +49,8 @@ class FiringCounts(Metric):
 
     full_state_update = False
 
-    def __init__(self, n_latents: int) -> None:
-        super().__init__()
+    def __init__(self, n_latents: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.add_state("counts", torch.zeros(n_latents, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -57,3 +61,25 @@ class FiringCounts(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.counts
+
+
+def check_objective(max_dead_frac: float, penalty: float) -> None:
+    """Refuse, before training, objective settings `sweep_objective` cannot use."""
+    if not 0 <= max_dead_frac <= 1 or penalty < 0:
+        raise ValueError(
+            f"objective.max_dead_frac={max_dead_frac} must be in [0, 1] and objective.penalty={penalty} >= 0"
+        )
+
+
+def sweep_objective(metrics: Mapping[str, float], max_dead_frac: float, penalty: float) -> float:
+    """What train.py returns to a sweeper (maximised): the mean held-out variance explained of the two models,
+    ``(val/ve_base + val/ve_chat) / 2``, minus ``penalty`` per unit of ``val/dead_frac`` above ``max_dead_frac``
+    (a large dictionary that leaves latents dead scores below a smaller one that uses them all). nan when a
+    metric is missing (no validation ran), which Optuna records as a failed trial."""
+    check_objective(max_dead_frac, penalty)
+    try:
+        ve = (metrics["val/ve_base"] + metrics["val/ve_chat"]) / 2
+        dead = metrics["val/dead_frac"]
+    except KeyError:
+        return math.nan
+    return float(ve - penalty * max(0.0, dead - max_dead_frac))

@@ -170,7 +170,9 @@ class CrossCoderModule(L.LightningModule):
         """
         if self.global_step < self.threshold_start_step:
             return
-        min_kept = self.all_gather(min_kept).mean().double()  # the same θ on every rank; each min is of its own batch
+        # The smallest kept score of the global batch (the union of the ranks' kept entries): the same θ on every
+        # rank, and the single-process θ whenever the ranks keep the entries one process would keep.
+        min_kept = self.all_gather(min_kept).amin().double()
         decay = self.hparams.threshold_decay
         finite = torch.isfinite(min_kept)  # nothing positive kept: skip the update (on device, no host sync)
         ema = torch.where(finite, decay * self.threshold_ema + (1 - decay) * min_kept, self.threshold_ema)
@@ -190,7 +192,8 @@ class CrossCoderModule(L.LightningModule):
         ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given); with ``enc_init="equal_variance"`` each
         encoder column rescaled so that every latent's pre-activation has the same variance on these tokens;
         b_dec = the normalised mean (if ``b_dec_init="mean"``); b_enc centring the pre-activations (if
-        ``b_enc_init="center"``). A fresh iterator is used, so these tokens are trained on as well."""
+        ``b_enc_init="center"``). A fresh iterator is used, so these tokens are trained on as well. Under DDP each
+        rank reads its share, so that the ranks together read the tokens a single process would."""
         width = 2 * self.hparams.d_model
         norm_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
         x_sum = torch.zeros(width, dtype=torch.float64, device=self.device)
@@ -203,7 +206,7 @@ class CrossCoderModule(L.LightningModule):
             x_sum += flat.sum(0)
             xx_sum += flat.T @ flat
             n += x.shape[0]
-            if n >= self.hparams.scale_tokens:
+            if n * self.trainer.world_size >= self.hparams.scale_tokens:
                 break
         norm_sum, x_sum, xx_sum, n = (self._reduce(t) for t in (norm_sum, x_sum, xx_sum, n))
         if n == 0:
@@ -252,12 +255,14 @@ class CrossCoderModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         ve = self.val_ve.compute()
         counts = self.val_firing.compute()
+        with self.val_firing.sync_context():  # the states summed over ranks, as compute() sees them
+            tokens = self.val_firing.tokens.clone()
         self.log_dict({
             "val/ve_base": ve[0], "val/ve_chat": ve[1],
             "val/l0": self.val_l0.compute(),
             "val/dead_frac": (counts == 0).float().mean(),
             "val/loss_recon": self.val_recon.compute(),
-            "val/tokens": self.val_firing.tokens.float(),
+            "val/tokens": tokens.float(),
         })
         for metric in (self.val_ve, self.val_firing, self.val_l0, self.val_recon):
             metric.reset()

@@ -6,6 +6,7 @@ import logging
 import re
 import shlex
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,12 @@ from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.data.sources import mix_probabilities
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
+from crosscoder_pl.recipes import check_recipe
 
 log = logging.getLogger(__name__)
+# conf/train.yaml's hydra.run.dir: the resumed run's directory (resume=DIR), else a new one (oc.select would
+# return a null resume, not the default).
+OmegaConf.register_new_resolver("resume_or", lambda resume, new: new if resume is None else resume, replace=True)
 # ckpt_path values Lightning resolves to this run's own local checkpoints.
 CHECKPOINT_KEYWORDS = ("last", "best", "hpc")
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -29,6 +34,7 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def check_config(cfg: DictConfig) -> None:
     """Fail in seconds, before any model is loaded, on impossible values (each error names its key)."""
+    check_recipe(cfg)  # an experiment and the options chosen next to it (crosscoder_pl.recipes)
     missing = [f"model_pair.{role}" for role in ("base", "chat") if cfg.model_pair.get(role) is None]
     if missing:
         raise ValueError(
@@ -44,6 +50,9 @@ def check_config(cfg: DictConfig) -> None:
         mix_probabilities(OmegaConf.to_container(cfg.data.mix))
     check_settings(OmegaConf.to_container(cfg.analysis, resolve=True))
     check_checkpoint(cfg.get("ckpt_path"))
+    if cfg.get("resume") is not None and not Path(cfg.resume).is_dir():
+        raise FileNotFoundError(f"resume={cfg.resume}: no such run directory (pass the output dir of an earlier run, "
+                                "outputs/<run_name>/<date_time>)")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads={threads} must be a positive number of CPU threads, or null for torch's default")
@@ -111,6 +120,117 @@ def check_checkpoint(ckpt_path: str | None) -> None:
         )
 
 
+RUN_CONFIG = "run_config.yaml"  # the configuration a run started with, in its output dir (compared on resume)
+WANDB_ID = "wandb_run_id"  # the W&B run id of a run, in its output dir (reused on resume)
+# Keys that may differ between a run and its resumption.
+RESUME_FREE_KEYS = ("resume", "ckpt_path", "output_dir", "artifact_dir", "hydra")
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from: with ``resume=DIR`` (DIR is then also this run's output dir, see
+    conf/train.yaml) its ``checkpoints/last.ckpt`` (None, a fresh start in DIR, if the run died before its first
+    checkpoint); else ``ckpt_path``. ``ckpt_path=last`` must find a checkpoint in this run's own output dir."""
+    output_dir = Path(cfg.output_dir)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("resume") is not None:
+        if Path(cfg.resume).resolve() != output_dir.resolve():
+            raise ValueError(
+                f"resume={cfg.resume} but the output dir is {output_dir}: resume sets hydra.run.dir (conf/train.yaml); "
+                "do not set hydra.run.dir or output_dir together with resume"
+            )
+        check_same_run(cfg)
+        if cfg.ckpt_path not in (None, "last"):
+            raise ValueError(f"resume={cfg.resume} continues from its own last checkpoint: drop ckpt_path={cfg.ckpt_path}")
+        if not last.is_file():
+            log.warning("resume=%s: no checkpoint yet (the run stopped before its first one): training from the start", cfg.resume)
+            return None
+        log.info("resuming %s from %s", output_dir, last)
+        return str(last)
+    if cfg.ckpt_path == "last" and not last.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoint in {last.parent} (this run's new output dir). To continue an earlier run, "
+            "pass its output dir: python train.py <the same overrides> resume=outputs/<run_name>/<date_time>"
+        )
+    return cfg.ckpt_path
+
+
+def _comparable(cfg: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(cfg, resolve=False)
+    return {key: value for key, value in container.items() if key not in RESUME_FREE_KEYS}
+
+
+def check_same_run(cfg: DictConfig) -> None:
+    """Refuse to resume a run with another configuration (the data stream and schedules would not match)."""
+    saved_file = Path(cfg.output_dir) / RUN_CONFIG
+    if not saved_file.is_file():
+        return
+    saved = _flatten(_comparable(OmegaConf.load(saved_file)))
+    now = _flatten(_comparable(cfg))
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key, "<absent>") != now.get(key, "<absent>"))
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed[:8])
+        raise ValueError(
+            f"resume={cfg.resume}: this configuration differs from the run's ({saved_file}): {shown}. Resume with the "
+            "same overrides as the first command (its whole configuration is in that file), or start a new run "
+            "without resume="
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def save_run_config(cfg: DictConfig) -> None:
+    """Keep the configuration the run started with (first start only) for `check_same_run`."""
+    path = Path(cfg.output_dir) / RUN_CONFIG
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(_comparable(cfg)), path)
+
+
+def wandb_run_id(output_dir: str | Path) -> str:
+    """This run's W&B id: read from ``<output_dir>/wandb_run_id``, or made and written there on the first start,
+    so that a resumed run logs into the same W&B run."""
+    path = Path(output_dir) / WANDB_ID
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]  # W&B's own ids: 8 lowercase letters and digits
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def _instantiate_logger(node: DictConfig, output_dir: str) -> Any:
+    if str(node.get("_target_", "")).split(".")[-1] in ("wandb_logger", "WandbLogger") and node.get("id") is None:
+        return instantiate(node, id=wandb_run_id(output_dir), resume="allow")
+    return instantiate(node)
+
+
+def realised_mix(stats: Mapping[str, float]) -> str | None:
+    """One line for the model card and ``config.json``: the realised web/chat token and document shares of the
+    training stream, and the rows skipped per source and reason (from ``datamodule.stats()``)."""
+    if "data/web_docs" not in stats:
+        return None
+    shares = ", ".join(f"{source} {stats.get(f'data/{source}_token_share', float('nan')):.1%} of tokens "
+                       f"({int(stats[f'data/{source}_docs']):,} documents)" for source in ("web", "chat"))
+    skipped = {key.removeprefix("data/skipped/"): int(v) for key, v in stats.items() if key.startswith("data/skipped/")}
+    return shares + "; skipped rows: " + (", ".join(f"{k} {v:,}" for k, v in skipped.items()) if skipped else "none")
+
+
+class RecordDataMix(L.Callback):
+    """Before the artifact is written, put the realised data mix (`realised_mix`) into the crosscoder's metadata:
+    the card's recipe and ``config.json`` then state it."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stats = getattr(trainer.datamodule, "stats", None)
+        line = realised_mix(stats()) if stats is not None else None
+        if line is not None:
+            log.info("realised data mix: %s", line)
+            pl_module.crosscoder.metadata["realised_data_mix"] = line
+
+
 def set_threads(threads: int | None) -> None:
     """``torch.set_num_threads(threads)`` for the rest of the process (model pair build, activations, the
     crosscoder's steps); ``None`` leaves torch's default (one thread per core)."""
@@ -168,6 +288,8 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train a crosscoder as configured; write the artifact to ``cfg.artifact_dir``; return final metrics."""
     check_config(cfg)
+    ckpt_path = resume_checkpoint(cfg)
+    save_run_config(cfg)
     set_threads(cfg.get("threads"))
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)  # "high": TF32 tensor cores on Ampere and newer
@@ -182,11 +304,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     train_config["model_pair"]["layer"] = pair.layer  # resolved when null
     # The artifact is what train.py is for: its writer is not one of the optional callbacks of conf/callbacks.
     artifact = WriteArtifact(cfg.artifact_dir, train_config["analysis"], train_config, train_config.get("dashboard"))
-    callbacks = [*(instantiate(c) for c in cfg.callbacks.values()), artifact]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
+    callbacks = [*(instantiate(c) for c in cfg.callbacks.values()), RecordDataMix(), artifact]
+    loggers = [_instantiate_logger(c, cfg.output_dir) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     # weights_only: torch's restricted unpickler, which builds tensors and plain values only (check_checkpoint).
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("artifact: %s", Path(cfg.artifact_dir).resolve())
     print(f"\nartifact written to {Path(cfg.artifact_dir).resolve()}")

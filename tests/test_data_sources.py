@@ -31,14 +31,15 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path: Path) -> None:
         {"conversation": [{"role": "wizard", "content": "hi"}]}, {"conversation": [{"role": "user", "content": 3}]},
         {"conversation": [{"role": "user"}]}, {"nothing": 1},
         {"conversation": [{"role": "assistant", "content": "hi"}]},  # does not start with user: template error
+        {"conversation": good_chat},  # skips are counted with the next usable row (they are dropped before the mix)
     ])
     stats = StreamStats()
     web = list(texts(source_rows("web", local(tmp_path, "web"), tokenizer, heldout_fraction=0), stats))
     chat = list(texts(source_rows("chat", local(tmp_path, "chat"), tokenizer, heldout_fraction=0), stats))
 
     assert web == ["the cat sat", "a dog ran"]
-    assert chat == [tokenizer.apply_chat_template(good_chat, tokenize=False).removeprefix("<bos>")]
-    assert stats.kept == {"web": 2, "chat": 1}
+    assert chat == [tokenizer.apply_chat_template(good_chat, tokenize=False).removeprefix("<bos>")] * 2
+    assert stats.kept == {"web": 2, "chat": 2}
     assert stats.skipped == {
         ("web", "empty"): 2, ("web", "missing_field"): 2, ("web", "wrong_type"): 2,
         ("chat", "wrong_type"): 3, ("chat", "empty"): 1, ("chat", "unknown_role"): 1,

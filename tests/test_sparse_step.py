@@ -302,7 +302,7 @@ def _compose(*overrides: str):
 
 
 def test_step_impl_and_threads_are_settings() -> None:
-    cfg = _compose("hydra.runtime.output_dir=/tmp/x")
+    cfg = _compose("output_dir=/tmp/x")
     assert cfg.crosscoder.step_impl == "sparse" and cfg.threads is None
     assert _compose("+experiment=papergrade").crosscoder.step_impl == "sparse"
 
@@ -325,11 +325,11 @@ def test_threads_setting_is_applied_at_the_start_of_training(monkeypatch) -> Non
     monkeypatch.setattr(training, "instantiate", first_build)
     try:
         with pytest.raises(Stop):
-            training.train(_compose(f"threads={want}", "hydra.runtime.output_dir=/tmp/x"))
+            training.train(_compose(f"threads={want}", "output_dir=/tmp/x"))
         assert seen == [want]
         torch.set_num_threads(before)
         with pytest.raises(Stop):
-            training.train(_compose("hydra.runtime.output_dir=/tmp/x"))  # null: torch's default left alone
+            training.train(_compose("output_dir=/tmp/x"))  # null: torch's default left alone
         assert seen == [want, before]
     finally:  # train() also sets the matmul precision before it builds anything
         torch.set_num_threads(before)
@@ -341,4 +341,4 @@ def test_bad_threads_fail_at_validation_naming_the_key(threads) -> None:
     from crosscoder_pl.training import check_config
 
     with pytest.raises(ValueError, match="threads="):
-        check_config(_compose(f"threads={str(threads).lower()}", "hydra.runtime.output_dir=/tmp/x"))
+        check_config(_compose(f"threads={str(threads).lower()}", "output_dir=/tmp/x"))

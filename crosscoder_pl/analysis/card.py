@@ -41,7 +41,7 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
     """The model card markdown: front matter, recipe, validation, taxonomy, scaling, causal, splice, citations."""
     art = metrics["artifact"]
     sections = [
-        _front_matter(art),
+        _front_matter(metrics),
         f"# Cross-Model Crosscoder — {art['base_model']} vs {art['chat_model']}",
         f"BatchTopK crosscoder trained on layer {art['layer']} residual stream of `{art['base_model']}` and "
         f"`{art['chat_model']}` simultaneously. The dictionary ({art['n_latents']:,} latents, d_model "
@@ -65,11 +65,12 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
     return "\n\n".join(sections) + "\n"
 
 
-def _front_matter(art: Mapping[str, Any]) -> str:
-    lines = ["---", "license: apache-2.0", "tags:", *(f"- {t}" for t in TAGS), "base_model:"]
-    # dict.fromkeys: an identical pair (a control run) lists its one model once.
-    lines += [f"- {model}" for model in dict.fromkeys((art["base_model"], art["chat_model"]))] + ["---"]
-    return "\n".join(lines)
+def _front_matter(metrics: Mapping[str, Any]) -> str:
+    """huggingface_hub's ``ModelCardData`` (license, tags, both models as ``base_model``, the validation figures as
+    evaluation results), as YAML between ``---`` lines."""
+    from crosscoder_pl.hub import card_data  # huggingface_hub only when a card is written
+
+    return f"---\n{card_data(metrics, hub_ids_only=False).to_yaml()}\n---"
 
 
 def _recipe_lines(recipe: Mapping[str, Any], k: int) -> list[str]:

@@ -188,22 +188,34 @@ def write_csv(result: CausalResult, path: Path) -> Path:
     return path
 
 
-def plot_cosine_vs_causal(result: CausalResult, path: Path) -> Path:
-    """Decoder cosine (x) vs causal Pearson (y) per latent, with both medians drawn."""
+def cosine_vs_causal_figure(result: CausalResult, max_labelled: int = 20, n_notable: int = 5) -> Figure:
+    """Decoder cosine (x) vs causal Pearson (y) per latent, both medians drawn and labelled; every latent named by
+    id when at most ``max_labelled`` are plotted, else the ``n_notable`` least causally equivalent ones."""
     summary = result.summary()
     defined = ~result.pearson.isnan()
-    fig = Figure(figsize=(5, 4.5))
+    ids, xs, ys = result.latents[defined], result.decoder_cosine[defined], result.pearson[defined]
+    fig = Figure(figsize=(5.5, 4.8))
     FigureCanvasAgg(fig)  # Agg explicitly; no pyplot global state in a training process
     ax = fig.subplots()
-    ax.scatter(result.decoder_cosine[defined].numpy(), result.pearson[defined].numpy(), s=12, alpha=0.7)
+    ax.scatter(xs.numpy(), ys.numpy(), s=12, alpha=0.7)
     cosine, causal = summary["median_decoder_cosine"], summary["median_pearson"]
     ax.axvline(cosine, color="tab:red", linestyle="--", label=f"median cosine {cosine:.3f}")
     ax.axhline(causal, color="tab:green", linestyle="--", label=f"median Pearson {causal:.3f}")
-    ax.set_xlabel("decoder cosine (base vs chat)")
-    ax.set_ylabel("causal equivalence (Pearson of KL shifts)")
+    labelled = range(ids.numel()) if ids.numel() <= max_labelled else ys.argsort()[:n_notable].tolist()
+    for i in labelled:
+        ax.annotate(f"#{int(ids[i])}", (float(xs[i]), float(ys[i])), xytext=(3, 3), textcoords="offset points",
+                    fontsize=7)
+    ax.set_xlabel("decoder cosine, base vs chat (dimensionless, −1 to 1)")
+    ax.set_ylabel("causal equivalence: Pearson r of per-probe KL shifts (−1 to 1)")
     ax.set_title(f"{int(defined.sum())} latents ({summary['n_pearson_nan']} with undefined Pearson left out)")
     ax.legend(loc="lower left")
     fig.tight_layout()
+    return fig
+
+
+def plot_cosine_vs_causal(result: CausalResult, path: Path) -> Path:
+    """Decoder cosine (x) vs causal Pearson (y) per latent into ``path`` (`cosine_vs_causal_figure`)."""
+    fig = cosine_vs_causal_figure(result)
     fig.savefig(path, dpi=120)
     return path
 

@@ -95,8 +95,9 @@ def heldout_statistics(crosscoder: CrossCoder, activations: torch.Tensor, chunk_
             f"held-out activations must be [tokens > 0, {want[0]}, {want[1]}], got {tuple(activations.shape)}"
         )
     device = crosscoder.W_dec.device
-    firing = FiringCounts(crosscoder.n_latents).to(device)
-    variance = VarianceExplained(crosscoder.n_models, crosscoder.d_model).to(device)
+    # No synchronisation: under DDP only rank 0 writes the artifact, and a sync would wait for ranks that have left.
+    firing = FiringCounts(crosscoder.n_latents, sync_on_compute=False).to(device)
+    variance = VarianceExplained(crosscoder.n_models, crosscoder.d_model, sync_on_compute=False).to(device)
     for chunk in activations.split(chunk_tokens):
         chunk = chunk.to(crosscoder.W_dec)
         codes = crosscoder.encode(chunk)
@@ -151,20 +152,40 @@ def build_taxonomy(crosscoder: CrossCoder, stats: HeldoutStats, thresholds: Thre
     )
 
 
-def plot_delta_histogram(taxonomy: Taxonomy, thresholds: Thresholds, path: Path) -> Path:
-    """Histogram of Δnorm over the latents that fired (log count axis), class boundaries dashed."""
-    alive = taxonomy.delta_norm[taxonomy.classes != DEAD]
-    alive = alive[~alive.isnan()]
-    fig = Figure(figsize=(6, 3.5))
+def delta_histogram_figure(taxonomy: Taxonomy, thresholds: Thresholds, n_notable: int = 3) -> Figure:
+    """Histogram of Δnorm over the latents that fired (log count axis): class boundaries dashed and labelled, the
+    ``n_notable`` most base-sided and most chat-sided latents named by id."""
+    live = (taxonomy.classes != DEAD) & ~taxonomy.delta_norm.isnan()
+    ids = live.nonzero().squeeze(1)
+    alive = taxonomy.delta_norm[ids]
+    fig = Figure(figsize=(6.5, 3.8))
     FigureCanvasAgg(fig)  # Agg explicitly; no pyplot global state in a training process
     ax = fig.subplots()
     ax.hist(alive.numpy(), bins=100, range=(0.0, 1.0), color="tab:blue")
-    for x in (thresholds.base_only_max, thresholds.shared_min, thresholds.shared_max, thresholds.chat_only_min):
+    bounds = ((thresholds.base_only_max, f"base-only ≤ {thresholds.base_only_max:g}"),
+              (thresholds.shared_min, f"shared ≥ {thresholds.shared_min:g}"),
+              (thresholds.shared_max, f"shared < {thresholds.shared_max:g}"),
+              (thresholds.chat_only_min, f"chat-only ≥ {thresholds.chat_only_min:g}"))
+    for x, label in bounds:
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(x, 0.98, label, rotation=90, ha="right", va="top", fontsize=7, color="dimgrey",
+                transform=ax.get_xaxis_transform())
+    if ids.numel():
+        order = alive.argsort()
+        low = [f"#{int(ids[i])} ({float(alive[i]):.3f})" for i in order[:n_notable]]
+        high = [f"#{int(ids[i])} ({float(alive[i]):.3f})" for i in order.flip(0)[:n_notable]]
+        ax.text(0.02, 0.02, "most base-sided: " + ", ".join(low) + "\nmost chat-sided: " + ", ".join(high),
+                transform=ax.transAxes, fontsize=7, va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
     ax.set_yscale("log")
-    ax.set_xlabel("Δnorm (0 = base only, 1 = chat only)")
-    ax.set_ylabel("latents")
-    ax.set_title(f"Relative decoder norm of {alive.numel()} live latents")
+    ax.set_xlabel("Δnorm, relative decoder norm (dimensionless: 0 = base only, 1 = chat only)")
+    ax.set_ylabel("latents per 0.01 bin (log scale)")
+    ax.set_title(f"Relative decoder norm of {ids.numel()} live latents")
     fig.tight_layout()
+    return fig
+
+
+def plot_delta_histogram(taxonomy: Taxonomy, thresholds: Thresholds, path: Path) -> Path:
+    """Histogram of Δnorm over the latents that fired (log count axis) into ``path`` (`delta_histogram_figure`)."""
+    fig = delta_histogram_figure(taxonomy, thresholds)
     fig.savefig(path, dpi=120)
     return path

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 
 from crosscoder_pl.artifact import write_artifact
+from crosscoder_pl.loggers import log_artifact_to_wandb
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ class WriteArtifact(L.Callback):
             "step": trainer.global_step,
         }
         log.info("writing the artifact (weights, configuration, analyses) to %s", self.artifact_dir)
-        write_artifact(self.artifact_dir, pl_module.crosscoder, trainer.datamodule, self.analysis, self.train_config,
-                       self.command, self.dashboard)
+        metrics = write_artifact(self.artifact_dir, pl_module.crosscoder, trainer.datamodule, self.analysis,
+                                 self.train_config, self.command, self.dashboard)
+        log_artifact_to_wandb(getattr(trainer, "loggers", []), self.artifact_dir, metrics)  # W&B: type model
 
 
 class DataStreamStats(L.Callback):

@@ -15,8 +15,10 @@ positions, web/chat source of every row; `crosscoder_pl.data.activations.token_t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -24,30 +26,59 @@ from typing import Any
 import lightning as L
 import torch
 from datasets import IterableDataset as RowStream
-from safetensors.torch import load_file, save_file
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from crosscoder_pl.data.activations import (
     PaddingSide,
     PairLike,
     TokenTable,
-    paired_activations,
     paired_activations_with_tokens,
     token_table,
     tokenize,
     with_tokens,
 )
-from crosscoder_pl.data.buffer import shuffled_batches
-from crosscoder_pl.data.cache import CachedActivations, load_val, read_meta, write_cache
-from crosscoder_pl.data.sources import SourceConfig, StreamStats, mix_probabilities, mixed_rows, texts
+from crosscoder_pl.data.buffer import ShuffleBuffer
+from crosscoder_pl.data.cache import (
+    CachedActivations,
+    load_checked,
+    load_val,
+    read_meta,
+    write_cache,
+)
+from crosscoder_pl.data.sources import (
+    SOURCES,
+    SourceConfig,
+    StreamStats,
+    mix_probabilities,
+    mixed_rows,
+    read_rows,
+    texts,
+)
 
 log = logging.getLogger(__name__)
 PROBES = "probes.safetensors"
 
 
-def _batches_of(tensor: torch.Tensor, batch_size: int) -> DataLoader:
-    """A DataLoader over ``tensor``'s consecutive slices (not token by token, as ``DataLoader(tensor)`` would)."""
-    return DataLoader(list(tensor.split(batch_size)), batch_size=None)
+class _Listed(IterableDataset):
+    """Iterable over a list of batches: Lightning injects no distributed sampler into an iterable's loader."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+
+def _batches_of(tensor: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader over ``tensor``'s consecutive slices (not token by token, as ``DataLoader(tensor)`` would);
+    rank ``r`` of ``world_size`` gets slices ``r, r + world_size, ...``: every held-out token is read by exactly
+    one rank (Lightning's distributed sampler would repeat batches to even out the ranks, counting them twice)."""
+    return DataLoader(_Listed(list(tensor.split(batch_size))[rank::world_size]), batch_size=None)
+
+
+def _rank(trainer: L.Trainer | None) -> tuple[int, int]:
+    return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
 
 def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -57,7 +88,7 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 def _labelled_texts(rows: RowStream, stats: StreamStats) -> Iterator[tuple[str, str]]:
     """``(text, source)`` of the usable rows (``texts`` per row, so skipped rows are counted alike)."""
-    for row in rows:
+    for row in read_rows(rows):
         for text in texts((row,), stats):
             yield text, row["source"]
 
@@ -82,17 +113,47 @@ class Endless(IterableDataset):
                 raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
 
 
-class ActivationStream(IterableDataset):
-    """Training batches ``[batch_size, 2, d_model]``: text rows -> paired activations -> shuffle buffer.
+RANK_SPLITS = ("batch", "documents")
 
-    Each ``iter()`` is one pass over the rows (re-mixed and reshuffled per pass). ``stats`` counts the
-    documents of this process (with DataLoader workers, the workers' counts stay in the workers).
+
+class RankSlice(IterableDataset):
+    """This rank's rows of each global batch: ``[world_size * b, ...]`` in, rows ``rank * b : (rank + 1) * b`` out.
+
+    Every rank reads the same global stream, so the ranks' batches are disjoint and together are exactly the
+    batches a single process with ``batch_size = world_size * b`` trains on (``rank_split="batch"``).
     """
 
-    def __init__(self, pair: PairLike, rows: RowStream, *, seq_len: int, text_batch_size: int, batch_size: int,
-                 buffer_tokens: int, seed: int, padding_side: PaddingSide, outlier_factor: float | None):
+    def __init__(self, dataset: IterableDataset, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.dataset:
+            yield batch.tensor_split(self.world_size)[self.rank]
+
+
+def check_rank_split(rank_split: str) -> None:
+    if rank_split not in RANK_SPLITS:
+        raise ValueError(f"rank_split={rank_split!r} is not one of {RANK_SPLITS}")
+
+
+class ActivationStream(IterableDataset):
+    """Endless training batches ``[batch_size, 2, d_model]``: text rows -> paired activations -> shuffle buffer.
+
+    Pass after pass over the rows (``make_rows()`` gives a fresh row stream per pass), re-mixed and reshuffled
+    per pass (pass ``p``: ``rows.set_epoch(p)``, buffer seed ``seed + p``). The first iterator made is the
+    trainer's: its position is tracked and `state_dict` returns it, so a resumed run serves the very batches
+    the interrupted one would have (`load_state_dict` before that first iterator is made). Later iterators
+    (e.g. the scale estimate's look at the data) are side passes: untracked, counted in a throw-away
+    `StreamStats`. ``stats`` counts the trainer's documents (in this process: DataLoader workers keep theirs).
+    """
+
+    def __init__(self, pair: PairLike, make_rows: Callable[[], RowStream], *, seq_len: int, text_batch_size: int,
+                 batch_size: int, buffer_tokens: int, seed: int, padding_side: PaddingSide,
+                 outlier_factor: float | None):
         self.model_pair = pair
-        self.rows = rows
+        self.make_rows = make_rows
         self.seq_len = seq_len
         self.text_batch_size = text_batch_size
         self.batch_size = batch_size
@@ -102,17 +163,95 @@ class ActivationStream(IterableDataset):
         self.outlier_factor = outlier_factor
         self.stats = StreamStats()
         self.passes = 0
+        self._tracked: _Position | None = None
+        self._resume: dict[str, Any] | None = None
 
-    def chunks(self) -> Iterator[torch.Tensor]:
-        """Activations ``[tokens, 2, d_model]`` of successive groups of ``text_batch_size`` texts."""
-        for group in _batched(texts(self.rows, self.stats), self.text_batch_size):
-            yield paired_activations(self.model_pair, group, self.seq_len, self.padding_side, self.outlier_factor)
+    def chunks(self, rows: RowStream, stats: StreamStats) -> Iterator[torch.Tensor]:
+        """Activations ``[tokens, 2, d_model]`` of successive groups of ``text_batch_size`` texts; the tokens
+        extracted from each source are counted in ``stats`` (the realised token mix)."""
+        for group in _batched(_labelled_texts(rows, stats), self.text_batch_size):
+            group_texts, sources = zip(*group)
+            acts, table = paired_activations_with_tokens(self.model_pair, group_texts, self.seq_len, self.padding_side,
+                                                         self.outlier_factor, sources)
+            per_source = torch.bincount(table.row_source().long(), minlength=len(SOURCES)).tolist()
+            stats.tokens.update({name: n for name, n in zip(SOURCES, per_source) if n})
+            yield acts
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        self.rows.set_epoch(self.passes)
-        seed = self.seed + self.passes
-        self.passes += 1
-        return shuffled_batches(self.chunks(), self.batch_size, self.buffer_tokens, seed)
+        position = _Position()
+        if self._tracked is not None:
+            return self._serve(position, StreamStats(), None)
+        self._tracked, resume, self._resume = position, self._resume, None
+        return self._serve(position, self.stats, resume)
+
+    def _serve(self, at: _Position, stats: StreamStats, resume: Mapping[str, Any] | None) -> Iterator[torch.Tensor]:
+        if resume is not None:
+            self.passes = int(resume["passes"])
+            stats.load_state_dict(resume["stats"])
+            at.unserved.extend(resume["pending"])
+        while True:
+            if resume is None:
+                at.pass_index, self.passes = self.passes, self.passes + 1
+            else:
+                at.pass_index = int(resume["pass"])
+            at.rows = self.make_rows()
+            at.rows.set_epoch(at.pass_index)
+            at.buffer = ShuffleBuffer(self.batch_size, self.buffer_tokens, self.seed + at.pass_index)
+            if resume is not None:
+                at.rows.load_state_dict(resume["rows"])
+                at.buffer.load_state_dict(resume["buffer"])
+            served = 0
+            while at.unserved:  # batches the interrupted run had drawn but not trained on (prefetched)
+                at.queue.append(at.unserved.popleft())
+                served += 1
+                yield at.queue[-1]
+            for batch in at.buffer.batches(self.chunks(at.rows, stats)):
+                at.queue.append(batch)
+                served += 1
+                yield batch
+            if not served and resume is None:
+                raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
+            resume = None
+
+    def consumed(self) -> None:
+        """The trainer took the oldest batch the tracked iterator served (called once per training batch)."""
+        if self._tracked is not None and self._tracked.queue:
+            self._tracked.queue.popleft()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the trainer's iterator stands: pass, row stream, buffer, counts, and the batches served but not
+        yet trained on (the trainer prefetches one). Tensors and plain values (``weights_only`` checkpoints)."""
+        at = self._tracked
+        if at is None or at.rows is None:
+            return {}
+        return {
+            "passes": self.passes, "pass": at.pass_index, "rows": at.rows.state_dict(),
+            "buffer": at.buffer.state_dict(), "stats": self.stats.state_dict(),
+            "pending": [batch.cpu().clone() for batch in (*at.queue, *at.unserved)],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (a `state_dict`) at the next iterator made; before any is made."""
+        if self._tracked is not None:
+            raise RuntimeError("load_state_dict must come before the stream is iterated")
+        self._resume = dict(state) if state else None
+
+
+MAX_PREFETCH = 8  # batches a consumer may draw ahead of what it trains on (Lightning: 1)
+
+
+@dataclass
+class _Position:
+    """The tracked iterator's position: its pass, row stream and buffer; ``queue``: batches served and not yet
+    consumed; ``unserved``: restored batches still to serve."""
+
+    pass_index: int = 0
+    rows: RowStream | None = None
+    buffer: ShuffleBuffer | None = None
+    # Bounded: a consumer that never reports (write_activation_cache, a side pass) must not keep every batch alive;
+    # the trainer is at most one batch behind (its prefetch).
+    queue: deque[torch.Tensor] = field(default_factory=lambda: deque(maxlen=MAX_PREFETCH))
+    unserved: deque[torch.Tensor] = field(default_factory=deque)
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -125,6 +264,10 @@ class ActivationDataModule(L.LightningDataModule):
     buffer size; ``val_tokens``: size of the held-out set, drawn from the ``heldout_fraction`` of documents
     held out; ``outlier_factor``: drop tokens whose norm exceeds this multiple of the median (None: keep).
     ``n_probes`` / ``probe_len``: the held-out token sequences of the end-of-training causal analyses.
+    ``rank_split`` (DDP): ``"batch"``: every rank extracts the global stream and trains on its slice of each
+    global batch (`RankSlice`): exactly the single-process run's batches, but each rank runs both language
+    models on every token; ``"documents"``: each rank reads its own documents (no repeated extraction; the
+    union is another sample of the same mix). One process: the two are the same.
     """
 
     def __init__(
@@ -145,14 +288,17 @@ class ActivationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         n_probes: int = 32,
         probe_len: int = 64,
+        rank_split: str = "batch",
     ):
         super().__init__()
+        check_rank_split(rank_split)
         self.save_hyperparameters(ignore=["model_pair", "web", "chat"])  # sources: frozen dataclasses, logged via stats()
         self.model_pair = model_pair
         self.web, self.chat = (c if isinstance(c, SourceConfig) else SourceConfig(**c) for c in (web, chat))
         self.mix = mix_probabilities(mix)
         self.val_acts: torch.Tensor | None = None
         self.stream: ActivationStream | None = None
+        self._stream_state: dict[str, Any] | None = None  # from a checkpoint, applied in train_dataloader
 
     def _rows(self, heldout: bool, rank: int = 0, world_size: int = 1) -> RowStream:
         h = self.hparams
@@ -208,22 +354,75 @@ class ActivationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        by_batch = h.rank_split == "batch"
+        # "batch": the global stream on every rank (same rows, seed, batch size), sliced below.
+        shard, shards, reader_seed = (0, 1, h.seed) if by_batch else (rank, world_size, h.seed + rank)
         self.stream = ActivationStream(
-            self.model_pair, self._rows(False, rank, world_size), seq_len=h.seq_len, text_batch_size=h.text_batch_size,
-            batch_size=h.batch_size, buffer_tokens=h.buffer_tokens, seed=h.seed + rank, padding_side=h.padding_side,
-            outlier_factor=h.outlier_factor,
+            self.model_pair, partial(self._rows, False, shard, shards), seq_len=h.seq_len, text_batch_size=h.text_batch_size,
+            batch_size=h.batch_size * (world_size if by_batch else 1), buffer_tokens=h.buffer_tokens,
+            seed=reader_seed, padding_side=h.padding_side, outlier_factor=h.outlier_factor,
         )
+        if self._stream_state is not None:
+            self._restore(self._stream_state, rank, world_size)
+            self._stream_state = None
+        dataset = RankSlice(self.stream, rank, world_size) if by_batch else self.stream
         workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
-        return DataLoader(Endless(self.stream), batch_size=None, **workers)
+        return DataLoader(Endless(dataset), batch_size=None, **workers)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_acts is None:
             self.setup("validate")
-        return _batches_of(self.val_acts, self.hparams.batch_size)
+        return _batches_of(self.val_acts, self.hparams.batch_size, *_rank(self.trainer))
 
     def stats(self) -> dict[str, float]:
         """Realised mix and skipped rows of the training stream so far (this process), as floats for a logger."""
         return self.stream.stats.as_dict() if self.stream else {}
+
+    # Resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() before train_dataloader().
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's exact position (`ActivationStream.state_dict`), for the checkpoint."""
+        if self.stream is None:
+            return {}
+        if self.hparams.num_workers > 0:
+            rank_zero_warn("data.num_workers > 0: the workers' stream positions are not in the checkpoint; a resumed "
+                           "run restarts the data stream (use num_workers=0 for an exact resume)")
+            return {}
+        world_size = self.trainer.world_size if self.trainer else 1
+        return {"stream": self.stream.state_dict(), "world_size": world_size, "rank_split": self.hparams.rank_split,
+                "settings": self._stream_settings()}
+
+    def _stream_settings(self) -> dict[str, Any]:
+        """What the stream's position means: a position is only continued under the same settings."""
+        h = self.hparams
+        keys = ("seed", "seq_len", "batch_size", "text_batch_size", "buffer_tokens", "heldout_fraction", "outlier_factor",
+                "padding_side")
+        return {**{key: h[key] for key in keys}, "mix": list(self.mix), "web": asdict(self.web), "chat": asdict(self.chat)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._stream_state = state_dict or None
+
+    def _restore(self, state: Mapping[str, Any], rank: int, world_size: int) -> None:
+        saved = (state.get("world_size", 1), state.get("rank_split"))
+        if saved != (world_size, self.hparams.rank_split):
+            rank_zero_warn(f"the checkpoint's data stream was written with world_size={saved[0]}, rank_split={saved[1]}; "
+                           f"this run has world_size={world_size}, rank_split={self.hparams.rank_split}: the data "
+                           "stream starts afresh instead of continuing exactly")
+        elif world_size > 1 and self.hparams.rank_split == "documents":
+            # The checkpoint holds rank 0's position only; with "batch" every rank's stream is rank 0's.
+            rank_zero_warn("rank_split=documents under DDP: the ranks' stream positions are not all in the checkpoint; "
+                           "the data stream starts afresh (rank_split=batch resumes exactly)")
+        elif state.get("settings", self._stream_settings()) != self._stream_settings():
+            changed = sorted(k for k, v in self._stream_settings().items() if state["settings"].get(k) != v)
+            rank_zero_warn(f"the checkpoint's data stream had other settings ({', '.join(changed)}): the data stream "
+                           "starts afresh instead of continuing exactly")
+        elif state.get("stream"):
+            self.stream.load_state_dict(state["stream"])
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called once per batch the trainer takes, after its one-batch prefetch: what the checkpoint must replay.
+        if self.trainer is not None and self.trainer.training and self.stream is not None:
+            self.stream.consumed()
+        return batch
 
 
 def write_activation_cache(
@@ -239,13 +438,11 @@ def write_activation_cache(
         "web": asdict(datamodule.web), "chat": asdict(datamodule.chat), "mix": list(datamodule.mix),
         **{key: h[key] for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "padding_side")},
     }
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     input_ids, attention_mask = datamodule.probe_batch()
-    save_file({"input_ids": input_ids.contiguous(), "attention_mask": attention_mask.contiguous()},
-              str(Path(out_dir) / PROBES))
     batches = iter(datamodule.train_dataloader())
     path = write_cache(out_dir, batches, n_tokens, tokens_per_shard, datamodule.val_acts, source, dtype,
-                       val_tokens=token_table(datamodule.val_acts))
+                       val_tokens=token_table(datamodule.val_acts),
+                       extra={PROBES: {"input_ids": input_ids, "attention_mask": attention_mask}})
     log.info("Cache stream stats: %s", datamodule.stats())
     return path
 
@@ -254,12 +451,15 @@ class CachedActivationDataModule(L.LightningDataModule):
     """Paired activations read from a cache written by `write_activation_cache` (``data=cached``).
 
     Validation reads the cache's held-out set. Given a ``model_pair``, the cache must come from the same
-    models and layer. Training batches are float32 on the CPU (Lightning moves them).
+    models and layer. Training batches are float32 on the CPU (Lightning moves them). ``rank_split`` (DDP):
+    ``"batch"``: every rank reads every shard and keeps its slice of each global batch (`RankSlice`), exactly
+    the single-process batches; ``"documents"``: each rank reads its own shards.
     """
 
     def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
-                 model_pair: Any | None = None):
+                 model_pair: Any | None = None, rank_split: str = "batch"):
         super().__init__()
+        check_rank_split(rank_split)
         self.save_hyperparameters(ignore=["model_pair"])
         self.meta = read_meta(path)
         self.model_pair = model_pair
@@ -279,12 +479,25 @@ class CachedActivationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        dataset = CachedActivations(h.path, h.batch_size, h.seed, rank, world_size)
+        if h.rank_split == "batch":
+            dataset = RankSlice(CachedActivations(h.path, h.batch_size * world_size, h.seed), rank, world_size)
+        else:
+            dataset = CachedActivations(h.path, h.batch_size, h.seed, rank, world_size)
         workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
         return DataLoader(Endless(dataset), batch_size=None, **workers)
 
     def val_dataloader(self) -> DataLoader:
-        return _batches_of(self.heldout_activations(), self.hparams.batch_size)
+        return _batches_of(self.heldout_activations(), self.hparams.batch_size, *_rank(self.trainer))
+
+    # The cache reader's position is not saved (yet): say so on resume rather than restart silently.
+    def state_dict(self) -> dict[str, Any]:
+        return {"position_saved": False}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("position_saved") is False:
+            rank_zero_warn("data=cached: the checkpoint does not hold the cache reader's position; the resumed run "
+                           "reads the cache from the start of a pass (not an exact resume; data=embedded/papergrade "
+                           "streams resume exactly)")
 
     def heldout_activations(self) -> torch.Tensor:
         """The cache's held-out tokens ``[n, 2, d_model]``, with their `TokenTable` when the cache stores one."""
@@ -299,5 +512,5 @@ class CachedActivationDataModule(L.LightningDataModule):
         path = Path(self.hparams.path) / PROBES
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: rewrite the cache with write_activation_cache")
-        probes = load_file(str(path))
+        probes = load_checked(self.hparams.path, PROBES, self.meta)
         return probes["input_ids"], probes["attention_mask"]

@@ -23,13 +23,15 @@ itself gives each worker a disjoint subset of the files (workers beyond the file
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
+import pyarrow as pa
 from datasets import IterableDataset, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 from jinja2 import TemplateError
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 SourceName = Literal["web", "chat"]
 SOURCES: tuple[SourceName, SourceName] = ("web", "chat")
 ROLES = frozenset({"system", "user", "assistant"})
-COLUMNS = ["text", "source", "skip"]
+COLUMNS = ["text", "source", "skip", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def load_rows(source: SourceConfig) -> IterableDataset:
         return load_dataset(
             source.path, name=source.name, data_files=source.data_files, split=source.split, streaming=True
         )
-    except OSError as error:  # datasets and huggingface_hub report auth, gating and network failures as OSError
+    except (OSError, StopIteration) as error:  # auth, gating, network (OSError); no file matching data_files
+        # (datasets' json builder reads the first file to infer the columns: StopIteration when there is none)
         tried = f"path={source.path!r}, name={source.name!r}, split={source.split!r}, data_files={source.data_files!r}"
         if source.data_files is None:
             fix = (
@@ -91,7 +94,8 @@ def load_rows(source: SourceConfig) -> IterableDataset:
             )
         else:
             fix = "Check that the files exist; the embedded corpus is built by crosscoder_pl.data.sharegpt."
-        raise SourceUnavailableError(f"Could not load the text source ({tried}): {error}. {fix}") from error
+        reason = str(error) or "no file matches data_files"
+        raise SourceUnavailableError(f"Could not load the text source ({tried}): {reason}. {fix}") from error
 
 
 def web_text(value: object) -> tuple[str | None, str | None]:
@@ -138,10 +142,30 @@ def _render(row: dict, source: SourceName, field_name: str, tokenizer: PreTraine
     return {"text": text, "source": source, "skip": skip}
 
 
-def _on_side(row: dict, heldout: bool, fraction: float) -> bool:
-    if row["skip"] is not None:
-        return not heldout  # malformed rows stay in the training stream, where they are counted
-    return is_heldout(row["text"], fraction) == heldout
+class _CarrySkips:
+    """Map function over one source's rendered rows: marks the rows to drop (unusable, or on the other side of
+    the held-out split) and hands each usable row the skip reasons of the unusable rows read since the last
+    usable one (``skipped``). Unusable rows are thus dropped before the mix, so that they cannot lower their
+    source's share of what is trained on, and still counted (by `texts`) from the rows themselves: a function
+    of the data, not a side effect, so the counts survive `datasets`' copies of the pipeline and a resume."""
+
+    def __init__(self, heldout: bool, fraction: float):
+        self.heldout, self.fraction = heldout, fraction
+        self.pending: list[str] = []
+
+    def __call__(self, row: dict) -> dict:
+        if row["skip"] is not None:
+            if not self.heldout:  # counted in the training stream only
+                self.pending.append(row["skip"])
+            return {"skipped": [], "drop": True}
+        if is_heldout(row["text"], self.fraction) != self.heldout:
+            return {"skipped": [], "drop": True}
+        carried, self.pending = self.pending, []
+        return {"skipped": carried, "drop": False}
+
+
+def _kept(row: dict) -> bool:
+    return not row["drop"]
 
 
 def source_rows(
@@ -151,12 +175,13 @@ def source_rows(
     heldout: bool = False,
     heldout_fraction: float = 0.01,
 ) -> IterableDataset:
-    """One source's rows ``{"text": str | None, "source": str, "skip": reason | None}``, one side of the split."""
+    """One source's usable rows ``{"text": str, "source": str, "skip": None, "skipped": [reason, ...]}``, one side
+    of the split; the unusable rows are dropped, their reasons carried by the next usable row (`_CarrySkips`)."""
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in [0, 1)")
     rows = load_rows(config).map(partial(_render, source=source, field_name=config.field, tokenizer=tokenizer))
-    rows = rows.select_columns(COLUMNS)
-    return rows.filter(partial(_on_side, heldout=heldout, fraction=heldout_fraction))
+    rows = rows.select_columns(["text", "source", "skip"]).map(_CarrySkips(heldout, heldout_fraction))
+    return rows.filter(_kept).select_columns(COLUMNS)
 
 
 def mix_probabilities(mix: Mapping[str, float] | Sequence[float]) -> tuple[float, float]:
@@ -172,7 +197,7 @@ def mix_probabilities(mix: Mapping[str, float] | Sequence[float]) -> tuple[float
     if min(values) < 0 or abs(sum(values) - 1) > 1e-6:
         raise ValueError(
             f"mix probabilities must be >= 0 and sum to 1, got web={values[0]}, chat={values[1]} "
-            f"(sum {sum(values)}); e.g. mix={{web: 0.5, chat: 0.5}}"
+            f"(sum {sum(values):.6g}); e.g. mix={{web: 0.5, chat: 0.5}}"
         )
     return values
 
@@ -188,9 +213,10 @@ def mixed_rows(
     rank: int = 0,
     world_size: int = 1,
 ) -> IterableDataset:
-    """Web and chat rows interleaved at random with probabilities ``mix``, this rank's part only.
+    """Usable web and chat rows interleaved at random with probabilities ``mix``, this rank's part only.
 
-    The stream ends when either source runs out, so the realised mix matches ``mix`` throughout.
+    Rows that cannot be used are dropped before the mix (`texts` counts them), and the stream ends when
+    either source runs out, so the realised document mix matches ``mix`` throughout.
     """
     probabilities = list(mix_probabilities(mix))
     configs = dict(zip(SOURCES, (web, chat)))
@@ -205,28 +231,67 @@ class StreamStats:
 
     kept: Counter[str] = field(default_factory=Counter)
     skipped: Counter[tuple[str, str]] = field(default_factory=Counter)
+    tokens: Counter[str] = field(default_factory=Counter)  # tokens served to the crosscoder, per source
+
+    def skip(self, source: str, reason: str) -> None:
+        """Count one unusable row (a warning the first time per source and reason)."""
+        if not self.skipped[(source, reason)]:
+            log.warning("Skipping malformed %s rows (%s); counts are in the data stats", source, reason)
+        self.skipped[(source, reason)] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint."""
+        return {"kept": dict(self.kept), "skipped": [[s, r, n] for (s, r), n in self.skipped.items()],
+                "tokens": dict(self.tokens)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.kept = Counter(state["kept"])
+        self.skipped = Counter({(s, r): n for s, r, n in state["skipped"]})
+        self.tokens = Counter(state.get("tokens", {}))
 
     def as_dict(self) -> dict[str, float]:
-        """Flat floats for a logger: ``data/{web,chat}_docs``, ``data/{web,chat}_share``,
-        ``data/skipped/<source>/<reason>``."""
+        """Flat floats for a logger: ``data/{web,chat}_docs``, ``data/{web,chat}_share`` (of documents),
+        ``data/{web,chat}_token_share`` (of the tokens extracted), ``data/skipped/<source>/<reason>``."""
         total = sum(self.kept.values())
+        total_tokens = sum(self.tokens.values())
         out: dict[str, float] = {}
         for source in SOURCES:
             out[f"data/{source}_docs"] = float(self.kept[source])
             out[f"data/{source}_share"] = self.kept[source] / total if total else 0.0
+            if total_tokens:
+                out[f"data/{source}_token_share"] = self.tokens[source] / total_tokens
         for (source, reason), count in sorted(self.skipped.items()):
             out[f"data/skipped/{source}/{reason}"] = float(count)
         return out
 
 
+class MalformedSourceError(ValueError):
+    """A data file of a text source cannot be parsed (e.g. a JSON lines file cut off mid-record)."""
+
+
+def read_rows(rows: Iterable[dict]) -> Iterator[dict]:
+    """``rows``, with a parse failure of a data file turned into a `MalformedSourceError` that says what to do."""
+    iterator = iter(rows)
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, json.JSONDecodeError) as err:
+            raise MalformedSourceError(
+                f"a data file of the text sources cannot be parsed ({err}); the file is named in the log line just "
+                "above. It is truncated or not JSON lines: repair it (e.g. drop its last, cut-off line) or remove it"
+            ) from err
+        yield row
+
+
 def texts(rows: Iterable[dict], stats: StreamStats) -> Iterator[str]:
     """The usable texts of ``rows``; every row is counted in ``stats`` (kept, or skipped with its reason)."""
-    for row in rows:
+    for row in read_rows(rows):
+        for reason in row.get("skipped") or ():  # unusable rows read before this one (dropped before the mix)
+            stats.skip(row["source"], reason)
         if row["skip"] is None:
             stats.kept[row["source"]] += 1
             yield row["text"]
             continue
-        key = (row["source"], row["skip"])
-        if not stats.skipped[key]:
-            log.warning("Skipping malformed %s rows (%s); counts are in the data stats", *key)
-        stats.skipped[key] += 1
+        stats.skip(row["source"], row["skip"])

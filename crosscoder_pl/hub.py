@@ -1,0 +1,129 @@
+"""Publishing an artifact on the Hugging Face Hub (``python analyze.py artifact=DIR push_to_hub=user/name``).
+
+The card's metadata (license, tags, base models, evaluation results from ``metrics.json``) is built with
+huggingface_hub's ``ModelCardData`` and the card itself with ``ModelCard``, so the Hub reads it as it reads
+any model card; the upload is one ``HfApi.upload_folder`` of the whole artifact directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from huggingface_hub import (
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    constants,
+    get_token,
+)
+
+from crosscoder_pl.analysis.card import TAGS
+from crosscoder_pl.crosscoder import check_complete
+from crosscoder_pl.files import write_whole
+
+log = logging.getLogger(__name__)
+LIBRARY = "crosscoder_pl"
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+CONNECT_TIMEOUT_S = 5.0
+FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
+
+
+def check_hub_access(repo_id: str) -> str:
+    """The token to push with; raises at once, naming the fix, when the repo id is malformed, offline mode is
+    on, no token is configured or the Hub's host cannot be reached (one TCP connection, ``CONNECT_TIMEOUT_S``)."""
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id):
+        raise ValueError(f"push_to_hub={repo_id!r} is not a hub repo id: use user/name (or organisation/name)")
+    if constants.HF_HUB_OFFLINE:
+        raise ConnectionError(
+            f"cannot push to {repo_id}: huggingface_hub's offline mode is on (HF_HUB_OFFLINE=1). Unset it "
+            "(unset HF_HUB_OFFLINE) on a machine that reaches the Hub, or copy the artifact there and push from it"
+        )
+    token = get_token()
+    if not token:
+        raise PermissionError(
+            f"cannot push to {repo_id}: no Hugging Face token. Run `hf auth login` (a token with write access, "
+            "https://huggingface.co/settings/tokens) or set HF_TOKEN, then run the same command again"
+        )
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"cannot push to {repo_id}: {host}:{port} is not reachable ({err}). Check the network (or HF_ENDPOINT), "
+            "or copy the artifact to a machine that reaches the Hub and push from there"
+        ) from err
+    return token
+
+
+def card_data(metrics: Mapping[str, Any], license: str = "apache-2.0", hub_ids_only: bool = True) -> ModelCardData:
+    """The card's metadata: license, tags, the pair as ``base_model`` (an identical pair once; with ``hub_ids_only``,
+    as the Hub wants it, without local directories and the embedded pair) and the validation figures as
+    evaluation results."""
+    art = metrics["artifact"]
+    models = [m for m in dict.fromkeys((art["base_model"], art["chat_model"])) if _is_hub_id(m) or not hub_ids_only]
+    name = f"crosscoder-{art['base_model']}-vs-{art['chat_model']}-layer{art['layer']}".replace("/", "_")
+    return ModelCardData(
+        license=license, tags=list(TAGS), base_model=models or None, library_name=LIBRARY, model_name=name,
+        eval_results=_eval_results(metrics) or None,
+    )
+
+
+def build_card(artifact: str | Path, license: str = "apache-2.0") -> ModelCard:
+    """The artifact's card: ``card_data`` of its ``metrics.json`` over the body of its ``README.md``."""
+    artifact = Path(artifact)
+    metrics = json.loads((artifact / "metrics.json").read_text())
+    readme = artifact / "README.md"
+    body = FRONT_MATTER.sub("", readme.read_text()) if readme.is_file() else ""
+    return ModelCard(f"---\n{card_data(metrics, license).to_yaml()}\n---\n{body}")
+
+
+def push_artifact(artifact: str | Path, repo_id: str, private: bool = False, license: str = "apache-2.0",
+                  api: HfApi | None = None) -> str:
+    """Upload the whole artifact to ``repo_id`` (created if missing, private on request); return its URL.
+
+    The card (``README.md``) is rebuilt first with `build_card`, in place, so that the Hub gets the same files
+    as the directory holds.
+    """
+    artifact = Path(artifact)
+    check_complete(artifact)
+    if not (artifact / "metrics.json").is_file():
+        raise FileNotFoundError(f"{artifact} has no metrics.json: run python analyze.py artifact={artifact} first")
+    card = build_card(artifact, license)
+    write_whole(artifact / "README.md", lambda tmp: tmp.write_text(str(card)))
+    api = api or HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=artifact, repo_type="model",
+                      commit_message=f"crosscoder_pl artifact {artifact.name}")
+    print(f"\npushed {artifact.resolve()} to {url}")
+    return str(url)
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(REPO_ID.match(name)) and not Path(name).exists()
+
+
+def _eval_results(metrics: Mapping[str, Any]) -> list[EvalResult]:
+    """Held-out variance explained per model, L0, dead fraction and the median causal Pearson."""
+    validation = metrics.get("validation", {})
+    n_tokens = validation.get("n_tokens")
+    figures = [(f"variance_explained_{m}", f"Variance explained ({m})", validation.get("variance_explained", {}).get(m))
+               for m in ("base", "chat")]
+    figures += [("l0", "L0 (active latents per token)", validation.get("l0")),
+                ("dead_fraction", "Dead fraction", validation.get("dead_fraction")),
+                ("median_causal_pearson", "Median causal Pearson (shared latents)",
+                 metrics.get("causal", {}).get("median_pearson"))]
+    return [
+        EvalResult(task_type="feature-extraction", task_name="Crosscoder reconstruction", dataset_type="held-out",
+                   dataset_name=f"held-out activations ({n_tokens} tokens)", metric_type=key, metric_name=label,
+                   metric_value=float(value))
+        for key, label, value in figures if isinstance(value, (int, float))
+    ]

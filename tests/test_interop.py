@@ -1,0 +1,296 @@
+"""dictionary_learning / crosscoder_learning checkpoints in and out, against a direct computation of their forward.
+
+The reference below is written from their ``BatchTopKCrossCoder`` (CROSSCODER code normalisation, threshold mode):
+normalise ``(x - mean) * global_scale``, ``f = relu(sum_l x_l W_enc[l] + b_enc)``, keep ``f_j`` where
+``f_j * sum_l ||W_dec[l, j]|| > threshold``, decode ``(f W_dec[l] + b_dec[l]) / (global_scale + 1e-8) + mean``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from crosscoder_pl import CrossCoder
+from crosscoder_pl.interop import load_dictionary_learning, save_dictionary_learning
+
+ROOT = Path(__file__).resolve().parents[1]
+L, D, F = 2, 16, 48
+
+
+def their_state(normaliser: bool = True, threshold: float = 0.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in their shapes and buffer dtypes; threshold set later from the scores when 0."""
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "target_rms": torch.tensor(1.0),
+        "activation_mean": torch.randn(L, D, generator=g) if normaliser else torch.full((L, D), float("nan")),
+        "activation_std": (torch.rand(L, D, generator=g) + 0.5) * torch.tensor([[1.0], [7.0]]) if normaliser
+        else torch.full((L, D), float("nan")),
+        "encoder.weight": torch.randn(L, D, F, generator=g) / D**0.5,
+        "encoder.bias": torch.randn(F, generator=g) * 0.1,
+        "decoder.weight": torch.randn(L, F, D, generator=g) * torch.rand(L, F, 1, generator=g),
+        "decoder.bias": torch.randn(L, D, generator=g),
+        "code_normalization_id": torch.tensor(1),
+        "k": torch.tensor(8, dtype=torch.int32),
+        "threshold": torch.tensor(threshold),
+    }
+    if normaliser:  # their formula (keep_relative_variance): target_rms / sqrt(sum of variances + 1e-8)
+        state["activation_global_scale"] = 1.0 / torch.sqrt(state["activation_std"].pow(2).sum(-1) + 1e-8)
+    else:
+        state["activation_global_scale"] = torch.ones(L)
+    return state
+
+
+def has_normaliser(state: dict[str, torch.Tensor]) -> bool:
+    if "activation_mean" not in state:  # crosscoder_learning has no normaliser
+        return False
+    return not bool(torch.isnan(state["activation_mean"]).any() or torch.isnan(state["activation_std"]).any())
+
+
+def their_pre_and_weight(state: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Their post-ReLU f ``[batch, F]`` and code normalisation ``[F]``, float64."""
+    s = {k: v.double() for k, v in state.items()}
+    if has_normaliser(state):
+        x = (x - s["activation_mean"]) * s["activation_global_scale"][None, :, None]
+    f = torch.relu(torch.einsum("bld,ldf->bf", x, s["encoder.weight"]) + s["encoder.bias"])
+    return f, s["decoder.weight"].norm(dim=2).sum(0)
+
+
+def their_encode(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    f, weight = their_pre_and_weight(state, x)
+    return f * ((f * weight) > state["threshold"].double())
+
+
+def their_decode(state: dict[str, torch.Tensor], f: torch.Tensor) -> torch.Tensor:
+    s = {k: v.double() for k, v in state.items()}
+    x = torch.einsum("bf,lfd->bld", f, s["decoder.weight"]) + s["decoder.bias"]
+    if has_normaliser(state):
+        x = x / (s["activation_global_scale"][None, :, None] + 1e-8) + s["activation_mean"]
+    return x
+
+
+def inputs(n: int = 256, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, L, D, generator=g, dtype=torch.float64) * torch.tensor([1.0, 6.0], dtype=torch.float64)[None, :, None]
+            + 0.5)
+
+
+def calibrate(state: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """A threshold between two distinct scores that keeps about 8 latents per token."""
+    f, weight = their_pre_and_weight(state, x)
+    scores = (f * weight).flatten().sort().values
+    i = scores.numel() - 8 * x.shape[0]
+    state["threshold"] = torch.tensor(float((scores[i] + scores[i + 1]) / 2))
+
+
+def write_hub_layout(state: dict[str, torch.Tensor], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"))
+    config = {"activation_dim": D, "dict_size": F, "num_layers": L, "k": 8, "norm_init_scale": 1.0,
+              "target_rms": 1.0, "code_normalization": "CROSSCODER"}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def assert_same_forward(cc: CrossCoder, state: dict[str, torch.Tensor], x: torch.Tensor, tol: float = 1e-6) -> None:
+    codes = cc.encode(x.to(cc.W_enc.dtype)).double()
+    want = their_encode(state, x)
+    assert torch.equal(codes != 0, want != 0)  # the same latents kept, token by token
+    torch.testing.assert_close(codes, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(cc.decode(want.to(cc.W_dec.dtype)).double(), their_decode(state, want), rtol=tol, atol=tol)
+
+
+def test_hub_layout_with_normaliser_reproduces_their_forward(tmp_path: Path) -> None:
+    state = their_state(normaliser=True)
+    x = inputs()
+    calibrate(state, x)
+    cc = load_dictionary_learning(write_hub_layout(state, tmp_path / "hub"), dtype=torch.float64)
+    assert (cc.n_models, cc.d_model, cc.n_latents, cc.k) == (L, D, F, 8) and not cc.training
+    assert_same_forward(cc, state, x)
+    # Δnorm and the BatchTopK score live in their normalised space: the decoder norms are theirs.
+    torch.testing.assert_close(cc.decoder_norms(), state["decoder.weight"].double().norm(dim=2).T, rtol=1e-9, atol=0)
+    l0 = (cc.encode(x) != 0).sum(-1).double().mean()
+    assert 4 < float(l0) < 12
+    # The default float32 load agrees to float32 precision (same kept set on these inputs).
+    cc32 = load_dictionary_learning(tmp_path / "hub")
+    assert cc32.W_enc.dtype == torch.float32
+    assert_same_forward(cc32, state, x, tol=2e-4)
+
+
+def test_training_layout_without_normaliser_and_compiled_keys(tmp_path: Path) -> None:
+    state = their_state(normaliser=False)
+    x = inputs(seed=3)
+    calibrate(state, x)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, run / "model_final.pt")
+    (run / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKCrossCoder", "layer": 13,
+                                                             "lm_name": "google/gemma-2-2b", "k": 8,
+                                                             "code_normalization": "CROSSCODER"}}))
+    cc = load_dictionary_learning(run, dtype=torch.float64)
+    assert_same_forward(cc, state, x)
+    assert torch.equal(cc.scales, torch.ones(L))
+    assert cc.metadata["layer"] == 13 and cc.metadata["lm_name"] == "google/gemma-2-2b"
+    # A weights file given directly, and the latest step checkpoint of a directory without a final model.
+    assert_same_forward(load_dictionary_learning(run / "model_final.pt", dtype=torch.float64), state, x)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    torch.save(their_state(normaliser=False, seed=5), steps / "checkpoint_100.pt")
+    torch.save(state, steps / "checkpoint_2000.pt")
+    assert_same_forward(load_dictionary_learning(steps, dtype=torch.float64), state, x)
+
+
+def test_uncalibrated_threshold_keeps_every_positive_pre_activation(tmp_path: Path) -> None:
+    state = their_state(threshold=-1.0)
+    x = inputs(64)
+    with pytest.warns(UserWarning, match="never calibrated"):
+        cc = load_dictionary_learning(write_hub_layout(state, tmp_path / "hub"), dtype=torch.float64)
+    f, _ = their_pre_and_weight(state, x)
+    torch.testing.assert_close(cc.encode(x), f, rtol=1e-9, atol=1e-9)
+    assert_same_forward(cc, state, x)
+
+
+@pytest.mark.parametrize(("code_id", "name"), [(2, "SAE"), (3, "MIXED"), (4, "NONE"), (5, "DECOUPLED")])
+def test_other_code_normalisations_are_refused_by_name(tmp_path: Path, code_id: int, name: str) -> None:
+    state = their_state()
+    state["code_normalization_id"] = torch.tensor(code_id)
+    with pytest.raises(ValueError, match=f"code normalisation {name}"):
+        load_dictionary_learning(write_hub_layout(state, tmp_path / "hub"))
+
+
+def test_encoder_over_a_subset_of_layers_and_missing_weights_are_refused(tmp_path: Path) -> None:
+    directory = write_hub_layout(their_state(), tmp_path / "hub")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "encoder_layers": [1, 0]}))
+    with pytest.raises(ValueError, match=r"encodes from layers \[1, 0\]"):
+        load_dictionary_learning(directory)
+    with pytest.raises(FileNotFoundError, match="no dictionary_learning weights"):
+        load_dictionary_learning(tmp_path)
+
+
+def ours(seed: int = 0) -> CrossCoder:
+    torch.manual_seed(seed)
+    cc = CrossCoder(D, F, 8, scales=[0.25, 2.0], threshold=0.0, metadata={"base_model": "b", "chat_model": "c", "layer": 1})
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.1)
+        cc.b_dec.normal_()
+        cc.W_dec.mul_(torch.rand(F, 2, 1) * 10)
+    folded = cc.fold().eval()
+    with torch.no_grad():
+        scores = folded.scores(folded.pre_acts(inputs())).flatten().sort().values
+    i = scores.numel() - 8 * 256  # between two distinct scores: no entry sits on the threshold
+    folded.threshold.fill_(float((scores[i] + scores[i + 1]) / 2))
+    return folded
+
+
+@pytest.mark.parametrize("layout", ["hub", "training"])
+def test_export_runs_identically_in_their_forward_and_reloads(tmp_path: Path, layout: str) -> None:
+    cc = ours()
+    directory = save_dictionary_learning(cc, tmp_path / layout, layout=layout)
+    if layout == "hub":
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+        config = json.loads((directory / "config.json").read_text())
+        assert config == {"activation_dim": D, "dict_size": F, "num_layers": 2, "k": 8,
+                          "code_normalization": "CROSSCODER", "target_rms": 1.0}
+    else:
+        state = torch.load(directory / "model_final.pt", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items() if "coder" in k} == {
+        "encoder.weight": (2, D, F), "encoder.bias": (F,), "decoder.weight": (2, F, D), "decoder.bias": (2, D)}
+    assert state["k"].dtype == torch.int32 and int(state["k"]) == 8 and int(state["code_normalization_id"]) == 1
+    x = inputs()
+    # Their forward on the exported weights = ours (float32 weights: float32 precision; same latents kept).
+    codes = cc.encode(x.float()).double()
+    theirs = their_encode(state, x)
+    assert torch.equal(codes != 0, theirs != 0)
+    torch.testing.assert_close(codes, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cc.decode(theirs.float()).double(), their_decode(state, theirs), rtol=1e-5, atol=1e-4)
+    # And back: the same crosscoder, metadata included.
+    back = load_dictionary_learning(directory)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "scales", "threshold"):
+        torch.testing.assert_close(getattr(back, name), getattr(cc, name), rtol=1e-6, atol=1e-7)
+    assert torch.equal(back.encode(x.float()) != 0, cc.encode(x.float()) != 0)
+    assert back.metadata["base_model"] == "b" and back.metadata["layer"] == 1
+    torch.testing.assert_close(back.decoder_norms(), cc.decoder_norms(), rtol=1e-6, atol=0)
+
+
+TINY_PAIR = ["model_pair=embedded", "data=embedded", "model_pair.base=embedded-tiny:base",
+             "model_pair.chat=embedded-tiny:chat", "model_pair.layer=1", "data.seq_len=64", "data.batch_size=256",
+             "data.text_batch_size=16", "data.buffer_tokens=2048", "data.val_tokens=1024", "data.n_probes=8",
+             "data.probe_len=32", "analysis.chunk_tokens=512", "analysis.causal.max_latents=4",
+             "analysis.causal.latents_per_batch=2"]
+
+
+def test_analyze_turns_an_imported_checkpoint_into_a_complete_artifact(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    d, n = 32, 64  # the tiny embedded pair's d_model
+    state = {"encoder.weight": torch.randn(2, d, n, generator=g) / d**0.5, "encoder.bias": torch.full((n,), -0.2),
+             "decoder.weight": torch.randn(2, n, d, generator=g) * 0.2, "decoder.bias": torch.zeros(2, d),
+             "code_normalization_id": torch.tensor(1), "k": torch.tensor(8, dtype=torch.int32),
+             "threshold": torch.tensor(0.3), "target_rms": torch.tensor(1.0),
+             "activation_mean": torch.zeros(2, d), "activation_std": torch.ones(2, d) / d**0.5,
+             "activation_global_scale": torch.tensor([0.3, 0.3])}
+    checkpoint = tmp_path / "theirs"
+    checkpoint.mkdir()
+    save_file(state, str(checkpoint / "model.safetensors"))
+    (checkpoint / "config.json").write_text(json.dumps({"activation_dim": d, "dict_size": n, "num_layers": 2, "k": 8}))
+    artifact = tmp_path / "artifact"
+    result = subprocess.run([sys.executable, "analyze.py", f"checkpoint={checkpoint}", f"artifact={artifact}",
+                             *TINY_PAIR, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = {p.name for p in artifact.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "taxonomy.json", "latents.csv", "causal_validation.csv",
+            "cosine_vs_causal.png", "metrics.json", "train_config.yaml"} <= files
+    cc = CrossCoder.from_pretrained(artifact)
+    assert_same_forward(cc, state, inputs_of(d), tol=2e-4)
+    metrics = json.loads((artifact / "metrics.json").read_text())
+    assert metrics["artifact"]["base_model"] == "embedded-tiny:base" and metrics["artifact"]["n_latents"] == n
+    assert "dictionary_learning" in (artifact / "README.md").read_text()
+    # The new artifact re-runs like any other.
+    again = subprocess.run([sys.executable, "analyze.py", f"artifact={artifact}", f"hydra.run.dir={tmp_path / 'again'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((artifact / "metrics.json").read_text())["validation"] == metrics["validation"]
+
+
+def inputs_of(d: int, n: int = 128) -> torch.Tensor:
+    return torch.randn(n, 2, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def test_crosscoder_learning_layout_embedding_bag_decoder_and_uncalibrated_batch_topk(tmp_path: Path) -> None:
+    """crosscoder_learning: config names num_encoder_layers, decoder per layer ([F, D] each), no normaliser, and a
+    negative threshold means BatchTopK (their encode's fallback)."""
+    state = their_state(normaliser=False, threshold=-1.0)
+    decoder = state.pop("decoder.weight")
+    for name in ("target_rms", "activation_mean", "activation_std", "activation_global_scale"):
+        state.pop(name)
+    state |= {f"decoder.layers.{i}.weight": decoder[i] for i in range(L)}
+    directory = tmp_path / "cl"
+    directory.mkdir()
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"activation_dim": D, "dict_size": F, "num_encoder_layers": L,
+                                                       "k": 8, "decoder_type": "embedding_bag",
+                                                       "code_normalization": "CROSSCODER"}))
+    with pytest.warns(UserWarning, match="BatchTopK"):
+        cc = load_dictionary_learning(directory, dtype=torch.float64)
+    x = inputs(64)
+    reference = {**state, "decoder.weight": decoder}
+    f, weight = their_pre_and_weight(reference, x)
+    scores = (f * weight).flatten()
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[scores.topk(8 * x.shape[0]).indices] = True
+    want = f * keep.view_as(f)
+    with pytest.warns(UserWarning, match="not calibrated"):
+        codes = cc.encode(x)
+    torch.testing.assert_close(codes, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cc.decode(want), their_decode(reference, want), rtol=1e-9, atol=1e-9)
+    (directory / "config.json").write_text(json.dumps({"num_encoder_layers": L, "encoder_layers_indices": [0]}))
+    with pytest.raises(ValueError, match=r"encodes from layers \[0\]"):
+        load_dictionary_learning(directory)

@@ -1,0 +1,80 @@
+"""Every experiment with every data option and model pair: it composes into a configuration whose nodes take
+every key they are given and keep the recipe, or it fails at start-up naming the conflict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from crosscoder_pl.recipes import (
+    _parameters,
+    check_recipe,
+    declared_options,
+    default_options,
+    experiment_file,
+)
+from crosscoder_pl.training import check_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+PAIRS = sorted(p.stem for p in (CONF / "model_pair").glob("*.yaml"))
+# The combinations refused, and what the refusal must name.
+REFUSED = {
+    ("tiny", "cached", None): ["data.seq_len", "data=cached", "cache_activations.py +experiment=tiny"],
+    ("own_pair", "cached", None): ["data.seq_len", "data=cached"],
+    ("tiny", None, "gemma2_2b"): ["model_pair.base=embedded-tiny:base", "model_pair=gemma2_2b"],
+    ("own_pair", None, "gemma2_2b"): ["model_pair.base=None", "model_pair=gemma2_2b"],
+}
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def parameters(target: str) -> set[str]:
+    params = _parameters(target)
+    assert params is not None, target
+    return params
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("data", [None, *DATA])
+@pytest.mark.parametrize("pair", [None, *PAIRS])
+def test_experiment_composes_or_names_the_conflict(experiment: str, data: str | None, pair: str | None) -> None:
+    own = compose_train(f"+experiment={experiment}")  # the recipe with its own options
+    args = [f"+experiment={experiment}", *([f"data={data}"] if data else []), *([f"model_pair={pair}"] if pair else [])]
+    if data == "cached":
+        args.append("data.path=/tmp/acts")
+    cfg = compose_train(*args)
+    expected = [names for (e, d, p), names in REFUSED.items()
+                if e == experiment and (d is None or d == data) and (p is None or p == pair)]
+    untaken = {g: set(cfg[g]) - {"_target_"} - parameters(cfg[g]._target_) for g in ("data", "model_pair")}
+    # Choosing the pair option the recipe is built on (tiny: embedded, whose models it names) is no conflict.
+    meant = {**default_options(), **declared_options(experiment_file(experiment))}["model_pair"]
+    chosen = compose_train(f"model_pair={pair}") if pair and pair != meant else None
+    models_replaced = chosen is not None and (cfg.model_pair.base, cfg.model_pair.chat) != (
+        chosen.model_pair.base, chosen.model_pair.chat)
+    try:
+        check_recipe(cfg)
+    except ValueError as err:
+        message = str(err)
+        assert f"+experiment={experiment}" in message
+        for name in expected[0] if expected else []:
+            assert name in message
+        # Refused only where the run would otherwise fail later or silently leave the recipe or the chosen models.
+        assert untaken["data"] or untaken["model_pair"] or models_replaced or cfg.data.batch_size != own.data.batch_size
+        return
+    assert not expected, f"{args} should be refused"
+    assert not untaken["data"] and not untaken["model_pair"]  # every key is an argument of its target
+    assert cfg.data.batch_size == own.data.batch_size  # the recipe's batch size, whatever feeds it
+    assert not models_replaced  # the chosen models, not the recipe's
+
+
+def test_tiny_with_cached_data_fails_in_check_config() -> None:
+    cfg = compose_train("+experiment=tiny", "data=cached", "data.path=/tmp/acts")
+    with pytest.raises(ValueError, match=r"\+experiment=tiny sets data\.seq_len.*which data=cached"):
+        check_config(cfg)
