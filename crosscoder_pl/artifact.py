@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +27,7 @@ import yaml
 
 from crosscoder_pl.analysis.report import run_analyses
 from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
-from crosscoder_pl.files import dir_mode, write_whole
+from crosscoder_pl.files import dir_mode, replace_dir, write_whole
 
 log = logging.getLogger(__name__)
 TRAIN_CONFIG = "train_config.yaml"
@@ -80,7 +79,7 @@ def write_artifact(
         )
         _keep_other_files(final, staging)
         (staging / INCOMPLETE).unlink()
-        _replace_dir(staging, final)
+        replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # not reached on SIGKILL: the INCOMPLETE file marks it then
         raise
@@ -102,18 +101,3 @@ def _keep_other_files(old: Path, new: Path) -> None:
             shutil.copytree(path, target, symlinks=True)
         else:
             shutil.copy2(path, target, follow_symlinks=False)
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move the finished directory ``new`` to ``final``: one rename, or three steps when ``final`` exists (POSIX
-    cannot rename a directory onto a non-empty one): set the old one aside, rename, delete the old one."""
-    if not final.exists() and not final.is_symlink():
-        os.rename(new, final)
-        return
-    aside = final.with_name(f".{final.name}.replaced-{os.getpid()}-{time.time_ns()}")
-    os.rename(final, aside)
-    os.rename(new, final)
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        aside.unlink()

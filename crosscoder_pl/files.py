@@ -7,6 +7,8 @@ under a hidden temporary name in the same directory and renamed into place, whic
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,3 +45,18 @@ def write_whole(path: str | Path, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Move the finished directory ``new`` to ``final``: one rename, or three steps when ``final`` exists (POSIX
+    cannot rename a directory onto a non-empty one): set the old one aside, rename, delete the old one."""
+    if not final.exists() and not final.is_symlink():
+        os.rename(new, final)
+        return
+    aside = final.with_name(f".{final.name}.replaced-{os.getpid()}-{time.time_ns()}")
+    os.rename(final, aside)
+    os.rename(new, final)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink()

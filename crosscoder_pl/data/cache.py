@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from crosscoder_pl.data.activations import TokenTable, with_tokens
-from crosscoder_pl.files import dir_mode, file_mode
+from crosscoder_pl.files import dir_mode, file_mode, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -163,20 +162,9 @@ def _write_into(out: Path, final: Path, batches: Iterable[torch.Tensor], n_token
     }
     (out / META).write_text(json.dumps(meta, indent=2))  # last: the manifest makes the directory a cache
     os.chmod(out / META, file_mode())
-    _replace_dir(out, final)
+    replace_dir(out, final)
     log.info("Cached %d tokens in %d shards at %s", written, len(shards), final)
     return final
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Rename the finished ``new`` to ``final``; an existing ``final`` is set aside first, deleted after."""
-    if not final.exists():
-        os.rename(new, final)
-        return
-    aside = final.with_name(f".{final.name}.replaced-{os.getpid()}-{time.time_ns()}")
-    os.rename(final, aside)
-    os.rename(new, final)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _save_tokens(tokens: TokenTable, path: Path) -> dict:
