@@ -298,6 +298,13 @@ class CrossCoderModule(L.LightningModule):
 
     def _log_train(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
         n_tokens = out.active.shape[0]
+        # Only on the steps the logger writes (Lightning keeps the last value of the others): self.log costs
+        # more than a demo step's selection, and the L0 a pass over the codes.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step + 1 == self.trainer.max_steps:
+            self._log_step(out, dead, k_now)
+        self._log_window(n_tokens)
+
+    def _log_step(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
         self.log_dict({
             "train/loss": out.loss, "train/loss_recon": out.recon, "train/loss_aux": out.aux,
             "train/l0": out.active.l0().float().mean(),
@@ -306,6 +313,9 @@ class CrossCoderModule(L.LightningModule):
             "train/threshold": self.crosscoder.threshold,
             "train/skipped_rows": float(self.skipped_rows),
         })
+
+    def _log_window(self, n_tokens: int) -> None:
+        """Training VE and tokens/s over the last ``metrics_window_steps`` steps."""
         self._window_tokens += n_tokens * self.trainer.world_size
         now = time.perf_counter()
         if self._window_start is None:

@@ -46,6 +46,7 @@ def fit(module: CrossCoderModule, x: torch.Tensor, steps: int, val: torch.Tensor
     torch.manual_seed(0)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0, callbacks=callbacks or [],
+                        log_every_n_steps=1,  # the step metrics are logged on the steps the logger writes
                         num_sanity_val_steps=0, accelerator="cpu", devices=1)
     train = DataLoader(TensorDataset(x), batch_size=256, shuffle=True)
     trainer.fit(module, train, DataLoader(TensorDataset(val), batch_size=1000) if val is not None else None)
@@ -325,7 +326,7 @@ def attach(module: CrossCoderModule, world_size: int = 1, global_step: int = 0, 
     from types import SimpleNamespace
 
     module._trainer = SimpleNamespace(world_size=world_size, global_step=global_step,
-                                      strategy=SimpleNamespace(reduce=reduce))
+                                      strategy=SimpleNamespace(reduce=reduce), log_every_n_steps=1, max_steps=-1)
     module.all_gather = lambda t: t if world_size == 1 else torch.stack([t, *others])
     return module
 
@@ -762,3 +763,18 @@ def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monk
             assert windows == set(range(6))
             assert logged[0]["train/tokens_per_sec"] == 0.0  # the window has just started: no time, no tokens
             assert [logged[s]["train/tokens_per_sec"] for s in range(1, 6)] == pytest.approx([10_000] * 5)
+
+
+def test_step_metrics_are_logged_on_the_steps_the_logger_writes_and_the_last() -> None:
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=100)
+    x = torch.randn(64, 2, 16)
+    logged: dict[int, set[str]] = {}
+    for step in range(7):
+        attach(module, global_step=step)
+        module._trainer.log_every_n_steps, module._trainer.max_steps = 3, 7
+        module.log_dict = lambda values, step=step, **kw: logged.setdefault(step, set()).update(values)
+        with torch.no_grad():
+            out = module.crosscoder.step(x, 4)
+        module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
+    assert sorted(logged) == [2, 5, 6]  # Lightning writes steps 3 and 6 (1-based); step 7 is the run's last
+    assert {"train/loss", "train/l0", "train/k", "train/threshold"} <= logged[2]

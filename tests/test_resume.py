@@ -37,8 +37,8 @@ def weights_only_roundtrip(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
-def stream(root: Path) -> ActivationStream:
-    dm = datamodule(root, batch_size=128)  # about 45 batches a pass
+def stream(root: Path, memo_gb: float = 0.0) -> ActivationStream:
+    dm = datamodule(root, batch_size=128, memo_gb=memo_gb)  # about 45 batches a pass
     dm.train_dataloader()
     return dm.stream
 
@@ -64,6 +64,26 @@ def test_a_restored_stream_serves_the_same_batches(tmp_path: Path, consumed: int
     assert all(torch.equal(a, b) for a, b in zip(again, reference[consumed:], strict=True))
     assert resumed.stats.state_dict() == uninterrupted.stats.state_dict()  # the same rows counted, side pass apart
     assert resumed.passes == first.passes
+
+
+@pytest.mark.parametrize("consumed", [20, 50, 100])  # in the memo-filling pass, the second, the third
+def test_a_restored_stream_with_an_activation_memo_serves_the_same_batches(tmp_path: Path, consumed: int) -> None:
+    uninterrupted = stream(tmp_path, memo_gb=1.0)
+    reference = list(islice(iter(uninterrupted), consumed + 1 + 12))
+    first = stream(tmp_path, memo_gb=1.0)
+    served = iter(first)
+    next(served)  # Lightning's prefetch
+    for _ in range(consumed):
+        next(served)
+        first.consumed()
+    state = weights_only_roundtrip(first.state_dict())
+    resumed = stream(tmp_path, memo_gb=1.0)
+    resumed.load_state_dict(state)
+    again = list(islice(iter(resumed), 1 + 12))
+    # Bit for bit: the memo is refilled from the first pass's own groups of texts, not from the later passes'.
+    assert all(torch.equal(a, b) for a, b in zip(again, reference[consumed:], strict=True))
+    assert len(resumed.memo) == len(uninterrupted.memo) and resumed.memo.bytes == uninterrupted.memo.bytes
+    assert resumed.stats.state_dict() == uninterrupted.stats.state_dict()
 
 
 def test_the_state_holds_tensors_and_plain_values_only(tmp_path: Path) -> None:

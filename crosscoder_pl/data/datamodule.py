@@ -30,15 +30,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from crosscoder_pl.data.activations import (
+    SOURCE_CODES,
     PaddingSide,
     PairLike,
     TokenTable,
+    outlier_mask,
     paired_activations_with_tokens,
     token_table,
     tokenize,
     with_tokens,
 )
 from crosscoder_pl.data.buffer import ShuffleBuffer
+from crosscoder_pl.data.memo import GIB, ActivationMemo, per_document
 from crosscoder_pl.data.cache import (
     CachedActivations,
     load_checked,
@@ -147,11 +150,15 @@ class ActivationStream(IterableDataset):
     the interrupted one would have (`load_state_dict` before that first iterator is made). Later iterators
     (e.g. the scale estimate's look at the data) are side passes: untracked, counted in a throw-away
     `StreamStats`. ``stats`` counts the trainer's documents (in this process: DataLoader workers keep theirs).
+
+    ``memo_bytes > 0``: the tracked iterator's first pass keeps each document's activations (`ActivationMemo`,
+    up to that many bytes) and later passes serve them instead of running the models again. A restored stream
+    replays the first pass's groups (``memo_groups`` of them, from the state) to refill the memo first.
     """
 
     def __init__(self, pair: PairLike, make_rows: Callable[[], RowStream], *, seq_len: int, text_batch_size: int,
                  batch_size: int, buffer_tokens: int, seed: int, padding_side: PaddingSide,
-                 outlier_factor: float | None):
+                 outlier_factor: float | None, memo_bytes: int = 0):
         self.model_pair = pair
         self.make_rows = make_rows
         self.seq_len = seq_len
@@ -165,17 +172,48 @@ class ActivationStream(IterableDataset):
         self.passes = 0
         self._tracked: _Position | None = None
         self._resume: dict[str, Any] | None = None
+        self.memo = ActivationMemo(memo_bytes) if memo_bytes > 0 else None
+        self._memo_pass: int | None = None  # the pass that fills the memo (the tracked iterator's first)
+        self._memo_groups = 0  # text groups that pass has read so far
 
-    def chunks(self, rows: RowStream, stats: StreamStats) -> Iterator[torch.Tensor]:
+    def chunks(self, rows: RowStream, stats: StreamStats, memo: ActivationMemo | None = None,
+               fill: bool = False) -> Iterator[torch.Tensor]:
         """Activations ``[tokens, 2, d_model]`` of successive groups of ``text_batch_size`` texts; the tokens
-        extracted from each source are counted in ``stats`` (the realised token mix)."""
+        extracted from each source are counted in ``stats`` (the realised token mix). With a ``memo``, documents
+        found there are not run through the models; ``fill``: the documents run are stored in it."""
         for group in _batched(_labelled_texts(rows, stats), self.text_batch_size):
             group_texts, sources = zip(*group)
-            acts, table = paired_activations_with_tokens(self.model_pair, group_texts, self.seq_len, self.padding_side,
-                                                         self.outlier_factor, sources)
-            per_source = torch.bincount(table.row_source().long(), minlength=len(SOURCES)).tolist()
+            if memo is None:
+                acts, table = paired_activations_with_tokens(self.model_pair, group_texts, self.seq_len,
+                                                             self.padding_side, self.outlier_factor, sources)
+                row_source = table.row_source().long()
+            else:
+                acts, row_source = self._remembered(group_texts, sources, memo, fill)
+            per_source = torch.bincount(row_source, minlength=len(SOURCES)).tolist()
             stats.tokens.update({name: n for name, n in zip(SOURCES, per_source) if n})
             yield acts
+
+    def _remembered(self, group_texts: Sequence[str], sources: Sequence[str], memo: ActivationMemo,
+                    fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group's activations ``[tokens, 2, d_model]`` with the models run on the documents ``memo`` lacks only
+        (stored when ``fill``), outliers dropped over the whole group; and each row's source code ``[tokens]``
+        (CPU). Without a memo hit: the same tensor `paired_activations_with_tokens` gives for the group."""
+        docs = [memo.get(source, text) for source, text in zip(sources, group_texts)]
+        missing = [i for i, doc in enumerate(docs) if doc is None]
+        if missing:
+            acts, table = paired_activations_with_tokens(self.model_pair, [group_texts[i] for i in missing],
+                                                         self.seq_len, self.padding_side, None)
+            for i, part in zip(missing, per_document(acts, table.seq, len(missing))):
+                docs[i] = part
+                if fill:
+                    memo.put(sources[i], group_texts[i], part)
+        codes = torch.tensor([SOURCE_CODES[source] for source in sources])
+        row_source = codes.repeat_interleave(torch.tensor([len(doc) for doc in docs]))
+        acts = torch.cat(docs)
+        if self.outlier_factor is not None and len(acts):
+            inliers = outlier_mask(acts, self.outlier_factor)
+            acts, row_source = acts[inliers], row_source[inliers.cpu()]
+        return acts, row_source
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         position = _Position()
@@ -185,15 +223,21 @@ class ActivationStream(IterableDataset):
         return self._serve(position, self.stats, resume)
 
     def _serve(self, at: _Position, stats: StreamStats, resume: Mapping[str, Any] | None) -> Iterator[torch.Tensor]:
+        tracked = at is self._tracked
         if resume is not None:
             self.passes = int(resume["passes"])
             stats.load_state_dict(resume["stats"])
             at.unserved.extend(resume["pending"])
+            self._refill_memo(resume)
         while True:
             if resume is None:
                 at.pass_index, self.passes = self.passes, self.passes + 1
             else:
                 at.pass_index = int(resume["pass"])
+            memo = self.memo if tracked else None  # side passes neither read nor fill it
+            if memo is not None and self._memo_pass is None:
+                self._memo_pass = at.pass_index
+            fill = memo is not None and at.pass_index == self._memo_pass
             at.rows = self.make_rows()
             at.rows.set_epoch(at.pass_index)
             at.buffer = ShuffleBuffer(self.batch_size, self.buffer_tokens, self.seed + at.pass_index)
@@ -205,13 +249,32 @@ class ActivationStream(IterableDataset):
                 at.queue.append(at.unserved.popleft())
                 served += 1
                 yield at.queue[-1]
-            for batch in at.buffer.batches(self.chunks(at.rows, stats)):
+            chunks = self.chunks(at.rows, stats, memo, fill)
+            for batch in at.buffer.batches(self._counted(chunks) if fill else chunks):
                 at.queue.append(batch)
                 served += 1
                 yield batch
             if not served and resume is None:
                 raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
             resume = None
+
+    def _counted(self, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """``chunks`` of the memo-filling pass, counted (the state's ``memo_groups``)."""
+        for chunk in chunks:
+            self._memo_groups += 1
+            yield chunk
+
+    def _refill_memo(self, resume: Mapping[str, Any]) -> None:
+        """Run the models again on the first ``memo_groups`` groups of the memo-filling pass, in the same groups (so
+        to the same bits), storing them as that pass did: the memo an uninterrupted run would hold now."""
+        self._memo_pass, self._memo_groups = resume.get("memo_pass"), int(resume.get("memo_groups", 0))
+        if self.memo is None or self._memo_pass is None or not self._memo_groups:
+            return
+        log.info("refilling the activation memo: %d text groups of pass %d", self._memo_groups, self._memo_pass)
+        rows = self.make_rows()
+        rows.set_epoch(self._memo_pass)
+        for _ in islice(self.chunks(rows, StreamStats(), self.memo, fill=True), self._memo_groups):
+            pass
 
     def consumed(self) -> None:
         """The trainer took the oldest batch the tracked iterator served (called once per training batch)."""
@@ -228,6 +291,7 @@ class ActivationStream(IterableDataset):
             "passes": self.passes, "pass": at.pass_index, "rows": at.rows.state_dict(),
             "buffer": at.buffer.state_dict(), "stats": self.stats.state_dict(),
             "pending": [batch.cpu().clone() for batch in (*at.queue, *at.unserved)],
+            "memo_pass": self._memo_pass, "memo_groups": self._memo_groups,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -268,6 +332,8 @@ class ActivationDataModule(L.LightningDataModule):
     global batch (`RankSlice`): exactly the single-process run's batches, but each rank runs both language
     models on every token; ``"documents"``: each rank reads its own documents (no repeated extraction; the
     union is another sample of the same mix). One process: the two are the same.
+    ``memo_gb``: activations of the first training pass kept in memory (GiB, on the models' device) and served
+    again in later passes without running the models (`crosscoder_pl.data.memo`); 0: every pass runs them.
     """
 
     def __init__(
@@ -289,9 +355,12 @@ class ActivationDataModule(L.LightningDataModule):
         n_probes: int = 32,
         probe_len: int = 64,
         rank_split: str = "batch",
+        memo_gb: float = 0.0,
     ):
         super().__init__()
         check_rank_split(rank_split)
+        if isinstance(memo_gb, bool) or not isinstance(memo_gb, (int, float)) or not memo_gb >= 0:
+            raise ValueError(f"data.memo_gb={memo_gb!r} must be a number of GiB >= 0 (0: no activation memo)")
         self.save_hyperparameters(ignore=["model_pair", "web", "chat"])  # sources: frozen dataclasses, logged via stats()
         self.model_pair = model_pair
         self.web, self.chat = (c if isinstance(c, SourceConfig) else SourceConfig(**c) for c in (web, chat))
@@ -361,6 +430,7 @@ class ActivationDataModule(L.LightningDataModule):
             self.model_pair, partial(self._rows, False, shard, shards), seq_len=h.seq_len, text_batch_size=h.text_batch_size,
             batch_size=h.batch_size * (world_size if by_batch else 1), buffer_tokens=h.buffer_tokens,
             seed=reader_seed, padding_side=h.padding_side, outlier_factor=h.outlier_factor,
+            memo_bytes=int(h.memo_gb * GIB),
         )
         if self._stream_state is not None:
             self._restore(self._stream_state, rank, world_size)
@@ -395,7 +465,7 @@ class ActivationDataModule(L.LightningDataModule):
         """What the stream's position means: a position is only continued under the same settings."""
         h = self.hparams
         keys = ("seed", "seq_len", "batch_size", "text_batch_size", "buffer_tokens", "heldout_fraction", "outlier_factor",
-                "padding_side")
+                "padding_side", "memo_gb")
         return {**{key: h[key] for key in keys}, "mix": list(self.mix), "web": asdict(self.web), "chat": asdict(self.chat)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
