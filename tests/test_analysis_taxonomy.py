@@ -6,15 +6,14 @@ import math
 import pytest
 import torch
 
+from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
+from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.analysis.taxonomy import (
     CLASSES,
     Thresholds,
     build_taxonomy,
     classify,
-    decoder_cosine,
-    delta_norm,
     heldout_statistics,
-    nan_median,
     plot_delta_histogram,
 )
 from crosscoder_pl.crosscoder import CrossCoder

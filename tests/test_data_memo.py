@@ -27,7 +27,7 @@ def count_texts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     extract = datamodule_module.paired_activations_with_tokens
 
-    def counting(pair, texts, *args, **kwargs):  # noqa: ANN001, ANN202
+    def counting(pair, texts, *args, **kwargs):
         calls.append(len(texts))
         return extract(pair, texts, *args, **kwargs)
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from crosscoder_pl import CrossCoder, CrossCoderModule
-from crosscoder_pl.analysis.taxonomy import delta_norm
+from crosscoder_pl.analysis.decoder_norms import delta_norm
 from crosscoder_pl.metrics import VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
 from planted import make_planted

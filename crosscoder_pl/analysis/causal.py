@@ -44,7 +44,9 @@ from crosscoder_pl.analysis.probes import (
     positions_per_chunk,
     rows_per_chunk,
 )
-from crosscoder_pl.analysis.taxonomy import check_eval_mode, decoder_cosine, delta_norm, nan_median
+from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
+from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.crosscoder import CrossCoder
 
 PROBES_PER_ENCODE = 8

@@ -33,9 +33,9 @@ from crosscoder_pl.analysis.taxonomy import (
     Thresholds,
     build_taxonomy,
     heldout_statistics,
-    nan_median,
     plot_delta_histogram,
 )
+from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.offline import resolve_settings, write_dashboard

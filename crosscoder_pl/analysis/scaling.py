@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from crosscoder_pl.analysis.taxonomy import Taxonomy, check_eval_mode
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
+from crosscoder_pl.analysis.taxonomy import Taxonomy
 from crosscoder_pl.crosscoder import CrossCoder
 
 

@@ -32,7 +32,7 @@ from crosscoder_pl.analysis.probes import (
     positions_per_chunk,
     rows_per_chunk,
 )
-from crosscoder_pl.analysis.taxonomy import check_eval_mode
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.crosscoder import MODEL_ORDER, CrossCoder
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ both zero has no Δnorm (nan) and is "unclassified" unless dead.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.metrics import FiringCounts, VarianceExplained
 
@@ -39,31 +40,6 @@ class Thresholds:
                 "taxonomy thresholds must satisfy 0 <= base_only_max < shared_min < shared_max <= "
                 f"chat_only_min <= 1, got {self}"
             )
-
-
-def check_eval_mode(crosscoder: CrossCoder) -> None:
-    """Analyses encode token by token with the inference threshold; training-mode BatchTopK would not."""
-    if crosscoder.training:
-        raise ValueError("the crosscoder is in training mode; call .eval() before analysing it")
-
-
-def delta_norm(crosscoder: CrossCoder) -> torch.Tensor:
-    """Relative decoder norm ``[F]`` in [0, 1] (nan where both decoder vectors are zero)."""
-    norms = crosscoder.decoder_norms().detach().float()
-    base, chat = norms[:, 0], norms[:, 1]
-    return 0.5 * ((chat - base) / torch.maximum(chat, base) + 1)
-
-
-def decoder_cosine(crosscoder: CrossCoder) -> torch.Tensor:
-    """Cosine between each latent's base and chat decoder vectors ``[F]`` (scale-free: raw = normalised)."""
-    w = crosscoder.W_dec.detach().float()
-    return torch.nn.functional.cosine_similarity(w[:, 0], w[:, 1], dim=-1)
-
-
-def nan_median(values: torch.Tensor) -> float:
-    """The usual median (mean of the two middle values) of the non-nan entries; nan when there are none."""
-    values = values[~values.isnan()].double()
-    return float(values.quantile(0.5)) if values.numel() else math.nan
 
 
 @dataclass

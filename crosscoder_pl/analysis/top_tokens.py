@@ -16,7 +16,7 @@ import torch
 
 from crosscoder_pl.analysis.probes import content_mask, pair_models
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.analysis.taxonomy import check_eval_mode
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.hooks import residual_at
 
 CONTEXT_TOKENS = 6  # tokens shown before the firing token

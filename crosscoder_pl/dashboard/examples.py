@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from crosscoder_pl.analysis.taxonomy import check_eval_mode
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.activations import SOURCE_CODES, TokenTable
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import yaml
 
-from crosscoder_pl.analysis.taxonomy import decoder_cosine, delta_norm
+from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.examples import SOURCES, LatentExamples, Windows, example_windows, scan, turn_roles
 from crosscoder_pl.dashboard.logit_lens import LogitLens, logit_lens
