@@ -422,7 +422,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world_size = _rank(self.trainer)
         by_batch = h.rank_split == "batch"
         # "batch": the global stream on every rank (same rows, seed, batch size), sliced below.
         shard, shards, reader_seed = (0, 1, h.seed) if by_batch else (rank, world_size, h.seed + rank)

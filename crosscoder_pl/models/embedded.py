@@ -26,9 +26,7 @@ import copy
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -39,9 +37,15 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 from tqdm import tqdm
-from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
 
 from crosscoder_pl.data.sharegpt import CorpusInfo, build_embedded_corpus
+from crosscoder_pl.files import dir_mode, replace_dir
 from crosscoder_pl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -338,22 +342,13 @@ def _save_atomically(
 ) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the pair is meant to be shared like any cache
+    tmp.chmod(dir_mode())  # mkdtemp makes it private; the pair is a cache like any other, shared as the umask says
     for name, model in models_by_name.items():
         model.save_pretrained(tmp / name)
         tokenizer.save_pretrained(tmp / name)
     (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
-    if out.exists():  # --force: move the old pair aside first, so `out` is never half-written
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-        os.rename(out, old / out.name)
-        shutil.rmtree(old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "build_report.json").exists():
-            raise
-        log.info("another process built %s first; keeping its pair", out)
+    # --force, or another process finished first: the same seeded build, replaced whole (never half-written).
+    replace_dir(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:
