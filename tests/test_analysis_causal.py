@@ -326,3 +326,15 @@ def test_most_frequent_keeps_ties_in_candidate_order_for_many_candidates() -> No
     candidates = torch.arange(39, -1, -1)  # 40 candidates, 38 tied at 0: a stable sort is needed
     expected = [7, 3] + [c for c in range(39, -1, -1) if c not in (3, 7)][:28]
     assert most_frequent(candidates, frequency, 30).tolist() == expected
+
+
+def test_kl_per_position_is_the_direct_sum_and_never_negative() -> None:
+    torch.manual_seed(0)
+    clean = torch.randn(3, 5, 11).log_softmax(-1)
+    edited = torch.randn(3, 5, 11).log_softmax(-1)
+    direct = (clean.exp() * (clean - edited)).sum(-1)
+    torch.testing.assert_close(kl_per_position(clean, edited), direct)
+    # Equal distributions up to one rounding: the raw sum can land below 0; a KL cannot.
+    nudged = (clean + 1e-7 * torch.randn_like(clean)).log_softmax(-1)
+    assert (kl_per_position(clean, nudged) >= 0).all()
+    assert (kl_per_position(clean, clean) == 0).all()

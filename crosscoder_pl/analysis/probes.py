@@ -250,8 +250,10 @@ def encode_content(crosscoder: CrossCoder, residual: torch.Tensor, content: torc
 
 
 def kl_per_position(clean: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
-    """``KL(clean || edited)`` of next-token distributions given as log-probs ``[..., vocab]``: ``[...]``."""
-    return (clean.exp() * (clean - edited)).sum(-1)
+    """``KL(clean || edited)`` of next-token distributions given as log-probs ``[..., vocab]``: ``[...]``.
+
+    Clamped at 0: equal distributions sum to float noise (-3e-7 seen), and a KL is never negative."""
+    return (clean.exp() * (clean - edited)).sum(-1).clamp_min(0)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
