@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,21 +23,23 @@ from huggingface_hub import (
     constants,
     get_token,
 )
+from huggingface_hub.errors import HfHubHTTPError
 
 from crosscoder_pl.analysis.card import TAGS
 from crosscoder_pl.crosscoder import check_complete
 from crosscoder_pl.files import write_whole
+from crosscoder_pl.network import HubUnreachableError, ask_hub, timeout_advice
 
 log = logging.getLogger(__name__)
 LIBRARY = "crosscoder_pl"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-CONNECT_TIMEOUT_S = 5.0
 FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
 
 
 def check_hub_access(repo_id: str) -> str:
     """The token to push with; raises at once, naming the fix, when the repo id is malformed, offline mode is
-    on, no token is configured or the Hub's host cannot be reached (one TCP connection, ``CONNECT_TIMEOUT_S``)."""
+    on, no token is configured or the Hub gives no answer to one request within ``HF_HUB_ETAG_TIMEOUT`` s
+    (`crosscoder_pl.network.ask_hub`; the push itself would wait on a silent Hub for ever)."""
     if not isinstance(repo_id, str) or not REPO_ID.match(repo_id):
         raise ValueError(f"push_to_hub={repo_id!r} is not a hub repo id: use user/name (or organisation/name)")
     if constants.HF_HUB_OFFLINE:
@@ -54,13 +55,17 @@ def check_hub_access(repo_id: str) -> str:
         )
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    api = HfApi(endpoint=constants.ENDPOINT, token=token)
     try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as err:
+        ask_hub(lambda timeout: api.repo_info(repo_id, repo_type="model", timeout=timeout))
+    except HubUnreachableError as err:
         raise ConnectionError(
-            f"cannot push to {repo_id}: {host}:{port} is not reachable ({err}). Check the network (or HF_ENDPOINT), "
-            "or copy the artifact to a machine that reaches the Hub and push from there"
+            f"cannot push to {repo_id}: the Hub at {host}:{port} is not reachable ({err}). Check the network (or "
+            "HF_ENDPOINT), or copy the artifact to a machine that reaches the Hub and push from there; the artifact "
+            f"directory is complete as it is (it works offline); {timeout_advice()}"
         ) from err
+    except HfHubHTTPError:  # an answer (e.g. 404: the push creates the repo): the Hub is there
+        pass
     return token
 
 
@@ -91,15 +96,16 @@ def push_artifact(artifact: str | Path, repo_id: str, private: bool = False, lic
     """Upload the whole artifact to ``repo_id`` (created if missing, private on request); return its URL.
 
     The card (``README.md``) is rebuilt first with `build_card`, in place, so that the Hub gets the same files
-    as the directory holds.
+    as the directory holds. ``api``: None: one with the configured token, after `check_hub_access` (a Hub that
+    does not answer is an error within seconds).
     """
     artifact = Path(artifact)
     check_complete(artifact)
     if not (artifact / "metrics.json").is_file():
         raise FileNotFoundError(f"{artifact} has no metrics.json: run python analyze.py artifact={artifact} first")
+    api = api or HfApi(token=check_hub_access(repo_id))  # before the card is rewritten: a failure changes nothing
     card = build_card(artifact, license)
     write_whole(artifact / "README.md", lambda tmp: tmp.write_text(str(card)))
-    api = api or HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=artifact, repo_type="model",
                       commit_message=f"crosscoder_pl artifact {artifact.name}")

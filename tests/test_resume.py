@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from omegaconf import open_dict
 from test_app import compose_train
 from test_data_datamodule import datamodule
 
-from crosscoder_pl.data.datamodule import ActivationStream
+from crosscoder_pl.data.cache import write_cache
+from crosscoder_pl.data.datamodule import (
+    ActivationStream,
+    CachedActivationDataModule,
+    CachePasses,
+)
 from crosscoder_pl.training import (
     _instantiate_logger,
     resume_checkpoint,
@@ -182,12 +188,109 @@ def test_the_wandb_run_id_is_kept_in_the_output_dir(tmp_path: Path, monkeypatch:
     assert logger._wandb_init["id"] == run_id and logger._wandb_init["resume"] == "allow"
 
 
-def test_a_cached_data_module_says_its_resume_is_not_exact(tmp_path: Path) -> None:
-    from crosscoder_pl.data.cache import write_cache
-    from crosscoder_pl.data.datamodule import CachedActivationDataModule
+# ------------------------------------------------------------------------------------------------ data=cached
+@pytest.fixture()
+def cache(tmp_path: Path) -> Path:
+    """3 shards of 100 random tokens: 9 batches of 32 a pass, each pass in its own seeded order."""
+    acts = torch.randn(300, 2, 4, generator=torch.Generator().manual_seed(0))
+    return write_cache(tmp_path / "acts", [acts], 300, tokens_per_shard=100, val=torch.zeros(10, 2, 4))
 
-    write_cache(tmp_path / "acts", [torch.zeros(200, 2, 4)], 200, tokens_per_shard=100, val=torch.zeros(10, 2, 4))
-    dm = CachedActivationDataModule(tmp_path / "acts", batch_size=50)
+
+def cache_module(path: Path, **overrides) -> CachedActivationDataModule:
+    return CachedActivationDataModule(path, **({"batch_size": 32, "seed": 3} | overrides))
+
+
+def trainer_order(dm: CachedActivationDataModule) -> tuple[CachePasses, list[torch.Tensor], Iterator[torch.Tensor]]:
+    """The trainer's iterator after Lightning's first fetch (that batch), with the scale estimate's side pass then."""
+    dm.train_dataloader()
+    served = iter(dm.reader)
+    first = next(served)
+    list(islice(iter(dm.reader), 3))  # a side pass: takes a pass number, must not move the tracked position
+    return dm.reader, [first], served
+
+
+@pytest.mark.parametrize("consumed", [0, 1, 8, 9, 20])  # 8: the last batch of pass 0; 9, 20: later passes
+@pytest.mark.parametrize("prefetched", [0, 1, 2])
+def test_a_restored_cache_reader_serves_the_same_batches(cache: Path, consumed: int, prefetched: int) -> None:
+    _, first, rest = trainer_order(cache_module(cache))
+    reference = first + list(islice(rest, consumed + prefetched + 30))
+    dm = cache_module(cache)
+    reader, drawn, served = trainer_order(dm)
+    for step in range(consumed):  # the trainer takes the oldest batch drawn, drawing one when none is ahead
+        if len(drawn) == step:
+            drawn.append(next(served))
+        reader.consumed()
+    while len(drawn) < consumed + prefetched:  # and draws ahead of what it trains on (Lightning: one batch)
+        drawn.append(next(served))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, reference, strict=False))
+    resumed = cache_module(cache)
+    resumed.load_state_dict(weights_only_roundtrip(dm.state_dict()))
+    resumed.train_dataloader()
+    again = list(islice(iter(resumed.reader), len(drawn) - consumed + 30))
+    assert all(torch.equal(a, b) for a, b in zip(again, reference[consumed : consumed + len(again)], strict=True))
+    assert resumed.reader.passes >= reader.passes
+
+
+def test_a_cache_position_is_kept_under_the_same_settings_only(cache: Path) -> None:
+    dm = cache_module(cache)
+    assert dm.state_dict() == {}  # nothing read yet
+    reader, _, served = trainer_order(dm)
+    next(served)
+    reader.consumed()
     state = weights_only_roundtrip(dm.state_dict())
-    with pytest.warns(UserWarning, match="data=cached.*not an exact resume"):
-        CachedActivationDataModule(tmp_path / "acts", batch_size=50).load_state_dict(state)
+    assert set(state) == {"reader", "world_size", "rank_split", "settings"}
+    assert state["reader"] == {"passes": 2, "continue_at": [[0, 1], [0, 2]]}  # pass 1 went to the side pass
+    other = cache_module(cache, batch_size=16)
+    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"other settings \(batch_size\).*starts afresh"):
+        other.train_dataloader()
+    assert other.reader._plan == [] and other.reader.passes == 0
+    same = cache_module(cache)
+    same.load_state_dict(state)
+    same.train_dataloader()
+    assert same.reader._plan == [(0, 1)] and same.reader.passes == 2
+    old = cache_module(cache)  # a checkpoint written before the position was kept
+    old.load_state_dict({"position_saved": False})
+    with pytest.warns(UserWarning, match="does not hold the cache reader's position"):
+        old.train_dataloader()
+
+
+CACHED_RUN = ["data=cached", "data.batch_size=64", "model_pair.base=embedded-tiny:base",
+              "model_pair.chat=embedded-tiny:chat", "model_pair.layer=1", "crosscoder.n_latents=64", "crosscoder.k=4",
+              "crosscoder.k_start=8", "crosscoder.k_anneal_steps=10", "crosscoder.scale_tokens=256",
+              "trainer.max_steps=120", "trainer.val_check_interval=40", "callbacks.checkpoint.every_n_train_steps=5",
+              "analysis.causal.enabled=false", "analysis.splice.enabled=false"]
+
+
+def test_sigkill_then_resume_from_a_cache_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """The same with ``data=cached``: a cache of 2,048 tokens written by cache_activations.py (32 batches a pass,
+    so the 120 steps cross passes), a run killed with SIGKILL at a random moment after its first checkpoint."""
+    acts = tmp_path / "acts"
+    written = subprocess.run(
+        [sys.executable, "cache_activations.py", *CACHED_RUN[2:5], "data.seq_len=64", "data.val_tokens=256",
+         "data.batch_size=256", "data.buffer_tokens=2048", "data.n_probes=4", f"out={acts}", "n_tokens=2048",
+         "tokens_per_shard=512", f"hydra.run.dir={tmp_path / 'cache_run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert written.returncode == 0, written.stderr[-3000:]
+    args = [sys.executable, "train.py", *CACHED_RUN, f"data.path={acts}"]
+    whole = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run_dir / "checkpoints" / "last.ckpt", first)
+        time.sleep(random.uniform(0.0, 1.5))
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.communicate()
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
+    print(f"killed after the checkpoint of step {step}")
+    resumed = subprocess.run([*args, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    assert "not an exact resume" not in resumed.stderr and "starts afresh" not in resumed.stderr
+    weights = [(d / "artifact" / "model.safetensors").read_bytes() for d in (run_dir, tmp_path / "whole")]
+    assert weights[0] == weights[1]

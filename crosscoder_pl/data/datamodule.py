@@ -517,13 +517,89 @@ def write_activation_cache(
     return path
 
 
+class CachePasses(IterableDataset):
+    """Endless batches of a cache reader, pass after pass (pass ``p``: the reader's shuffle with seed ``seed + p``),
+    with the trainer's position kept for the checkpoint.
+
+    As with `ActivationStream`: the first iterator made is the trainer's; each batch it serves is noted as
+    ``(pass, batch number)``, and `consumed` drops the oldest note once the trainer has taken that batch, so
+    `state_dict` says where to continue: at the oldest batch served and not yet trained on (the trainer
+    prefetches one). A pass is a pure function of its number, so a resumed iterator re-reads that pass and skips
+    what was trained on instead of keeping batches in the checkpoint. Later iterators (the scale estimate's look
+    at the data) are side passes: untracked, but their pass numbers are drawn from the same count, as before.
+    """
+
+    def __init__(self, reader: CachedActivations):
+        self.reader = reader
+        self.passes = 0  # pass numbers handed out so far, to the trainer's iterator and to side passes
+        self._served: deque[tuple[int, int]] | None = None  # the trainer's iterator: served, not yet consumed
+        self._next = (0, 0)  # the trainer's iterator: (pass, batch number) of the batch it would serve next
+        self._plan: list[tuple[int, int]] = []  # from a checkpoint: (pass, batches to skip) to serve first
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._served is not None:
+            return self._serve([], tracked=False)
+        self._served = deque(maxlen=MAX_PREFETCH)
+        plan, self._plan = self._plan, []
+        return self._serve(plan, tracked=True)
+
+    def _serve(self, plan: list[tuple[int, int]], tracked: bool) -> Iterator[torch.Tensor]:
+        while True:
+            if plan:
+                index, skip = plan.pop(0)
+            else:
+                index, skip, self.passes = self.passes, 0, self.passes + 1
+            served = 0
+            for number, batch in enumerate(self._pass(index)):
+                if number < skip:
+                    continue
+                if tracked:
+                    self._served.append((index, number))
+                    self._next = (index, number + 1)
+                served += 1
+                yield batch
+            if not served and not skip:
+                raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
+
+    def _pass(self, index: int) -> Iterator[torch.Tensor]:
+        # The reader seeds a pass with its own counter when the pass starts (its first batch, drawn right here).
+        self.reader.passes = index
+        yield from self.reader
+
+    def consumed(self) -> None:
+        """The trainer took the oldest batch the tracked iterator served (called once per training batch)."""
+        if self._served:
+            self._served.popleft()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: the pass count and where the trainer's iterator continues, ``[[pass, batch], ...]`` (the
+        batches served but not trained on, then the next one); empty before the trainer's first batch."""
+        if self._served is None or self._next == (0, 0):
+            return {}
+        return {"passes": self.passes, "continue_at": [list(at) for at in (*self._served, self._next)]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (a `state_dict`) at the next iterator made; before any is made."""
+        if self._served is not None:
+            raise RuntimeError("load_state_dict must come before the cache is iterated")
+        if not state:
+            return
+        self.passes = int(state["passes"])
+        plan: list[tuple[int, int]] = []
+        for index, number in state["continue_at"]:  # consecutive batches: the first of each pass is where it resumes
+            if not plan or plan[-1][0] != index:
+                plan.append((int(index), int(number)))
+        self._plan = plan
+
+
 class CachedActivationDataModule(L.LightningDataModule):
     """Paired activations read from a cache written by `write_activation_cache` (``data=cached``).
 
     Validation reads the cache's held-out set. Given a ``model_pair``, the cache must come from the same
     models and layer. Training batches are float32 on the CPU (Lightning moves them). ``rank_split`` (DDP):
     ``"batch"``: every rank reads every shard and keeps its slice of each global batch (`RankSlice`), exactly
-    the single-process batches; ``"documents"``: each rank reads its own shards.
+    the single-process batches; ``"documents"``: each rank reads its own shards. A checkpoint holds the reader's
+    position (`CachePasses`), so a resumed run trains on the very batches the interrupted one would have.
     """
 
     def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
@@ -535,6 +611,8 @@ class CachedActivationDataModule(L.LightningDataModule):
         self.model_pair = model_pair
         if model_pair is not None:
             self._check_pair(model_pair)
+        self.reader: CachePasses | None = None
+        self._reader_state: dict[str, Any] | None = None  # from a checkpoint, applied in train_dataloader
 
     def _check_pair(self, pair: Any) -> None:
         expected = {"base_id": pair.base_id, "chat_id": pair.chat_id, "layer": pair.layer}
@@ -549,25 +627,67 @@ class CachedActivationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        if h.rank_split == "batch":
-            dataset = RankSlice(CachedActivations(h.path, h.batch_size * world_size, h.seed), rank, world_size)
+        by_batch = h.rank_split == "batch"
+        if by_batch:
+            self.reader = CachePasses(CachedActivations(h.path, h.batch_size * world_size, h.seed))
         else:
-            dataset = CachedActivations(h.path, h.batch_size, h.seed, rank, world_size)
+            self.reader = CachePasses(CachedActivations(h.path, h.batch_size, h.seed, rank, world_size))
+        if self._reader_state is not None:
+            self._restore(self._reader_state, world_size)
+            self._reader_state = None
+        dataset = RankSlice(self.reader, rank, world_size) if by_batch else self.reader
         workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
-        return DataLoader(Endless(dataset), batch_size=None, **workers)
+        return DataLoader(dataset, batch_size=None, **workers)
 
     def val_dataloader(self) -> DataLoader:
         return _batches_of(self.heldout_activations(), self.hparams.batch_size, *_rank(self.trainer))
 
-    # The cache reader's position is not saved (yet): say so on resume rather than restart silently.
+    # Resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() before train_dataloader().
     def state_dict(self) -> dict[str, Any]:
-        return {"position_saved": False}
+        """The reader's position (`CachePasses.state_dict`) and what it means, for the checkpoint."""
+        if self.reader is None:
+            return {}
+        if self.hparams.num_workers > 0:
+            rank_zero_warn("data.num_workers > 0: the workers' positions in the cache are not in the checkpoint; a "
+                           "resumed run restarts its pass (use num_workers=0 for an exact resume)")
+            return {}
+        world_size = self.trainer.world_size if self.trainer else 1
+        return {"reader": self.reader.state_dict(), "world_size": world_size, "rank_split": self.hparams.rank_split,
+                "settings": self._reader_settings()}
+
+    def _reader_settings(self) -> dict[str, Any]:
+        """What a position means: the same batches of the same cache (its shards, by checksum), in the same order."""
+        shards = [[shard["file"], shard.get("sha256")] for shard in self.meta["shards"]]
+        return {"batch_size": self.hparams.batch_size, "seed": self.hparams.seed, "shards": shards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("position_saved") is False:
+        self._reader_state = state_dict or None
+
+    def _restore(self, state: Mapping[str, Any], world_size: int) -> None:
+        saved = (state.get("world_size", 1), state.get("rank_split"))
+        if "reader" not in state:  # a checkpoint of an earlier version
             rank_zero_warn("data=cached: the checkpoint does not hold the cache reader's position; the resumed run "
-                           "reads the cache from the start of a pass (not an exact resume; data=embedded/papergrade "
-                           "streams resume exactly)")
+                           "reads the cache from the start of a pass")
+        elif saved != (world_size, self.hparams.rank_split):
+            rank_zero_warn(f"the checkpoint's cache reader ran with world_size={saved[0]}, rank_split={saved[1]}; this "
+                           f"run has world_size={world_size}, rank_split={self.hparams.rank_split}: the reader starts "
+                           "afresh instead of continuing exactly")
+        elif world_size > 1 and self.hparams.rank_split == "documents":
+            # The checkpoint holds rank 0's position only; with "batch" every rank's reader is rank 0's.
+            rank_zero_warn("rank_split=documents under DDP: the ranks' positions in the cache are not all in the "
+                           "checkpoint; the reader starts afresh (rank_split=batch resumes exactly)")
+        elif state.get("settings") != self._reader_settings():
+            changed = sorted(k for k, v in self._reader_settings().items() if state.get("settings", {}).get(k) != v)
+            rank_zero_warn(f"the checkpoint's cache reader had other settings ({', '.join(changed)}): the reader "
+                           "starts afresh instead of continuing exactly")
+        else:
+            self.reader.load_state_dict(state["reader"])
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called once per batch the trainer takes, after its one-batch prefetch: what the checkpoint must replay.
+        if self.trainer is not None and self.trainer.training and self.reader is not None:
+            self.reader.consumed()
+        return batch
 
     def heldout_activations(self) -> torch.Tensor:
         """The cache's held-out tokens ``[n, 2, d_model]``, with their `TokenTable` when the cache stores one."""

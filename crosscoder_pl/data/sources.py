@@ -4,6 +4,8 @@ One code path for Hub datasets and local files: every source is
 ``load_dataset(path, name=..., data_files=..., split=..., streaming=True)``. Papergrade reads
 ``HuggingFaceFW/fineweb-edu`` (name ``sample-10BT``, field ``text``) and ``lmsys/lmsys-chat-1m`` (field
 ``conversation``); the embedded corpus is ``path="json"`` with a ``data_files`` glob (`embedded_source`).
+A hub dataset is asked for once before `load_dataset` (`check_hub_source`): a hub that does not answer is an
+error within ``HF_HUB_ETAG_TIMEOUT`` seconds that says how to run offline, not minutes of retries.
 
 Rows become model input strings. A web row is its text field. A chat row is rendered with the chat model's
 chat template, without the template's leading BOS: tokenisation adds one BOS to every sequence, web or
@@ -29,15 +31,25 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 from datasets import IterableDataset, interleave_datasets, load_dataset
+from datasets import config as datasets_config
 from datasets.distributed import split_dataset_by_node
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from crosscoder_pl.data.sharegpt import build_embedded_corpus
+from crosscoder_pl.network import (
+    HubUnreachableError,
+    ask_hub,
+    hub_offline,
+    timeout_advice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +90,63 @@ class SourceUnavailableError(RuntimeError):
 
 
 def load_rows(source: SourceConfig) -> IterableDataset:
-    """The raw rows of ``source``, streamed."""
+    """The raw rows of ``source``, streamed. A hub dataset is first asked for once (`check_hub_source`), so that a
+    hub that does not answer is an error within seconds rather than minutes of `datasets`' retries."""
+    check_hub_source(source)
     try:
         return load_dataset(
             source.path, name=source.name, data_files=source.data_files, split=source.split, streaming=True
         )
     except (OSError, StopIteration) as error:  # auth, gating, network (OSError); no file matching data_files
         # (datasets' json builder reads the first file to infer the columns: StopIteration when there is none)
-        tried = f"path={source.path!r}, name={source.name!r}, split={source.split!r}, data_files={source.data_files!r}"
         if source.data_files is None:
             fix = (
                 f"If it is gated (as lmsys/lmsys-chat-1m is), accept its terms on https://huggingface.co/datasets/"
                 f"{source.path} and log in with `huggingface-cli login` or set HF_TOKEN; check the network "
-                "connection; or train on the embedded corpus instead (data=embedded)."
+                f"connection; or {_run_offline(source)}"
             )
         else:
             fix = "Check that the files exist; the embedded corpus is built by crosscoder_pl.data.sharegpt."
         reason = str(error) or "no file matches data_files"
-        raise SourceUnavailableError(f"Could not load the text source ({tried}): {reason}. {fix}") from error
+        raise SourceUnavailableError(f"Could not load the text source ({_tried(source)}): {reason}. {fix}") from error
+
+
+def is_hub_dataset(source: SourceConfig) -> bool:
+    """Whether `datasets` looks ``source.path`` up on the hub: ``user/name`` that is no local path (a builder such
+    as ``json`` or ``parquet`` has no slash)."""
+    return source.path.count("/") == 1 and not source.path.startswith((".", "/", "~")) and not Path(source.path).exists()
+
+
+def check_hub_source(source: SourceConfig) -> None:
+    """For a hub dataset when not offline: one request for its info, given up on after ``HF_HUB_ETAG_TIMEOUT`` s
+    (`crosscoder_pl.network.ask_hub`); `SourceUnavailableError` saying how to run offline when the hub does not
+    answer. An answered error (not found, gated) is left to `load_dataset`, which names it."""
+    if not is_hub_dataset(source) or hub_offline():
+        return
+    api = HfApi(endpoint=datasets_config.HF_ENDPOINT)
+    try:
+        ask_hub(lambda timeout: api.dataset_info(source.path, timeout=timeout))
+    except HubUnreachableError as err:
+        raise SourceUnavailableError(
+            f"Could not load the text source ({_tried(source)}): the Hugging Face hub at {datasets_config.HF_ENDPOINT} "
+            f"was asked for it and gave {err}. Check the network connection; or {_run_offline(source)}; "
+            f"{timeout_advice()}."
+        ) from err
+    except HfHubHTTPError:
+        pass
+
+
+def _tried(source: SourceConfig) -> str:
+    return f"path={source.path!r}, name={source.name!r}, split={source.split!r}, data_files={source.data_files!r}"
+
+
+def _run_offline(source: SourceConfig) -> str:
+    return (
+        f"run offline: download its files once where the hub is reachable (hf download {source.path} "
+        "--repo-type dataset --include '<files>' --local-dir DIR) and read them locally (for data.web or "
+        "data.chat: path=parquet, name=null, data_files='DIR/<files>'), or train on the embedded corpus "
+        "(data=embedded, the default of `python train.py`)"
+    )
 
 
 def web_text(value: object) -> tuple[str | None, str | None]:

@@ -8,8 +8,9 @@ A model name is one of:
 - ``embedded:base`` / ``embedded:chat`` (the embedded default pair) or ``embedded-tiny:base`` /
   ``embedded-tiny:chat``, built locally on first use by :func:`ensure_embedded_pair`;
 - a Hugging Face hub id such as ``google/gemma-2-2b``: read from the local cache when it is there, else
-  downloaded. When that is impossible (hub unreachable, gated repo, no token) loading fails within
-  seconds with a RuntimeError saying what to do, instead of retrying for minutes.
+  downloaded. When that is impossible (hub unreachable or silent, gated repo, no token) loading fails within
+  ``HF_HUB_ETAG_TIMEOUT`` seconds (`crosscoder_pl.network`) with a RuntimeError saying how to run offline,
+  instead of retrying for minutes.
 
 A pair is checked from its configs and tokenizers before any weights load (:func:`check_pair`): every
 mismatch is named in one ValueError.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from transformers import (
 
 from crosscoder_pl.hooks import check_layer
 from crosscoder_pl.models.embedded import ensure_embedded_pair
+from crosscoder_pl.network import ask_hub, hub_offline, timeout_advice
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def _from_pretrained(loader: type, name: str, token: str | None, gguf_file: str 
         return loader.from_pretrained(name, token=token, local_files_only=True, **kwargs)
     except OSError:
         log.info("%s is not in the local Hugging Face cache; downloading it", name)
-    if _offline():
+    if hub_offline():
         raise RuntimeError(_hub_failure(name, "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache"))
     _probe_hub(name, token)
     try:
@@ -243,26 +244,21 @@ def _from_pretrained(loader: type, name: str, token: str | None, gguf_file: str 
 
 
 def _probe_hub(name: str, token: str | None) -> None:
-    """One request without retries: from_pretrained retries each file for ~25 s when the hub is unreachable."""
+    """One request without retries, given up on after HF_HUB_ETAG_TIMEOUT s (`crosscoder_pl.network`):
+    from_pretrained retries a silent hub for minutes."""
     try:
-        huggingface_hub.model_info(name, token=token, timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as err:  # the transport's error types depend on the huggingface_hub version
+        ask_hub(lambda timeout: huggingface_hub.model_info(name, token=token, timeout=timeout))
+    except Exception as err:  # unreachable (HubUnreachableError), or answered: not found, gated, no access
         raise RuntimeError(_hub_failure(name, f"{type(err).__name__}: {err}")) from err
-
-
-def _offline() -> bool:
-    # Read at call time: huggingface_hub reads these variables only once, at import.
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return huggingface_hub.constants.HF_HUB_OFFLINE or any(
-        flag and flag.upper() in {"1", "ON", "YES", "TRUE"} for flag in flags
-    )
 
 
 def _hub_failure(name: str, reason: str) -> str:
     return (
         f"could not load {name!r}: it is not a local directory, so it was looked up as a Hugging Face hub id "
-        f"and could not be downloaded from https://huggingface.co/{name} ({reason}). The hub may be unreachable "
-        "from this machine, or the model gated: accept its licence on the model page, then log in with "
-        "`hf auth login` (formerly `huggingface-cli login`) or set HF_TOKEN (or pass token=...). "
-        "Without network, use a local directory or the embedded pair (embedded:base / embedded:chat)."
+        f"and could not be downloaded from {huggingface_hub.constants.ENDPOINT}/{name} ({reason}). The hub may be "
+        "unreachable from this machine, or the model gated: accept its licence on the model page, then log in with "
+        "`hf auth login` (formerly `huggingface-cli login`) or set HF_TOKEN (or pass token=...). To run offline: "
+        f"download it once where the hub is reachable (hf download {name}) and set HF_HUB_OFFLINE=1 to use that "
+        "cached copy, or set model_pair.base / model_pair.chat to local directories (save_pretrained), or use the "
+        f"embedded pair (embedded:base / embedded:chat, the default of `python train.py`); {timeout_advice()}."
     )
