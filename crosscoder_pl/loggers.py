@@ -24,13 +24,39 @@ def wandb_logged_in() -> bool:
         return False
 
 
+# Seconds wandb.init waits for the W&B server before it gives up (wandb's own default: 90).
+WANDB_INIT_TIMEOUT = 25.0
+
+
 def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
-    """A WandbLogger that logs online when logged in and offline otherwise (``wandb sync`` uploads later)."""
+    """A WandbLogger that logs online when logged in and offline otherwise (``wandb sync`` uploads later).
+
+    Online, ``wandb.init`` gives up after ``WANDB_INIT_TIMEOUT`` seconds (or the environment's
+    ``WANDB_INIT_TIMEOUT``, or ``settings.init_timeout`` passed here) instead of wandb's 90."""
     if offline is None:
         offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_logged_in()
     if offline:
         log.info("W&B: no API key found, logging offline (run `wandb login`, then `wandb sync` to upload)")
+    else:
+        kwargs["settings"] = _with_init_timeout(kwargs.get("settings"))
+        log.info("W&B: logging online; if the server does not answer within %.0f s the run stops (WANDB_MODE=offline "
+                 "logs offline, `wandb sync` uploads later)", kwargs["settings"].init_timeout)
     return WandbLogger(offline=offline, **kwargs)
+
+
+def _with_init_timeout(settings: Any) -> Any:
+    """``settings`` (a ``wandb.Settings``, a dict or None) with an ``init_timeout``: the caller's, else the
+    environment's ``WANDB_INIT_TIMEOUT``, else `WANDB_INIT_TIMEOUT`."""
+    import wandb
+
+    if settings is None:
+        settings = wandb.Settings()
+    elif isinstance(settings, Mapping):
+        settings = wandb.Settings(**settings)
+    if "init_timeout" not in settings.model_fields_set:
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT))
+        settings = settings.model_copy(update={"init_timeout": timeout})
+    return settings
 
 
 def card_summary(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -29,3 +29,19 @@ def test_a_netrc_entry_or_api_key_counts_as_logged_in(no_account: Path, monkeypa
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_logged_in()
     assert not wandb_logger(project="p", save_dir=str(no_account))._offline
+
+
+def test_online_wandb_gives_up_within_30_seconds(no_account: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    from crosscoder_pl.loggers import _with_init_timeout
+
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    assert _with_init_timeout(None).init_timeout <= 30  # wandb's own default is 90 s
+    assert _with_init_timeout({"init_timeout": 5}).init_timeout == 5  # the caller's choice stands
+    assert _with_init_timeout(wandb.Settings(init_timeout=7, mode="offline")).mode == "offline"
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "12")
+    assert _with_init_timeout(None).init_timeout == 12
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    logger = wandb_logger(save_dir=str(no_account))
+    assert logger._wandb_init["settings"].init_timeout == 12  # what wandb.init will get
