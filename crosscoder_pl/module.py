@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crosscoder_pl.crosscoder import LOSSES, STEP_IMPLS, CrossCoder, StepOutput, token_loss
+from crosscoder_pl.distributed import ProcessGroupReducer, Reducer
 from crosscoder_pl.metrics import FiringCounts, VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
 from crosscoder_pl.sparse import SparseCodes
@@ -116,6 +117,7 @@ class CrossCoderModule(L.LightningModule):
         needs_data = scales is None or b_dec_init == "mean" or b_enc_init == "center" or enc_init == "equal_variance"
         self.register_buffer("data_init_done", torch.tensor(not needs_data))
         self.skipped_rows = 0
+        self._ranks: Reducer | None = None  # made on the first DDP step (the process group exists by then)
 
         self.train_ve = VarianceExplained(2, d_model)
         self.val_ve = VarianceExplained(2, d_model)
@@ -134,7 +136,7 @@ class CrossCoderModule(L.LightningModule):
         k_now = k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
         dead = self.tokens_since_fired >= hp.dead_after_tokens  # [F], before this step's batch
         out = self.crosscoder.step(x, k_now, dead, loss=hp.loss, aux_coef=hp.aux_coef, k_aux=self.k_aux,
-                                   impl=hp.step_impl)
+                                   impl=hp.step_impl, reducer=self._reducer())
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite loss {out.loss.item()} at step {self.global_step} (recon={out.recon.item()}, "
@@ -146,6 +148,14 @@ class CrossCoderModule(L.LightningModule):
         self.train_ve.update(out.x.detach(), out.x_hat.detach())
         self._log_train(out, dead, k_now)
         return out.loss
+
+    def _reducer(self) -> Reducer | None:
+        """The step's collectives under DDP (global BatchTopK and batch means); None on one process."""
+        if self.trainer.world_size == 1:
+            return None
+        if self._ranks is None:
+            self._ranks = ProcessGroupReducer()  # the world group the DDP strategy started
+        return self._ranks
 
     @torch.no_grad()
     def _update_dead(self, codes: SparseCodes | torch.Tensor) -> None:
@@ -164,15 +174,16 @@ class CrossCoderModule(L.LightningModule):
     def _update_threshold(self, min_kept: torch.Tensor) -> None:
         """From step ``threshold_start_step`` on, θ = bias-corrected EMA of the smallest kept score per batch.
 
+        ``min_kept`` is the global batch's (under DDP the step's selection is global and returns it on every
+        rank), so θ is the same on every rank and equal to the single-process θ.
+
         The EMA starts at 0 and is divided by ``1 - decay^n`` after n updates (as Adam's moments), so θ is
         a weighted mean of the scores seen so far at every step, not a first batch's value decaying slowly
         towards the truth: short runs get a calibrated threshold too.
         """
         if self.global_step < self.threshold_start_step:
             return
-        # The smallest kept score of the global batch (the union of the ranks' kept entries): the same θ on every
-        # rank, and the single-process θ whenever the ranks keep the entries one process would keep.
-        min_kept = self.all_gather(min_kept).amin().double()
+        min_kept = min_kept.detach().double()
         decay = self.hparams.threshold_decay
         finite = torch.isfinite(min_kept)  # nothing positive kept: skip the update (on device, no host sync)
         ema = torch.where(finite, decay * self.threshold_ema + (1 - decay) * min_kept, self.threshold_ema)
@@ -298,9 +309,11 @@ class CrossCoderModule(L.LightningModule):
 
     def _log_train(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
         n_tokens = out.active.shape[0]
+        # The loss parts are the global batch's already (CrossCoder.step); the ranks keep unequal shares of the
+        # global BatchTopK, so L0 is averaged over them (equal slices: the global batch's L0).
+        self.log("train/l0", out.active.l0().float().mean(), sync_dist=self.trainer.world_size > 1)
         self.log_dict({
             "train/loss": out.loss, "train/loss_recon": out.recon, "train/loss_aux": out.aux,
-            "train/l0": out.active.l0().float().mean(),
             "train/dead_frac": dead.float().mean(),
             "train/k": float(k_now),
             "train/threshold": self.crosscoder.threshold,
