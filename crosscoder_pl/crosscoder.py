@@ -47,7 +47,7 @@ class StepOutput:
     term under the loss option, ``aux`` the AuxK error normalised by its target's (dimensionless: 1 = the
     dead latents explain none of the residual, 0 when no latent is dead), ``unit`` the loss of predicting
     the batch mean, which puts AuxK in the reconstruction term's units under either loss option.
-    Under DDP (a reducer spanning several ranks) ``loss``, ``recon``, ``aux``, ``unit`` and ``min_kept`` hold the
+    Under DDP (a reducer spanning several ranks) ``loss``, ``recon``, ``aux``, ``unit``, ``min_kept`` and ``n_tokens`` hold the
     global batch's values on every rank, while ``loss``'s gradient is this rank's share (DDP's average over ranks
     is the global batch's gradient); ``active``, ``x`` and ``x_hat`` are this rank's tokens.
     The codes come in coordinate form (``active``: what the training loop reads, without a ``[batch, F]``
@@ -62,6 +62,7 @@ class StepOutput:
     x: torch.Tensor  # [batch, n_models, d_model] normalised input
     x_hat: torch.Tensor  # [batch, n_models, d_model] its reconstruction
     min_kept: torch.Tensor  # [] smallest positive kept score (inf if none): what the threshold tracks
+    n_tokens: int  # tokens of the (global) batch: batch on one process, summed over ranks under DDP
 
     @cached_property
     def codes(self) -> torch.Tensor:
@@ -288,6 +289,7 @@ class CrossCoder(nn.Module):
             dead_idx = None
         forward = self._forward_sparse if impl == "sparse" else self._forward_dense
         group = distributed(reducer)
+        n_global = x_n.shape[0]
         if group is None:
             active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux)
             recon = token_loss(x_n - x_hat, loss).mean()
@@ -302,7 +304,7 @@ class CrossCoder(nn.Module):
             active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux, (group, n_keep))
             recon, aux, unit = _global_terms(x_n, x_hat, e_hat, x_mean, n_global, loss, group)
         total = recon + aux_coef * aux * unit
-        return StepOutput(total, recon, aux, unit, active, x_n, x_hat, min_kept)
+        return StepOutput(total, recon, aux, unit, active, x_n, x_hat, min_kept, n_global)
 
     def _forward_dense(
         self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int,

@@ -143,7 +143,7 @@ class CrossCoderModule(L.LightningModule):
                 f"aux={out.aux.item()}); lower crosscoder.lr (now {hp.lr}) or check the activations' scale "
                 f"(scales={self.crosscoder.scales.tolist()})"
             )
-        self._update_dead(out.active)
+        self._update_dead(out.active, out.n_tokens)
         self._update_threshold(out.min_kept)
         self.train_ve.update(out.x.detach(), out.x_hat.detach())
         self._log_train(out, dead, k_now)
@@ -158,16 +158,17 @@ class CrossCoderModule(L.LightningModule):
         return self._ranks
 
     @torch.no_grad()
-    def _update_dead(self, codes: SparseCodes | torch.Tensor) -> None:
+    def _update_dead(self, codes: SparseCodes | torch.Tensor, n_tokens: int | None = None) -> None:
         """Advance the per-latent "tokens since last fired" counters by this step's batch (all ranks); ``codes``
-        in coordinate form (what the step returns: no ``[batch, F]`` pass) or dense ``[batch, F]``."""
+        in coordinate form (what the step returns: no ``[batch, F]`` pass) or dense ``[batch, F]``; ``n_tokens``:
+        the global batch's tokens (``StepOutput.n_tokens``; default: this rank's times the world size)."""
         if isinstance(codes, torch.Tensor):
             codes = SparseCodes.from_dense(codes)
         fired = codes.fired()
         gathered = self.all_gather(fired)
         if gathered.dim() == 2:  # [world, F] under DDP
             fired = gathered.any(0)
-        tokens = codes.shape[0] * self.trainer.world_size
+        tokens = codes.shape[0] * self.trainer.world_size if n_tokens is None else n_tokens
         self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + tokens)
 
     @torch.no_grad()
@@ -308,10 +309,10 @@ class CrossCoderModule(L.LightningModule):
         return x.float()
 
     def _log_train(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
-        n_tokens = out.active.shape[0]
         # The loss parts are the global batch's already (CrossCoder.step); the ranks keep unequal shares of the
-        # global BatchTopK, so L0 is averaged over them (equal slices: the global batch's L0).
-        self.log("train/l0", out.active.l0().float().mean(), sync_dist=self.trainer.world_size > 1)
+        # global BatchTopK, so L0 (positive codes per token of the global batch) sums their shares.
+        l0_share = out.active.l0().sum().float() / out.n_tokens
+        self.log("train/l0", l0_share, sync_dist=self.trainer.world_size > 1, reduce_fx="sum")
         self.log_dict({
             "train/loss": out.loss, "train/loss_recon": out.recon, "train/loss_aux": out.aux,
             "train/dead_frac": dead.float().mean(),
@@ -319,7 +320,7 @@ class CrossCoderModule(L.LightningModule):
             "train/threshold": self.crosscoder.threshold,
             "train/skipped_rows": float(self.skipped_rows),
         })
-        self._window_tokens += n_tokens * self.trainer.world_size
+        self._window_tokens += out.n_tokens
         now = time.perf_counter()
         if self._window_start is None:
             self._window_start = now

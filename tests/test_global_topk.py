@@ -140,7 +140,7 @@ def _run(cc: CrossCoder, x: torch.Tensor, sizes: list[int] | None, impl: str, lo
         offset = 0 if reducer is None else part.start
         kept = sorted(zip((out.active.rows + offset).tolist(), out.active.cols.tolist()))
         return {"kept": kept, "values": out.active.values.detach(), "min_kept": out.min_kept, "grads": grads,
-                **{name: getattr(out, name).detach() for name in ("loss", "recon", "aux", "unit")},
+                **{name: getattr(out, name).detach() for name in ("loss", "recon", "aux", "unit")}, "n": out.n_tokens,
                 "calls": 0 if reducer is None else reducer.calls}
 
     return [rank(None)] if sizes is None else run_ranks(len(sizes), rank)
@@ -166,6 +166,7 @@ def test_two_ranks_compute_the_single_process_step(impl: str, loss: str, sizes: 
         assert len(ranks[0]["kept"]) != k * sizes[0]
     for r in ranks:
         assert torch.equal(r["min_kept"], one["min_kept"])
+        assert r["n"] == one["n"] == 64
         for name in ("loss", "recon", "aux", "unit"):
             torch.testing.assert_close(r[name], one[name], rtol=RTOL, atol=ATOL, msg=name)
     assert float(one["aux"]) > 0  # AuxK acted

@@ -423,6 +423,9 @@ def test_dead_counters_count_tokens_since_firing_on_any_rank() -> None:
     attach(module, world_size=2, others=[other_fired])
     module._update_dead(codes)
     assert module.tokens_since_fired.tolist() == [14, 0, 14, 14, 0, 14, 0, 14]
+    # the step's global token count, when given (ranks holding unequal slices): 5 tokens in all
+    module._update_dead(codes, n_tokens=5)
+    assert module.tokens_since_fired.tolist() == [19, 0, 19, 19, 0, 19, 0, 19]
 
 
 def test_threshold_skips_batches_with_nothing_positive() -> None:
@@ -734,6 +737,7 @@ def test_threshold_update_builds_no_autograd_graph() -> None:
 
 
 def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monkeypatch) -> None:
+    import dataclasses
     from types import SimpleNamespace
 
     import crosscoder_pl.module as module_file
@@ -751,6 +755,7 @@ def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monk
             module.log = lambda name, value, record=record, **kw: record.__setitem__(name, float(value))
             with torch.no_grad():
                 out = module.crosscoder.step(x, 4)
+            out = dataclasses.replace(out, n_tokens=x.shape[0] * world_size)  # the global count, as under DDP
             module.train_ve.update(out.x.detach(), out.x_hat.detach())
             module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
         windows = {step for step, values in logged.items() if "train/tokens_per_sec" in values}
