@@ -126,7 +126,7 @@ def keep_global_top(scores: torch.Tensor, n_keep: int, reducer: Reducer) -> tupl
         prefix = prefix * n_bins + digit
         match &= digits == digit
     ties = keys == prefix
-    before = reducer.all_gather(ties.sum())[: reducer.rank].sum()  # ties held by the lower ranks
+    before = reducer.all_gather(ties.sum()[None])[: reducer.rank].sum()  # ties held by the lower ranks
     tie_rank = ties.long().cumsum(0) - 1 + before  # this tie's place among all ranks' ties
     keep = (keys > prefix) | (ties & (tie_rank < remaining))
     cut = prefix.to(key_dtype).view(scores.dtype)  # the n_keep-th largest score itself
