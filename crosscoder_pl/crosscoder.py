@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crosscoder_pl.distributed import Reducer, distributed, keep_global_top
 from crosscoder_pl.files import write_whole
 from crosscoder_pl.sparse import SparseCodes, decode_sparse, pre_acts_at, select_batch_topk
 
@@ -46,6 +47,9 @@ class StepOutput:
     term under the loss option, ``aux`` the AuxK error normalised by its target's (dimensionless: 1 = the
     dead latents explain none of the residual, 0 when no latent is dead), ``unit`` the loss of predicting
     the batch mean, which puts AuxK in the reconstruction term's units under either loss option.
+    Under DDP (a reducer spanning several ranks) ``loss``, ``recon``, ``aux``, ``unit``, ``min_kept`` and ``n_tokens`` hold the
+    global batch's values on every rank, while ``loss``'s gradient is this rank's share (DDP's average over ranks
+    is the global batch's gradient); ``active``, ``x`` and ``x_hat`` are this rank's tokens.
     The codes come in coordinate form (``active``: what the training loop reads, without a ``[batch, F]``
     pass); ``codes`` makes the dense ``[batch, F]`` tensor on first use.
     """
@@ -58,6 +62,7 @@ class StepOutput:
     x: torch.Tensor  # [batch, n_models, d_model] normalised input
     x_hat: torch.Tensor  # [batch, n_models, d_model] its reconstruction
     min_kept: torch.Tensor  # [] smallest positive kept score (inf if none): what the threshold tracks
+    n_tokens: int  # tokens of the (global) batch: batch on one process, summed over ranks under DDP
 
     @cached_property
     def codes(self) -> torch.Tensor:
@@ -181,6 +186,22 @@ class CrossCoder(nn.Module):
         codes = torch.zeros_like(flat_f).scatter(0, idx, flat_f.gather(0, idx))
         return codes.view_as(f), min_kept.detach()
 
+    def _batch_topk_global(self, f: torch.Tensor, group: Reducer, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch_topk` of the global batch under DDP, ``f [batch, F]`` being this rank's pre-activations: the
+        codes of this rank's entries among the ``n_keep`` highest scores over all ranks, and the global
+        ``min_kept``. Candidates: this rank's positive (or NaN) scores among its own top ``n_keep``, in flat order
+        (:func:`crosscoder_pl.distributed.keep_global_top` says why they suffice)."""
+        flat_f = f.reshape(-1)
+        values, idx = self.scores(f).reshape(-1).topk(min(n_keep, flat_f.numel()), sorted=False)
+        candidate = (values > 0) | values.isnan()
+        idx, values = idx[candidate], values[candidate]
+        order = idx.argsort()
+        idx, values = idx[order], values[order]
+        keep, min_kept = keep_global_top(values, n_keep, group)
+        idx = idx[keep]
+        codes = torch.zeros_like(flat_f).scatter(0, idx, flat_f.gather(0, idx))
+        return codes.view_as(f), min_kept.detach()
+
     def threshold_codes(self, f: torch.Tensor) -> torch.Tensor:
         """Inference encoding: keep every entry whose score exceeds ``threshold``; ``[..., F]``."""
         return f * (self.scores(f) > self.threshold)
@@ -234,6 +255,7 @@ class CrossCoder(nn.Module):
         aux_coef: float = 1 / 32,
         k_aux: int = 1,
         impl: str = "sparse",
+        reducer: Reducer | None = None,
     ) -> StepOutput:
         """One training step's loss and everything reported about it (docs/method.md, "Loss").
 
@@ -249,6 +271,11 @@ class CrossCoder(nn.Module):
                 selection, decoder rows gathered, gradients of the active entries only); ``"dense"`` multiplies
                 all F latents (the reference). Both keep the same entries and give the same loss and
                 gradients up to float summation order (docs/method.md, "Sparse step").
+            reducer: the collectives of data-parallel training (:mod:`crosscoder_pl.distributed`), ``x`` being this
+                rank's slice of the global batch: BatchTopK keeps the ``k * B_global`` highest scores of the global
+                batch and every mean over the batch is the global one, so that the ranks together compute the
+                single-process step on the global batch (docs/method.md, "Data parallelism"). None, or a world of
+                one: the single-process step, without any collective.
         """
         if self.folded:
             raise RuntimeError("a folded crosscoder is for inference; train the unfolded one (CrossCoder.fold copies)")
@@ -261,21 +288,34 @@ class CrossCoder(nn.Module):
         if dead_idx is not None and dead_idx.numel() == 0:
             dead_idx = None
         forward = self._forward_sparse if impl == "sparse" else self._forward_dense
-        active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux)
-        recon = token_loss(x_n - x_hat, loss).mean()
-        unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
-        aux = recon.new_zeros(()) if e_hat is None else self.aux_error((x_n - x_hat).detach(), e_hat, loss)
+        group = distributed(reducer)
+        n_global = x_n.shape[0]
+        if group is None:
+            active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux)
+            recon = token_loss(x_n - x_hat, loss).mean()
+            unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
+            aux = recon.new_zeros(()) if e_hat is None else self.aux_error((x_n - x_hat).detach(), e_hat, loss)
+        else:
+            # One collective for the global batch size (a host int: the selection's size) and the inputs' mean.
+            sums = group.all_reduce(torch.cat([x_n.new_full((1,), x_n.shape[0]), x_n.sum(0).flatten()]).double())
+            n_global = int(sums[0].item())
+            x_mean = (sums[1:] / n_global).to(x_n.dtype).view_as(x_n[0])
+            n_keep = min(k * n_global, n_global * self.n_latents)
+            active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux, (group, n_keep))
+            recon, aux, unit = _global_terms(x_n, x_hat, e_hat, x_mean, n_global, loss, group)
         total = recon + aux_coef * aux * unit
-        return StepOutput(total, recon, aux, unit, active, x_n, x_hat, min_kept)
+        return StepOutput(total, recon, aux, unit, active, x_n, x_hat, min_kept, n_global)
 
     def _forward_dense(
-        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int
+        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int,
+        ranks: tuple[Reducer, int] | None = None,
     ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The reference: all F latents through the decoder. Returns the kept entries, ``min_kept``, the
         reconstruction ``x_hat`` and AuxK's reconstruction of the residual ``e_hat`` (None without dead latents),
-        both ``[batch, n_models, d_model]``."""
+        both ``[batch, n_models, d_model]``. ``ranks``: the reducer and the number of entries the global BatchTopK
+        keeps, under DDP."""
         f = self._pre_acts_normalised(x_n)  # [batch, F]
-        codes, min_kept = self.batch_topk(f, k)
+        codes, min_kept = self.batch_topk(f, k) if ranks is None else self._batch_topk_global(f, *ranks)
         x_hat = self.decode(codes, normalised=True)
         e_hat = None
         if dead_idx is not None:
@@ -284,7 +324,8 @@ class CrossCoder(nn.Module):
         return SparseCodes.from_dense(codes), min_kept, x_hat, e_hat
 
     def _forward_sparse(
-        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int
+        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int,
+        ranks: tuple[Reducer, int] | None = None,
     ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`_forward_dense` computed from the kept entries: the encoder's matmul is the only ``[batch, F]``
         product; selection, decoding and the backward touch the kept entries (and AuxK's dead columns) only."""
@@ -294,7 +335,13 @@ class CrossCoder(nn.Module):
         with torch.no_grad():
             pre = self._encoder_affine(x_n)  # [batch, F], before the ReLU; no autograd graph
             weight = self.decoder_norms().sum(-1)  # [F] the score weight, as in scores()
-            flat, _, min_kept = select_batch_topk(pre, weight, k)
+            if ranks is None:
+                flat, _, min_kept = select_batch_topk(pre, weight, k)
+            else:  # this rank's top k * B_global, then the global cut among all ranks' candidates
+                group, n_keep = ranks
+                flat, scores, _ = select_batch_topk(pre, weight, k, n_keep=n_keep)
+                keep, min_kept = keep_global_top(scores, n_keep, group)
+                flat = flat[keep]
             rows, cols = flat.div(self.n_latents, rounding_mode="floor"), flat.remainder(self.n_latents)
         dead_cols = torch.zeros(0, dtype=torch.long, device=pre.device) if dead_idx is None else dead_idx
         values, f_dead = pre_acts_at(x_flat, W_enc, self.b_enc, pre, rows, cols, dead_cols)
@@ -405,6 +452,45 @@ class CrossCoder(nn.Module):
             raise TypeError(f"CrossCoder expects a floating-point tensor [..., {want[0]}, {want[1]}], got {_describe(x)}")
         if x.dim() < 2 or tuple(x.shape[-2:]) != want:
             raise ValueError(f"CrossCoder expects activations [..., {want[0]}, {want[1]}], got shape {tuple(x.shape)}")
+
+
+def _global_terms(
+    x_n: torch.Tensor, x_hat: torch.Tensor, e_hat: torch.Tensor | None, x_mean: torch.Tensor, n_global: int,
+    loss: str, group: Reducer,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``recon``, ``aux``, ``unit`` of the global batch from this rank's tokens (the single-process formulas of
+    :meth:`CrossCoder.step` and :meth:`CrossCoder.aux_error` with every mean over the batch taken over all ranks).
+
+    Each value is the global one; each gradient is this rank's share, ``world / B_global`` times the sum over its
+    tokens, so that DDP's mean of the ranks' gradients is the gradient of the mean over the global batch (even
+    when the ranks hold unequal numbers of tokens, as after dropping non-finite rows). Collectives: one of
+    ``2 + n_models * d_model`` sums (reconstruction and unit error sums, and the residual's sum when AuxK acts), and
+    one of 2 sums (AuxK's error and baseline) when AuxK acts.
+    """
+    share = group.world_size / n_global
+    residual = (x_n - x_hat).detach()
+    per_token = token_loss(x_n - x_hat, loss)  # [batch]
+    unit_sum = token_loss(x_n - x_mean, loss).sum()
+    parts = [per_token.detach().sum()[None], unit_sum[None]]
+    if e_hat is not None:
+        parts.append(residual.sum(0).flatten())
+    sums = group.all_reduce(torch.cat(parts).double())
+    recon = _valued(per_token.sum() * share, sums[0] / n_global)
+    unit = (sums[1] / n_global).to(x_n.dtype)
+    if e_hat is None:
+        return recon, recon.new_zeros(()), unit
+    residual_mean = (sums[2:] / n_global).to(residual.dtype).view_as(residual[0])
+    aux_per_token = token_loss(residual - e_hat, loss)  # [batch]
+    base_sum = token_loss(residual - residual_mean, loss).sum()
+    aux_sums = group.all_reduce(torch.stack([aux_per_token.detach().sum(), base_sum]).double())
+    baseline = (aux_sums[1] / n_global).clamp_min(1e-12)
+    aux = _valued(aux_per_token.sum() * share / baseline.to(x_n.dtype), aux_sums[0] / n_global / baseline)
+    return recon, aux, unit
+
+
+def _valued(local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A tensor with ``local``'s gradient and ``value``'s value (the global one, computed without autograd)."""
+    return local + (value.to(local.dtype) - local).detach()
 
 
 def _check_sizes(d_model: int, n_latents: int, k: int, n_models: int) -> None:

@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crosscoder_pl.crosscoder import LOSSES, STEP_IMPLS, CrossCoder, StepOutput, token_loss
+from crosscoder_pl.distributed import ProcessGroupReducer, Reducer
 from crosscoder_pl.metrics import FiringCounts, VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
 from crosscoder_pl.sparse import SparseCodes
@@ -116,6 +117,7 @@ class CrossCoderModule(L.LightningModule):
         needs_data = scales is None or b_dec_init == "mean" or b_enc_init == "center" or enc_init == "equal_variance"
         self.register_buffer("data_init_done", torch.tensor(not needs_data))
         self.skipped_rows = 0
+        self._ranks: Reducer | None = None  # made on the first DDP step (the process group exists by then)
 
         self.train_ve = VarianceExplained(2, d_model)
         self.val_ve = VarianceExplained(2, d_model)
@@ -134,35 +136,47 @@ class CrossCoderModule(L.LightningModule):
         k_now = k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
         dead = self.tokens_since_fired >= hp.dead_after_tokens  # [F], before this step's batch
         out = self.crosscoder.step(x, k_now, dead, loss=hp.loss, aux_coef=hp.aux_coef, k_aux=self.k_aux,
-                                   impl=hp.step_impl)
+                                   impl=hp.step_impl, reducer=self._reducer())
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite loss {out.loss.item()} at step {self.global_step} (recon={out.recon.item()}, "
                 f"aux={out.aux.item()}); lower crosscoder.lr (now {hp.lr}) or check the activations' scale "
                 f"(scales={self.crosscoder.scales.tolist()})"
             )
-        self._update_dead(out.active)
+        self._update_dead(out.active, out.n_tokens)
         self._update_threshold(out.min_kept)
         self.train_ve.update(out.x.detach(), out.x_hat.detach())
         self._log_train(out, dead, k_now)
         return out.loss
 
+    def _reducer(self) -> Reducer | None:
+        """The step's collectives under DDP (global BatchTopK and batch means); None on one process."""
+        if self.trainer.world_size == 1:
+            return None
+        if self._ranks is None:
+            self._ranks = ProcessGroupReducer()  # the world group the DDP strategy started
+        return self._ranks
+
     @torch.no_grad()
-    def _update_dead(self, codes: SparseCodes | torch.Tensor) -> None:
+    def _update_dead(self, codes: SparseCodes | torch.Tensor, n_tokens: int | None = None) -> None:
         """Advance the per-latent "tokens since last fired" counters by this step's batch (all ranks); ``codes``
-        in coordinate form (what the step returns: no ``[batch, F]`` pass) or dense ``[batch, F]``."""
+        in coordinate form (what the step returns: no ``[batch, F]`` pass) or dense ``[batch, F]``; ``n_tokens``:
+        the global batch's tokens (``StepOutput.n_tokens``; default: this rank's times the world size)."""
         if isinstance(codes, torch.Tensor):
             codes = SparseCodes.from_dense(codes)
         fired = codes.fired()
         gathered = self.all_gather(fired)
         if gathered.dim() == 2:  # [world, F] under DDP
             fired = gathered.any(0)
-        tokens = codes.shape[0] * self.trainer.world_size
+        tokens = codes.shape[0] * self.trainer.world_size if n_tokens is None else n_tokens
         self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + tokens)
 
     @torch.no_grad()
     def _update_threshold(self, min_kept: torch.Tensor) -> None:
         """From step ``threshold_start_step`` on, θ = bias-corrected EMA of the smallest kept score per batch.
+
+        ``min_kept`` is the global batch's (under DDP the step's selection is global and returns it on every
+        rank), so θ is the same on every rank and equal to the single-process θ.
 
         The EMA starts at 0 and is divided by ``1 - decay^n`` after n updates (as Adam's moments), so θ is
         a weighted mean of the scores seen so far at every step, not a first batch's value decaying slowly
@@ -170,9 +184,7 @@ class CrossCoderModule(L.LightningModule):
         """
         if self.global_step < self.threshold_start_step:
             return
-        # The smallest kept score of the global batch (the union of the ranks' kept entries): the same θ on every
-        # rank, and the single-process θ whenever the ranks keep the entries one process would keep.
-        min_kept = self.all_gather(min_kept).amin().double()
+        min_kept = min_kept.detach().double()
         decay = self.hparams.threshold_decay
         finite = torch.isfinite(min_kept)  # nothing positive kept: skip the update (on device, no host sync)
         ema = torch.where(finite, decay * self.threshold_ema + (1 - decay) * min_kept, self.threshold_ema)
@@ -297,17 +309,20 @@ class CrossCoderModule(L.LightningModule):
         return x.float()
 
     def _log_train(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
-        n_tokens = out.active.shape[0]
         # Only on the steps the logger writes (Lightning keeps the last value of the others): self.log costs
-        # more than a demo step's selection, and the L0 a pass over the codes.
+        # more than a demo step's selection, and the L0 a pass over the codes. The step is the same on every rank,
+        # so the ranks meet in the same collectives.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.global_step + 1 == self.trainer.max_steps:
             self._log_step(out, dead, k_now)
-        self._log_window(n_tokens)
+        self._log_window(out.n_tokens)
 
     def _log_step(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
+        # The loss parts are the global batch's already (CrossCoder.step); the ranks keep unequal shares of the
+        # global BatchTopK, so L0 (positive codes per token of the global batch) sums their shares.
+        l0_share = out.active.l0().sum().float() / out.n_tokens
+        self.log("train/l0", l0_share, sync_dist=self.trainer.world_size > 1, reduce_fx="sum")
         self.log_dict({
             "train/loss": out.loss, "train/loss_recon": out.recon, "train/loss_aux": out.aux,
-            "train/l0": out.active.l0().float().mean(),
             "train/dead_frac": dead.float().mean(),
             "train/k": float(k_now),
             "train/threshold": self.crosscoder.threshold,
@@ -315,8 +330,8 @@ class CrossCoderModule(L.LightningModule):
         })
 
     def _log_window(self, n_tokens: int) -> None:
-        """Training VE and tokens/s over the last ``metrics_window_steps`` steps."""
-        self._window_tokens += n_tokens * self.trainer.world_size
+        """Training VE and tokens/s over the last ``metrics_window_steps`` steps; ``n_tokens``: the global batch's."""
+        self._window_tokens += n_tokens
         now = time.perf_counter()
         if self._window_start is None:
             self._window_start = now

@@ -65,7 +65,7 @@ class SparseCodes:
 
 @torch.no_grad()
 def select_batch_topk(
-    pre: torch.Tensor, weight: torch.Tensor, k: int, sample_size: int = SAMPLE_SIZE
+    pre: torch.Tensor, weight: torch.Tensor, k: int, sample_size: int = SAMPLE_SIZE, n_keep: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchTopK's selection from pre-activations, exactly as the flat top-k over ``relu(pre) * weight`` keeps it.
 
@@ -74,6 +74,8 @@ def select_batch_topk(
         weight: the score weight of each latent ``[F]`` (the sum of its decoder norms, >= 0).
         k: ``k * batch`` entries are kept over the whole batch.
         sample_size: scores drawn to place the first-stage threshold (only speed depends on it).
+        n_keep: entries to keep instead of ``k * batch`` (under DDP: the global batch's ``k * B_global``, so that
+            this rank's candidates hold every entry the global cut can keep; :func:`crosscoder_pl.distributed.keep_global_top`).
     Returns:
         ``flat [nnz]``: the kept entries with a positive (or NaN) score, as flat indices into ``[batch, F]`` in
         ascending (row-major) order; ``scores [nnz]``: their scores; ``min_kept``: the smallest positive
@@ -101,7 +103,7 @@ def select_batch_topk(
     if n == 0:
         empty = pre.new_zeros(0)
         return empty.long(), empty, pre.new_full((), math.inf)
-    n_keep = min(k * n_rows, n)
+    n_keep = min(k * n_rows if n_keep is None else n_keep, n)
     flat_pre = pre.reshape(-1)
     for threshold in _thresholds(flat_pre, weight, n_keep, sample_size):
         flat, scores = _candidates(pre, weight, threshold)

@@ -424,9 +424,12 @@ def test_dead_counters_count_tokens_since_firing_on_any_rank() -> None:
     attach(module, world_size=2, others=[other_fired])
     module._update_dead(codes)
     assert module.tokens_since_fired.tolist() == [14, 0, 14, 14, 0, 14, 0, 14]
+    # the step's global token count, when given (ranks holding unequal slices): 5 tokens in all
+    module._update_dead(codes, n_tokens=5)
+    assert module.tokens_since_fired.tolist() == [19, 0, 19, 19, 0, 19, 0, 19]
 
 
-def test_threshold_skips_batches_with_nothing_positive_and_takes_the_ranks_minimum() -> None:
+def test_threshold_skips_batches_with_nothing_positive() -> None:
     module = CrossCoderModule(d_model=16, n_latents=8, k=2, threshold_decay=0.5, threshold_start_step=2)
     theta = module.crosscoder.threshold
     attach(module, global_step=1)._update_threshold(torch.tensor(3.0))
@@ -435,14 +438,14 @@ def test_threshold_skips_batches_with_nothing_positive_and_takes_the_ranks_minim
     assert float(theta) == -1.0 and int(module.threshold_updates) == 0 and float(module.threshold_ema) == 0.0
     attach(module, global_step=3)._update_threshold(torch.tensor(4.0))
     assert float(module.threshold_ema) == 2.0 and int(module.threshold_updates) == 1 and float(theta) == 4.0
-    attach(module, world_size=2, global_step=4, others=[torch.tensor(2.0)])._update_threshold(torch.tensor(4.0))
-    # the smallest kept score of the global batch, 2: e = 0.5 * 2 + 0.5 * 2 = 2, θ = 2 / (1 - 0.5^2)
+    # Under DDP the step's min_kept is already the global batch's (tests/test_global_topk.py): taken as is.
+    attach(module, world_size=2, global_step=4, others=[torch.tensor(9.0)])._update_threshold(torch.tensor(2.0))
+    # e = 0.5 * 2 + 0.5 * 2 = 2, θ = 2 / (1 - 0.5^2)
     assert float(module.threshold_ema) == 2.0 and int(module.threshold_updates) == 2
     assert float(theta) == pytest.approx(2.0 / 0.75)
     attach(module, global_step=5)._update_threshold(torch.tensor(float("inf")))
     assert float(theta) == pytest.approx(2.0 / 0.75) and int(module.threshold_updates) == 2
-    # a rank that kept nothing positive (inf) does not stop the others' update: e = 0.5 * 2 + 0.5 * 6 = 4
-    attach(module, world_size=2, global_step=6, others=[torch.tensor(6.0)])._update_threshold(torch.tensor(float("inf")))
+    attach(module, world_size=2, global_step=6)._update_threshold(torch.tensor(6.0))  # e = 0.5 * 2 + 0.5 * 6 = 4
     assert float(module.threshold_ema) == 4.0 and int(module.threshold_updates) == 3
 
 
@@ -735,6 +738,7 @@ def test_threshold_update_builds_no_autograd_graph() -> None:
 
 
 def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monkeypatch) -> None:
+    import dataclasses
     from types import SimpleNamespace
 
     import crosscoder_pl.module as module_file
@@ -752,6 +756,7 @@ def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monk
             module.log = lambda name, value, record=record, **kw: record.__setitem__(name, float(value))
             with torch.no_grad():
                 out = module.crosscoder.step(x, 4)
+            out = dataclasses.replace(out, n_tokens=x.shape[0] * world_size)  # the global count, as under DDP
             module.train_ve.update(out.x.detach(), out.x_hat.detach())
             module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
         windows = {step for step, values in logged.items() if "train/tokens_per_sec" in values}
@@ -773,6 +778,7 @@ def test_step_metrics_are_logged_on_the_steps_the_logger_writes_and_the_last() -
         attach(module, global_step=step)
         module._trainer.log_every_n_steps, module._trainer.max_steps = 3, 7
         module.log_dict = lambda values, step=step, **kw: logged.setdefault(step, set()).update(values)
+        module.log = lambda name, value, step=step, **kw: logged.setdefault(step, set()).add(name)
         with torch.no_grad():
             out = module.crosscoder.step(x, 4)
         module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
