@@ -272,11 +272,12 @@ def _key_problems(cls: type[Checked], node: Any, at: str) -> tuple[list[str], di
     params = target_parameters(target) if target else None
     allowed = {*names, *HYDRA_KEYS, *(params or ())} if not cls.OPEN or params is not None else None
     problems, valid = [], {}
+    candidates = [*names, *sorted((params or set()) - set(names))]
     for key in node:
         if allowed is not None and key not in allowed:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = difflib.get_close_matches(str(key), candidates, n=1)
             problems.append(f"unknown key {_join(at, key)}" + (f" (did you mean {_join(at, close[0])}?)" if close else ""))
-            valid[at or "the top level"] = names
+            valid[at or "the top level"] = names + ([f"any other argument of {target}"] if params is not None else [])
     for f in fields(cls):
         if not _has(node, f.name):
             if f.default is MISSING and f.default_factory is MISSING:
@@ -700,7 +701,7 @@ class RunConfig(Checked):
     def from_hydra(cls, cfg: Mapping[str, Any]) -> RunConfig:
         """The typed view of a composed training config (after Hydra composition, before anything is built).
         Unknown top-level keys are refused; the groups of `UNTYPED_KEYS` are left to their targets."""
-        typed = {f.name for f in fields(cls)}
+        typed = [f.name for f in fields(cls)]
         unknown = [k for k in cfg if k not in typed and k not in UNTYPED_KEYS]
         if unknown:
             close = {k: difflib.get_close_matches(str(k), [*typed, *UNTYPED_KEYS], n=1) for k in unknown}
