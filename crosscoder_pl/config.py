@@ -44,11 +44,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key, the value and the fix."""
 
 
-def rule(default: Any = MISSING, *, doc: str, ge: float | None = None, gt: float | None = None,
-         le: float | None = None, lt: float | None = None) -> Any:
-    """A field with its meaning (``doc``, shown in errors) and the range of its numbers (each number, for lists)."""
+def rule(*, doc: str, ge: float | None = None, gt: float | None = None, le: float | None = None,
+         lt: float | None = None) -> dict[str, Any]:
+    """A field's metadata: its meaning (``doc``, shown in errors) and the range of its numbers (each number, for
+    lists): ``k: int = field(metadata=rule(doc="latents kept per token", ge=1))``."""
     bounds = {name: v for name, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    return field(default=default, metadata={"doc": doc, "bounds": bounds})
+    return {"doc": doc, "bounds": bounds}
 
 
 # ------------------------------------------------------------------------------------------- the checking
@@ -61,6 +62,7 @@ class Checked:
     KEY: ClassVar[str] = ""
     TARGET: ClassVar[str | None] = None  # the ``_target_`` this group configures (None: none)
     OPEN: ClassVar[bool] = False  # also takes every other argument of its ``_target_`` (unchecked here)
+    UNTYPED: ClassVar[tuple[str, ...]] = ()  # keys taken but not typed here (their targets check them)
     at: InitVar[str | None] = None
 
     def __post_init__(self, at: str | None) -> None:
@@ -77,9 +79,6 @@ class Checked:
 
     def check(self) -> None:
         """The rules between fields (overridden by the groups that have some)."""
-
-    def doc(self, name: str) -> str:
-        return type(self).__dataclass_fields__[name].metadata.get("doc", "")
 
     @classmethod
     def from_mapping(cls, node: Mapping[str, Any], at: str | None = None) -> Checked:
@@ -224,7 +223,7 @@ def _kind(value: Any) -> str:
 
 def _frozen(value: Any) -> Any:
     """Lists as tuples and mappings as read-only views: a frozen group cannot change through its fields either."""
-    if isinstance(value, Checked) or isinstance(value, (str, bytes)):
+    if isinstance(value, (Checked, str, bytes)):
         return value
     if isinstance(value, Mapping):
         return types.MappingProxyType({k: _frozen(v) for k, v in value.items()})
@@ -270,14 +269,15 @@ def _key_problems(cls: type[Checked], node: Any, at: str) -> tuple[list[str], di
     names = [f.name for f in fields(cls)]
     target = node.get("_target_") if cls.OPEN else None
     params = target_parameters(target) if target else None
-    allowed = {*names, *HYDRA_KEYS, *(params or ())} if not cls.OPEN or params is not None else None
+    # An open group whose target takes any keyword (or names none) has no unknown keys.
+    allowed = None if cls.OPEN and params is None else {*names, *cls.UNTYPED, *HYDRA_KEYS, *(params or ())}
     problems, valid = [], {}
-    candidates = [*names, *sorted((params or set()) - set(names))]
+    candidates = [*names, *cls.UNTYPED, *sorted((params or set()) - set(names))]
     for key in node:
         if allowed is not None and key not in allowed:
             close = difflib.get_close_matches(str(key), candidates, n=1)
             problems.append(f"unknown key {_join(at, key)}" + (f" (did you mean {_join(at, close[0])}?)" if close else ""))
-            valid[at or "the top level"] = names + ([f"any other argument of {target}"] if params is not None else [])
+            valid[at or "the top level"] = [*names, *cls.UNTYPED] + ([f"any other argument of {target}"] if params else [])
     for f in fields(cls):
         if not _has(node, f.name):
             if f.default is MISSING and f.default_factory is MISSING:
@@ -328,13 +328,13 @@ def _construct(cls: type[Checked], node: Mapping[str, Any], at: str) -> Checked:
 
 
 def _has(node: Mapping[str, Any], key: str) -> bool:
-    return key in node.keys()  # a DictConfig's `in` is False for a ``???`` value, which `_construct` reports
+    return key in node.keys()  # noqa: SIM118 (a DictConfig's `in` is False for a ``???`` value, reported later)
 
 
 def _raw(node: Any, key: str) -> Any:
     """``node[key]`` without resolving it (a ``???`` or an interpolation is read later, by `_construct`)."""
     if isinstance(node, DictConfig):
-        return node._get_node(key)  # noqa: SLF001 (OmegaConf's own accessor of an unresolved child)
+        return node._get_node(key)  # OmegaConf's accessor of an unresolved child
     return node[key]
 
 
@@ -369,30 +369,47 @@ class CrossCoderConfig(Checked):
     KEY: ClassVar[str] = "crosscoder"
     TARGET: ClassVar[str] = "crosscoder_pl.module.CrossCoderModule"
 
-    k: int = rule(doc="latents kept per token (BatchTopK k) at the end of the annealing, e.g. 64", ge=1)
-    n_latents: int | None = rule(None, doc="the dictionary size (null: expansion * d_model)", ge=1)
-    expansion: int | None = rule(None, doc="latents per d_model dimension (null: use n_latents)", ge=1)
-    k_start: int | None = rule(None, doc="k at step 0, annealed down to k (null: k)", ge=1)
-    k_anneal_steps: int = rule(0, doc="the steps over which k goes from k_start down to k (0: no annealing)", ge=0)
-    lr: float = rule(1e-4, doc="Adam's learning rate, e.g. 1e-4", gt=0)
-    betas: tuple[float, float] = rule((0.9, 0.999), doc="Adam's betas, e.g. [0.9, 0.999]", ge=0, lt=1)
-    lr_decay_frac: float = rule(0.2, doc="the last fraction of the steps over which the lr decays to 0", ge=0, le=1)
-    aux_coef: float = rule(1 / 32, doc="weight of the AuxK loss (1/32; 0 turns it off)", ge=0)
-    k_aux: int | None = rule(None, doc="dead latents AuxK uses per token (null: d_model / 2)", ge=1)
-    dead_after_tokens: int = rule(10_000_000, doc="tokens without firing after which a latent is dead", ge=1)
-    threshold_decay: float = rule(0.999, doc="EMA decay of the inference threshold, e.g. 0.999", gt=0, lt=1)
-    threshold_start_step: int | None = rule(None, doc="first step that updates the threshold (null: end of k annealing)", ge=0)
-    scales: tuple[float, float] | None = rule(None, doc="per-model scales [base, chat] (null: estimated)", gt=0)
-    scale_tokens: int = rule(8192, doc="tokens the scales and bias inits are estimated from", ge=1)
-    scale_by: Literal["mean_norm", "std"] = rule("mean_norm", doc="what the estimated scales equalise")
-    b_dec_init: Literal["mean", "zeros"] = rule("mean", doc="the decoder bias's start")
-    b_enc_init: Literal["center", "zeros"] = rule("center", doc="the encoder bias's start")
-    enc_init: Literal["equal_variance", "transpose"] = rule("transpose", doc="the encoder's start")
-    dec_init_norm: float = rule(0.08, doc="the norm of each decoder row at init, e.g. 0.08", gt=0)
-    loss: Literal["mse", "l2"] = rule("mse", doc="the reconstruction loss (crosscoder_pl.crosscoder.LOSSES)")
-    step_impl: Literal["sparse", "dense"] = rule("sparse", doc="the training step (crosscoder_pl.crosscoder.STEP_IMPLS)")
-    metrics_window_steps: int = rule(
-        50, doc="the steps pooled by the training variance explained and tokens/s (e.g. 50)", ge=1)
+    k: int = field(metadata=rule(doc="latents kept per token (BatchTopK k) at the end of the annealing, e.g. 64", ge=1))
+    n_latents: int | None = field(
+        default=None, metadata=rule(doc="the dictionary size (null: expansion * d_model)", ge=1))
+    expansion: int | None = field(
+        default=None, metadata=rule(doc="latents per d_model dimension (null: use n_latents)", ge=1))
+    k_start: int | None = field(default=None, metadata=rule(doc="k at step 0, annealed down to k (null: k)", ge=1))
+    k_anneal_steps: int = field(
+        default=0, metadata=rule(doc="the steps over which k goes from k_start down to k (0: no annealing)", ge=0))
+    lr: float = field(default=1e-4, metadata=rule(doc="Adam's learning rate, e.g. 1e-4", gt=0))
+    betas: tuple[float, float] = field(
+        default=(0.9, 0.999), metadata=rule(doc="Adam's betas, e.g. [0.9, 0.999]", ge=0, lt=1))
+    lr_decay_frac: float = field(
+        default=0.2, metadata=rule(doc="the last fraction of the steps over which the lr decays to 0", ge=0, le=1))
+    aux_coef: float = field(default=1 / 32, metadata=rule(doc="weight of the AuxK loss (1/32; 0 turns it off)", ge=0))
+    k_aux: int | None = field(
+        default=None, metadata=rule(doc="dead latents AuxK uses per token (null: d_model / 2)", ge=1))
+    dead_after_tokens: int = field(
+        default=10_000_000, metadata=rule(doc="tokens without firing after which a latent is dead", ge=1))
+    threshold_decay: float = field(
+        default=0.999, metadata=rule(doc="EMA decay of the inference threshold, e.g. 0.999", gt=0, lt=1))
+    threshold_start_step: int | None = field(
+        default=None, metadata=rule(doc="first step that updates the threshold (null: end of k annealing)", ge=0))
+    scales: tuple[float, float] | None = field(
+        default=None, metadata=rule(doc="per-model scales [base, chat] (null: estimated)", gt=0))
+    scale_tokens: int = field(
+        default=8192, metadata=rule(doc="tokens the scales and bias inits are estimated from", ge=1))
+    scale_by: Literal["mean_norm", "std"] = field(
+        default="mean_norm", metadata=rule(doc="what the estimated scales equalise"))
+    b_dec_init: Literal["mean", "zeros"] = field(default="mean", metadata=rule(doc="the decoder bias's start"))
+    b_enc_init: Literal["center", "zeros"] = field(default="center", metadata=rule(doc="the encoder bias's start"))
+    enc_init: Literal["equal_variance", "transpose"] = field(
+        default="transpose", metadata=rule(doc="the encoder's start"))
+    dec_init_norm: float = field(
+        default=0.08, metadata=rule(doc="the norm of each decoder row at init, e.g. 0.08", gt=0))
+    loss: Literal["mse", "l2"] = field(
+        default="mse", metadata=rule(doc="the reconstruction loss (crosscoder_pl.crosscoder.LOSSES)"))
+    step_impl: Literal["sparse", "dense"] = field(
+        default="sparse", metadata=rule(doc="the training step (crosscoder_pl.crosscoder.STEP_IMPLS)"))
+    metrics_window_steps: int = field(
+        default=50,
+        metadata=rule(doc="the steps pooled by the training variance explained and tokens/s (e.g. 50)", ge=1))
 
     def check(self) -> None:
         if self.n_latents is None and self.expansion is None:
@@ -438,11 +455,12 @@ class TextSourceConfig(Checked):
     """``data.web`` / ``data.chat`` without a target: `crosscoder_pl.data.sources.SourceConfig`'s fields."""
 
     KEY: ClassVar[str] = "data.web"
-    path: str = rule(doc="a hub dataset id or a datasets builder (json, parquet, ...)")
-    field: str = rule(doc="the row field holding the text (web) or the conversation (chat)")
-    name: str | None = rule(None, doc="the dataset's configuration name")
-    split: str = rule("train", doc="the split read")
-    data_files: str | list[str] | None = rule(None, doc="files or globs (path=json, parquet, ...)")
+    path: str = field(metadata=rule(doc="a hub dataset id or a datasets builder (json, parquet, ...)"))
+    field: str = field(metadata=rule(doc="the row field holding the text (web) or the conversation (chat)"))
+    name: str | None = dataclasses.field(default=None, metadata=rule(doc="the dataset's configuration name"))
+    split: str = dataclasses.field(default="train", metadata=rule(doc="the split read"))
+    data_files: str | list[str] | None = dataclasses.field(
+        default=None, metadata=rule(doc="files or globs (path=json, parquet, ...)"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -451,7 +469,7 @@ class EmbeddedSourceConfig(Checked):
 
     KEY: ClassVar[str] = "data.web"
     TARGET: ClassVar[str] = "crosscoder_pl.data.sources.embedded_source"
-    source: Literal["web", "chat"] = rule(doc="the corpus half")
+    source: Literal["web", "chat"] = field(metadata=rule(doc="the corpus half"))
 
 
 Source = TextSourceConfig | EmbeddedSourceConfig | Mapping[str, Any]
@@ -486,22 +504,32 @@ class StreamDataConfig(Checked):
     KEY: ClassVar[str] = "data"
     TARGET: ClassVar[str] = "crosscoder_pl.data.datamodule.ActivationDataModule"
 
-    web: Source = rule(doc="the web source")
-    chat: Source = rule(doc="the chat source")
-    mix: dict[str, float] | tuple[float, float] = rule((0.5, 0.5), doc="the web/chat document mix, summing to 1")
-    seed: int = rule(0, doc="the mix's and the shuffle buffer's seed")
-    seq_len: int = rule(1024, doc="tokens per sequence, BOS included", ge=2)
-    batch_size: int = rule(4096, doc="tokens per crosscoder step", ge=1)
-    text_batch_size: int = rule(16, doc="sequences per language-model forward", ge=1)
-    buffer_tokens: int = rule(2**18, doc="the shuffle buffer's size in tokens (at least twice batch_size)", ge=1)
-    val_tokens: int = rule(8192, doc="the held-out tokens of validation and of the end-of-training analyses (e.g. 16384)", ge=1)
-    heldout_fraction: float = rule(0.01, doc="the share of documents held out (by hash) for validation", gt=0, lt=1)
-    outlier_factor: float | None = rule(None, doc="drop tokens whose norm exceeds this multiple of the median (null: keep all)", gt=0)
-    padding_side: Literal["left", "right"] = rule("right", doc="where sequences are padded")
-    num_workers: int = rule(0, doc="DataLoader workers (0: the main process, needed for an exact resume)", ge=0)
-    n_probes: int = rule(32, doc="held-out sequences of the causal and splice-in analyses", ge=1)
-    probe_len: int = rule(64, doc="tokens per probe sequence, BOS included", ge=2)
-    rank_split: Literal["batch", "documents"] = rule("batch", doc="how DDP ranks share the data")
+    web: Source = field(metadata=rule(doc="the web source"))
+    chat: Source = field(metadata=rule(doc="the chat source"))
+    mix: dict[str, float] | tuple[float, float] = field(
+        default=(0.5, 0.5), metadata=rule(doc="the web/chat document mix, summing to 1"))
+    seed: int = field(default=0, metadata=rule(doc="the mix's and the shuffle buffer's seed"))
+    seq_len: int = field(default=1024, metadata=rule(doc="tokens per sequence, BOS included", ge=2))
+    batch_size: int = field(default=4096, metadata=rule(doc="tokens per crosscoder step", ge=1))
+    text_batch_size: int = field(default=16, metadata=rule(doc="sequences per language-model forward", ge=1))
+    buffer_tokens: int = field(
+        default=2**18, metadata=rule(doc="the shuffle buffer's size in tokens (at least twice batch_size)", ge=1))
+    val_tokens: int = field(
+        default=8192,
+        metadata=rule(doc="the held-out tokens of validation and of the end-of-training analyses (e.g. 16384)", ge=1))
+    heldout_fraction: float = field(
+        default=0.01, metadata=rule(doc="the share of documents held out (by hash) for validation", gt=0, lt=1))
+    outlier_factor: float | None = field(
+        default=None,
+        metadata=rule(doc="drop tokens whose norm exceeds this multiple of the median (null: keep all)", gt=0))
+    padding_side: Literal["left", "right"] = field(default="right", metadata=rule(doc="where sequences are padded"))
+    num_workers: int = field(
+        default=0, metadata=rule(doc="DataLoader workers (0: the main process, needed for an exact resume)", ge=0))
+    n_probes: int = field(
+        default=32, metadata=rule(doc="held-out sequences of the causal and splice-in analyses", ge=1))
+    probe_len: int = field(default=64, metadata=rule(doc="tokens per probe sequence, BOS included", ge=2))
+    rank_split: Literal["batch", "documents"] = field(
+        default="batch", metadata=rule(doc="how DDP ranks share the data"))
 
     def check(self) -> None:
         check_mix(self.mix, self.key("mix"))
@@ -525,11 +553,12 @@ class CachedDataConfig(Checked):
     KEY: ClassVar[str] = "data"
     TARGET: ClassVar[str] = "crosscoder_pl.data.datamodule.CachedActivationDataModule"
 
-    path: str = rule(doc="the activation cache written by python cache_activations.py out=DIR")
-    batch_size: int = rule(4096, doc="tokens per crosscoder step", ge=1)
-    seed: int = rule(0, doc="the shard and row order's seed")
-    num_workers: int = rule(0, doc="DataLoader workers", ge=0)
-    rank_split: Literal["batch", "documents"] = rule("batch", doc="how DDP ranks share the data")
+    path: str = field(metadata=rule(doc="the activation cache written by python cache_activations.py out=DIR"))
+    batch_size: int = field(default=4096, metadata=rule(doc="tokens per crosscoder step", ge=1))
+    seed: int = field(default=0, metadata=rule(doc="the shard and row order's seed"))
+    num_workers: int = field(default=0, metadata=rule(doc="DataLoader workers", ge=0))
+    rank_split: Literal["batch", "documents"] = field(
+        default="batch", metadata=rule(doc="how DDP ranks share the data"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -541,14 +570,20 @@ class TrainerConfig(Checked):
     TARGET: ClassVar[str] = "lightning.pytorch.Trainer"
     OPEN: ClassVar[bool] = True
 
-    max_steps: int = rule(doc="the training steps (the lr schedule and the stream need a finite run)", ge=1)
-    val_check_interval: int | str | Mapping[str, Any] | None = rule(
-        None, ge=1, doc="the training steps between validations (e.g. 500; the stream has no epochs to take a fraction of)")
-    devices: int | str | list[int] = rule("auto", doc="devices per node: a count (-1: all), 'auto' or a list of ids")
-    num_nodes: int = rule(1, doc="machines in a multi-node run", ge=1)
-    strategy: str | Mapping[str, Any] = rule("auto", doc="Lightning's strategy, e.g. auto, ddp")
-    accelerator: str | Mapping[str, Any] = rule("auto", doc="Lightning's accelerator, e.g. auto, cpu, gpu")
-    gradient_clip_val: float | None = rule(None, doc="gradient norm clipping (null: none)", ge=0)
+    max_steps: int = field(
+        metadata=rule(doc="the training steps (the lr schedule and the stream need a finite run)", ge=1))
+    val_check_interval: int | str | Mapping[str, Any] | None = field(
+        default=None,
+        metadata=rule(ge=1, doc="the training steps between validations (e.g. 500; the stream has no epochs to take a "
+                                "fraction of)"))
+    devices: int | str | list[int] = field(
+        default="auto", metadata=rule(doc="devices per node: a count (-1: all), 'auto' or a list of ids"))
+    num_nodes: int = field(default=1, metadata=rule(doc="machines in a multi-node run", ge=1))
+    strategy: str | Mapping[str, Any] = field(default="auto", metadata=rule(doc="Lightning's strategy, e.g. auto, ddp"))
+    accelerator: str | Mapping[str, Any] = field(
+        default="auto", metadata=rule(doc="Lightning's accelerator, e.g. auto, cpu, gpu"))
+    gradient_clip_val: float | None = field(
+        default=None, metadata=rule(doc="gradient norm clipping (null: none)", ge=0))
 
     def check(self) -> None:
         d = self.devices
@@ -569,14 +604,16 @@ class ModelPairConfig(Checked):
     KEY: ClassVar[str] = "model_pair"
     TARGET: ClassVar[str] = "crosscoder_pl.models.pair.load_model_pair"
 
-    base: str | None = rule(doc="the base model: a save_pretrained directory, a .gguf file or a hub id")
-    chat: str | None = rule(doc="its chat fine-tune (same kinds of name)")
-    layer: int | None = rule(doc="the hooked decoder block, 0-based (null: the middle one)", ge=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = rule("auto", doc="the language models' dtype")
-    device: str = rule("auto", doc="auto, cpu, cuda or cuda:N")
-    token: str | None = rule(None, doc="a Hugging Face token (null: the login's)")
-    seq_len: int | None = rule(None, doc="the longest sequence read, checked against the models' positions", ge=2)
-    chat_template: str | None = rule(None, doc="a Jinja chat template, or a file holding one")
+    base: str | None = field(metadata=rule(doc="the base model: a save_pretrained directory, a .gguf file or a hub id"))
+    chat: str | None = field(metadata=rule(doc="its chat fine-tune (same kinds of name)"))
+    layer: int | None = field(metadata=rule(doc="the hooked decoder block, 0-based (null: the middle one)", ge=0))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=rule(doc="the language models' dtype"))
+    device: str = field(default="auto", metadata=rule(doc="auto, cpu, cuda or cuda:N"))
+    token: str | None = field(default=None, metadata=rule(doc="a Hugging Face token (null: the login's)"))
+    seq_len: int | None = field(
+        default=None, metadata=rule(doc="the longest sequence read, checked against the models' positions", ge=2))
+    chat_template: str | None = field(default=None, metadata=rule(doc="a Jinja chat template, or a file holding one"))
 
     def check(self) -> None:
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda"):
@@ -597,11 +634,11 @@ def check_models(node: Mapping[str, Any] | ModelPairConfig) -> None:
 @dataclass(frozen=True, kw_only=True)
 class TaxonomySettings(Checked):
     KEY: ClassVar[str] = "analysis.taxonomy"
-    enabled: bool = rule(doc="classify the latents by relative decoder norm")
-    base_only_max: float = rule(doc="base_only: delta <= base_only_max", ge=0, le=1)
-    chat_only_min: float = rule(doc="chat_only: delta >= chat_only_min", ge=0, le=1)
-    shared_min: float = rule(doc="shared: shared_min <= delta < shared_max", ge=0, le=1)
-    shared_max: float = rule(doc="shared: shared_min <= delta < shared_max", ge=0, le=1)
+    enabled: bool = field(metadata=rule(doc="classify the latents by relative decoder norm"))
+    base_only_max: float = field(metadata=rule(doc="base_only: delta <= base_only_max", ge=0, le=1))
+    chat_only_min: float = field(metadata=rule(doc="chat_only: delta >= chat_only_min", ge=0, le=1))
+    shared_min: float = field(metadata=rule(doc="shared: shared_min <= delta < shared_max", ge=0, le=1))
+    shared_max: float = field(metadata=rule(doc="shared: shared_min <= delta < shared_max", ge=0, le=1))
 
     def check(self) -> None:
         order = ("base_only_max", "shared_min", "shared_max", "chat_only_min")
@@ -615,28 +652,29 @@ class TaxonomySettings(Checked):
 @dataclass(frozen=True, kw_only=True)
 class ScalingSettings(Checked):
     KEY: ClassVar[str] = "analysis.scaling"
-    enabled: bool = rule(doc="latent scaling (base uselessness) of chat-only latents")
-    max_chat_only: int = rule(doc="chat-only latents tested", ge=1)
-    max_shared: int = rule(doc="shared latents tested as the comparison group", ge=1)
-    seed: int = rule(doc="the sample's seed")
-    nu_eps_max: float = rule(doc="chat-specific: nu_eps < nu_eps_max", gt=0)
-    nu_r_max: float = rule(doc="chat-specific: nu_r < nu_r_max", gt=0)
-    top_latents: int = rule(doc="chat-specific latents listed in the card (0: none)", ge=0)
-    top_tokens: int = rule(doc="probe tokens shown per listed latent", ge=1)
+    enabled: bool = field(metadata=rule(doc="latent scaling (base uselessness) of chat-only latents"))
+    max_chat_only: int = field(metadata=rule(doc="chat-only latents tested", ge=1))
+    max_shared: int = field(metadata=rule(doc="shared latents tested as the comparison group", ge=1))
+    seed: int = field(metadata=rule(doc="the sample's seed"))
+    nu_eps_max: float = field(metadata=rule(doc="chat-specific: nu_eps < nu_eps_max", gt=0))
+    nu_r_max: float = field(metadata=rule(doc="chat-specific: nu_r < nu_r_max", gt=0))
+    top_latents: int = field(metadata=rule(doc="chat-specific latents listed in the card (0: none)", ge=0))
+    top_tokens: int = field(metadata=rule(doc="probe tokens shown per listed latent", ge=1))
 
 
 @dataclass(frozen=True, kw_only=True)
 class CausalSettings(Checked):
     KEY: ClassVar[str] = "analysis.causal"
-    enabled: bool = rule(doc="ablation-based causal equivalence of shared latents")
-    max_latents: int = rule(doc="the most frequent shared latents tested", ge=1)
-    latents_per_batch: int | None = rule(doc="latents per forward (null: as many as the memory budget allows)", ge=1)
+    enabled: bool = field(metadata=rule(doc="ablation-based causal equivalence of shared latents"))
+    max_latents: int = field(metadata=rule(doc="the most frequent shared latents tested", ge=1))
+    latents_per_batch: int | None = field(
+        metadata=rule(doc="latents per forward (null: as many as the memory budget allows)", ge=1))
 
 
 @dataclass(frozen=True, kw_only=True)
 class SpliceSettings(Checked):
     KEY: ClassVar[str] = "analysis.splice"
-    enabled: bool = rule(doc="CE / KL with the layer replaced by its reconstruction")
+    enabled: bool = field(metadata=rule(doc="CE / KL with the layer replaced by its reconstruction"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -644,12 +682,13 @@ class AnalysisConfig(Checked):
     """``analysis`` (conf/analysis): the end-of-training analyses; every key is required."""
 
     KEY: ClassVar[str] = "analysis"
-    chunk_tokens: int = rule(doc="held-out tokens encoded per step", ge=1)
-    memory_budget_mb: float | None = rule(doc="working memory of the causal and splice-in forwards (null: from the device)", gt=0)
-    taxonomy: TaxonomySettings = rule(doc="Δnorm classes")
-    scaling: ScalingSettings = rule(doc="latent scaling")
-    causal: CausalSettings = rule(doc="causal validation")
-    splice: SpliceSettings = rule(doc="splice-in evaluation")
+    chunk_tokens: int = field(metadata=rule(doc="held-out tokens encoded per step", ge=1))
+    memory_budget_mb: float | None = field(
+        metadata=rule(doc="working memory of the causal and splice-in forwards (null: from the device)", gt=0))
+    taxonomy: TaxonomySettings = field(metadata=rule(doc="Δnorm classes"))
+    scaling: ScalingSettings = field(metadata=rule(doc="latent scaling"))
+    causal: CausalSettings = field(metadata=rule(doc="causal validation"))
+    splice: SpliceSettings = field(metadata=rule(doc="splice-in evaluation"))
 
     def check(self) -> None:
         needs = [g for g in ("scaling", "causal") if getattr(self, g).enabled]
@@ -661,12 +700,10 @@ class AnalysisConfig(Checked):
 @dataclass(frozen=True, kw_only=True)
 class ObjectiveConfig(Checked):
     KEY: ClassVar[str] = "objective"
-    max_dead_frac: float = rule(0.1, doc="dead fraction above which the sweep objective is penalised", ge=0, le=1)
-    penalty: float = rule(10.0, doc="penalty per unit of dead fraction above max_dead_frac", ge=0)
-
-
-# Top-level keys that are not typed here: Hydra's, paths derived from it, and groups of targets only.
-UNTYPED_KEYS = ("hydra", "output_dir", "artifact_dir", "logger", "callbacks", "dashboard")
+    max_dead_frac: float = field(
+        default=0.1, metadata=rule(doc="dead fraction above which the sweep objective is penalised", ge=0, le=1))
+    penalty: float = field(
+        default=10.0, metadata=rule(doc="penalty per unit of dead fraction above max_dead_frac", ge=0))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -674,18 +711,26 @@ class RunConfig(Checked):
     """The composed ``conf/train.yaml``: the typed groups and the run's own settings; `check` holds the rules
     between groups. Build it with `from_hydra`."""
 
-    crosscoder: CrossCoderConfig = rule(doc="the crosscoder")
-    data: StreamDataConfig | CachedDataConfig | Mapping[str, Any] = rule(doc="the data module")
-    trainer: TrainerConfig = rule(doc="the Lightning Trainer")
-    model_pair: ModelPairConfig | Mapping[str, Any] = rule(doc="the language models")
-    analysis: AnalysisConfig = rule(doc="the end-of-training analyses")
-    objective: ObjectiveConfig = rule(ObjectiveConfig(), doc="what train.py returns to a sweeper")
-    seed: int = rule(0, doc="the run's seed")
-    threads: int | None = rule(None, doc="torch CPU threads for the run (null: torch's default, one per core)", ge=1)
-    matmul_precision: Literal["highest", "high", "medium"] = rule("high", doc="torch.set_float32_matmul_precision")
-    run_name: str = rule("crosscoder", doc="names the output directory")
-    resume: str | None = rule(None, doc="an earlier run's output dir to continue (outputs/<run_name>/<date_time>)")
-    ckpt_path: str | None = rule(None, doc="a checkpoint file to start from, or last / best / hpc")
+    # Not typed here: Hydra's node, the paths derived from it, and groups of targets only.
+    UNTYPED: ClassVar[tuple[str, ...]] = ("hydra", "output_dir", "artifact_dir", "logger", "callbacks", "dashboard")
+
+    crosscoder: CrossCoderConfig = field(metadata=rule(doc="the crosscoder"))
+    data: StreamDataConfig | CachedDataConfig | Mapping[str, Any] = field(metadata=rule(doc="the data module"))
+    trainer: TrainerConfig = field(metadata=rule(doc="the Lightning Trainer"))
+    model_pair: ModelPairConfig | Mapping[str, Any] = field(metadata=rule(doc="the language models"))
+    analysis: AnalysisConfig = field(metadata=rule(doc="the end-of-training analyses"))
+    objective: ObjectiveConfig = field(
+        default=ObjectiveConfig(), metadata=rule(doc="what train.py returns to a sweeper"))
+    seed: int = field(default=0, metadata=rule(doc="the run's seed"))
+    threads: int | None = field(
+        default=None, metadata=rule(doc="torch CPU threads for the run (null: torch's default, one per core)", ge=1))
+    matmul_precision: Literal["highest", "high", "medium"] = field(
+        default="high", metadata=rule(doc="torch.set_float32_matmul_precision"))
+    run_name: str = field(default="crosscoder", metadata=rule(doc="names the output directory"))
+    resume: str | None = field(
+        default=None, metadata=rule(doc="an earlier run's output dir to continue (outputs/<run_name>/<date_time>)"))
+    ckpt_path: str | None = field(
+        default=None, metadata=rule(doc="a checkpoint file to start from, or last / best / hpc"))
 
     def check(self) -> None:
         check_models(self.model_pair)
@@ -700,19 +745,8 @@ class RunConfig(Checked):
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> RunConfig:
         """The typed view of a composed training config (after Hydra composition, before anything is built).
-        Unknown top-level keys are refused; the groups of `UNTYPED_KEYS` are left to their targets."""
-        typed = [f.name for f in fields(cls)]
-        unknown = [k for k in cfg if k not in typed and k not in UNTYPED_KEYS]
-        if unknown:
-            close = {k: difflib.get_close_matches(str(k), [*typed, *UNTYPED_KEYS], n=1) for k in unknown}
-            shown = "; ".join(f"unknown key {k}" + (f" (did you mean {close[k][0]}?)" if close[k] else "") for k in unknown)
-            raise ConfigError(f"invalid top-level settings: {shown}. The top level takes: "
-                              f"{', '.join([*typed, *UNTYPED_KEYS])}")
-        problems, valid = _key_problems(cls, {k: _raw(cfg, k) for k in cfg if k in typed}, "")
-        if problems:
-            takes = "; ".join(f"{where} takes: {', '.join(names)}" for where, names in valid.items())
-            raise ConfigError("invalid settings: " + "; ".join(problems) + (f". {takes}" if takes else ""))
-        return _construct(cls, cfg, "")  # type: ignore[return-value]
+        Unknown top-level keys are refused; the groups of `UNTYPED` are left to their targets."""
+        return cls.from_mapping(cfg, "")  # type: ignore[return-value]
 
     def resolve(self, d_model: int) -> RunConfig:
         """With the dictionary size known (``crosscoder.expansion * d_model``), checked again."""

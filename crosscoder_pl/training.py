@@ -17,7 +17,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crosscoder_pl.callbacks.artifact import WriteArtifact
-from crosscoder_pl.config import CrossCoderConfig, RunConfig, load_run_config
+from crosscoder_pl.config import (
+    CachedDataConfig,
+    CrossCoderConfig,
+    RunConfig,
+    load_run_config,
+)
+from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
 from crosscoder_pl.recipes import check_recipe
@@ -35,11 +41,14 @@ def check_config(cfg: DictConfig) -> RunConfig:
     """Fail in seconds, before any model, tokenizer or dataset loads: the experiment against the options chosen
     next to it (`check_recipe`), every value and key of the typed groups (`crosscoder_pl.config.RunConfig`: each
     error names the key, the value and the fix), the dictionary size once d_model is read from the base model's
-    config (``crosscoder.expansion``), the checkpoint and the run to resume. Returns the typed configuration."""
+    config (``crosscoder.expansion``), an activation cache's manifest (``data=cached``), the checkpoint and the run
+    to resume. Returns the typed configuration."""
     check_recipe(cfg)  # an experiment and the options chosen next to it (crosscoder_pl.recipes)
     run = load_run_config(cfg)
     if run.crosscoder.expansion is not None:  # the config only, no weights: d_model sizes the dictionary
         run = run.resolve(read_hidden_size(cfg.model_pair.base, cfg.model_pair.get("token")))
+    if isinstance(run.data, CachedDataConfig):
+        read_meta(run.data.path)  # the activation cache's manifest (a missing or partial cache), not its shards
     check_checkpoint(run.ckpt_path)
     if run.resume is not None and not Path(run.resume).is_dir():
         raise FileNotFoundError(f"resume={run.resume}: no such run directory (pass the output dir of an earlier run, "

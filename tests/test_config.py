@@ -30,7 +30,11 @@ from crosscoder_pl.config import (
     load_run_config,
 )
 from crosscoder_pl.crosscoder import LOSSES, STEP_IMPLS
-from crosscoder_pl.data.datamodule import RANK_SPLITS, ActivationDataModule, CachedActivationDataModule
+from crosscoder_pl.data.datamodule import (
+    RANK_SPLITS,
+    ActivationDataModule,
+    CachedActivationDataModule,
+)
 from crosscoder_pl.data.sources import SOURCES, SourceConfig
 from crosscoder_pl.models.pair import DTYPES, load_model_pair
 
@@ -150,6 +154,14 @@ def test_check_config_builds_nothing(monkeypatch) -> None:
     assert training.check_config(cfg) == load_run_config(cfg)
 
 
+def test_a_missing_activation_cache_fails_at_start_up(tmp_path) -> None:
+    from crosscoder_pl.data.cache import CacheError
+    from crosscoder_pl.training import check_config
+
+    with pytest.raises(CacheError, match=r"is not a finished activation cache \(meta.json: no such directory\)"):
+        check_config(compose_train("data=cached", f"data.path={tmp_path / 'acts'}", OUT))
+
+
 def test_the_module_is_checked_by_the_same_rules() -> None:
     with pytest.raises(ConfigError, match=r"crosscoder.metrics_window_steps=0 must be an integer >= 1"):
         CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=0)
@@ -177,7 +189,7 @@ BAD = [  # overrides on +experiment=tiny, what the error must say
     (["+crosscoder.n_latent=10"], r"unknown key crosscoder.n_latent \(did you mean crosscoder.n_latents\?\)\. crosscoder takes: k, n_latents"),
     (["+data.val_token=5"], r"unknown key data.val_token \(did you mean data.val_tokens\?\)"),
     (["+trainer.max_step=5"], r"unknown key trainer.max_step \(did you mean trainer.max_steps\?\)"),
-    (["+seedd=1"], r"unknown key seedd \(did you mean seed\?\)\. The top level takes: crosscoder, data"),
+    (["+seedd=1"], r"invalid top-level settings: unknown key seedd \(did you mean seed\?\)\. the top level takes: crosscoder, data"),
     (["data=papergrade", "+data.web.feild=text"], r"unknown key data.web.feild \(did you mean data.web.field\?\)"),
     (["+data.web.path=x"], r"unknown key data.web.path\. data.web takes: source"),
     (["+model_pair.revision=main"], r"unknown key model_pair.revision"),
