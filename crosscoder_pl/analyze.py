@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from crosscoder_pl.artifact import TRAIN_CONFIG, write_artifact
+from crosscoder_pl.config import AnalysisConfig
 from crosscoder_pl.crosscoder import CrossCoder, check_complete
 from crosscoder_pl.data.datamodule import ActivationDataModule, CachedActivationDataModule
 from crosscoder_pl.data.sources import SourceConfig, embedded_source
@@ -178,6 +179,9 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     if artifact.is_dir():
         check_complete(artifact)  # an interrupted write says so before anything else
     train_cfg = read_train_config(artifact)  # refuses what this project would not build, before anything loads
+    settings = analysis_settings(cfg, train_cfg, overrides or [])
+    if not cfg.get("serve"):
+        AnalysisConfig.from_mapping(settings)  # typed and checked before the models and the data load
     crosscoder = CrossCoder.from_pretrained(artifact)
     pair = rebuild_pair(train_cfg["model_pair"], cfg.device)
     datamodule = rebuild_data(train_cfg["data"], pair)
@@ -189,7 +193,7 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         serve_artifact(artifact, crosscoder.to(device), pair, datamodule.heldout_activations, dashboard)
         return {}
     metrics = write_artifact(
-        artifact, crosscoder.to(device), datamodule, analysis_settings(cfg, train_cfg, overrides or []), train_cfg,
+        artifact, crosscoder.to(device), datamodule, settings, train_cfg,
         command=crosscoder.metadata.get("command", "python train.py"), dashboard=dashboard,
     )
     print(f"\nanalyses rewritten in {artifact.resolve()}")

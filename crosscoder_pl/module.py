@@ -24,7 +24,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from crosscoder_pl.crosscoder import LOSSES, STEP_IMPLS, CrossCoder, StepOutput, token_loss
+from crosscoder_pl.config import CrossCoderConfig
+from crosscoder_pl.crosscoder import CrossCoder, StepOutput, token_loss
 from crosscoder_pl.distributed import ProcessGroupReducer, Reducer
 from crosscoder_pl.metrics import FiringCounts, VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
@@ -99,10 +100,15 @@ class CrossCoderModule(L.LightningModule):
         super().__init__()
         k_start = k if k_start is None else k_start
         k_aux = d_model // 2 if k_aux is None else k_aux
-        _validate(n_latents=n_latents, k=k, k_start=k_start, k_aux=k_aux, lr=lr, lr_decay_frac=lr_decay_frac,
-                  aux_coef=aux_coef, loss=loss, b_dec_init=b_dec_init, b_enc_init=b_enc_init, enc_init=enc_init,
-                  scale_by=scale_by, step_impl=step_impl,
-                  threshold_decay=threshold_decay, dec_init_norm=dec_init_norm, dead_after_tokens=dead_after_tokens)
+        # Every rule about the arguments lives in the crosscoder's typed config (the ``crosscoder`` group).
+        CrossCoderConfig(
+            n_latents=n_latents, k=k, k_start=k_start, k_anneal_steps=k_anneal_steps, lr=lr, betas=betas,
+            lr_decay_frac=lr_decay_frac, aux_coef=aux_coef, k_aux=k_aux, dead_after_tokens=dead_after_tokens,
+            threshold_decay=threshold_decay, threshold_start_step=threshold_start_step, scales=scales,
+            scale_tokens=scale_tokens, scale_by=scale_by, b_dec_init=b_dec_init, b_enc_init=b_enc_init,
+            enc_init=enc_init, dec_init_norm=dec_init_norm, loss=loss, step_impl=step_impl,
+            metrics_window_steps=metrics_window_steps,
+        )
         self.save_hyperparameters()
         self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
         self.threshold_start_step = k_anneal_steps if threshold_start_step is None else threshold_start_step
@@ -352,37 +358,3 @@ def _preact_variance(cov: torch.Tensor, W: torch.Tensor, chunk: int = 8192) -> t
              for i in range(0, W.shape[1], chunk)]
     return torch.cat(parts).clamp_min(1e-12)
 
-
-def _validate(**v: Any) -> None:
-    if v["k"] > v["n_latents"]:
-        raise ValueError(f"k={v['k']} is larger than the dictionary (n_latents={v['n_latents']}); choose k <= n_latents")
-    if v["k_start"] < v["k"]:
-        raise ValueError(f"k_start={v['k_start']} is smaller than k={v['k']}: annealing goes from k_start down to k")
-    if v["k_start"] > v["n_latents"]:
-        raise ValueError(f"k_start={v['k_start']} is larger than the dictionary (n_latents={v['n_latents']})")
-    if v["k_aux"] < 1:
-        raise ValueError(f"k_aux must be >= 1, got {v['k_aux']}")
-    if not v["lr"] > 0:
-        raise ValueError(f"lr must be > 0, got {v['lr']}")
-    if not 0 <= v["lr_decay_frac"] <= 1:
-        raise ValueError(f"lr_decay_frac must be in [0, 1], got {v['lr_decay_frac']}")
-    if v["aux_coef"] < 0:
-        raise ValueError(f"aux_coef must be >= 0, got {v['aux_coef']}")
-    if v["loss"] not in LOSSES:
-        raise ValueError(f"loss={v['loss']!r} is not one of {LOSSES}")
-    if v["step_impl"] not in STEP_IMPLS:
-        raise ValueError(f"step_impl={v['step_impl']!r} is not one of {STEP_IMPLS}")
-    if v["b_dec_init"] not in ("mean", "zeros"):
-        raise ValueError(f"b_dec_init={v['b_dec_init']!r} is not 'mean' or 'zeros'")
-    if v["scale_by"] not in ("mean_norm", "std"):
-        raise ValueError(f"scale_by={v['scale_by']!r} is not 'mean_norm' or 'std'")
-    if v["enc_init"] not in ("equal_variance", "transpose"):
-        raise ValueError(f"enc_init={v['enc_init']!r} is not 'equal_variance' or 'transpose'")
-    if v["b_enc_init"] not in ("center", "zeros"):
-        raise ValueError(f"b_enc_init={v['b_enc_init']!r} is not 'center' or 'zeros'")
-    if not 0 < v["threshold_decay"] < 1:
-        raise ValueError(f"threshold_decay must be in (0, 1), got {v['threshold_decay']}")
-    if not v["dec_init_norm"] > 0:
-        raise ValueError(f"dec_init_norm must be > 0, got {v['dec_init_norm']}")
-    if v["dead_after_tokens"] < 1:
-        raise ValueError(f"dead_after_tokens must be >= 1, got {v['dead_after_tokens']}")

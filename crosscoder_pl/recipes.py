@@ -15,14 +15,14 @@ anything loads:
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig
+
+from crosscoder_pl.config import target_parameters
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model_pair", "data")
@@ -50,7 +50,7 @@ def check_recipe(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
         if chosen is None or chosen == meant:
             continue
         keys = recipe.get(group) or {}
-        params = _parameters(cfg[group].get("_target_"))
+        params = target_parameters(cfg[group].get("_target_"))
         untaken = [k for k in keys if params is not None and k not in params]
         if untaken:
             problems.append(
@@ -111,13 +111,3 @@ def _choices(cfg: DictConfig) -> Mapping[str, Any]:
 
     return HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
 
-
-def _parameters(target: str | None) -> set[str] | None:
-    """The arguments ``target`` takes (None: unknown, or it takes any keyword)."""
-    if not target:
-        return None
-    module, _, name = target.rpartition(".")
-    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)

@@ -16,9 +16,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from crosscoder_pl.analysis.report import check_settings
 from crosscoder_pl.callbacks.artifact import WriteArtifact
-from crosscoder_pl.data.sources import mix_probabilities
+from crosscoder_pl.config import (
+    CachedDataConfig,
+    CrossCoderConfig,
+    RunConfig,
+    load_run_config,
+)
+from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
 from crosscoder_pl.recipes import check_recipe
@@ -32,59 +37,23 @@ CHECKPOINT_KEYWORDS = ("last", "best", "hpc")
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Fail in seconds, before any model is loaded, on impossible values (each error names its key)."""
+def check_config(cfg: DictConfig) -> RunConfig:
+    """Fail in seconds, before any model, tokenizer or dataset loads: the experiment against the options chosen
+    next to it (`check_recipe`), every value and key of the typed groups (`crosscoder_pl.config.RunConfig`: each
+    error names the key, the value and the fix), the dictionary size once d_model is read from the base model's
+    config (``crosscoder.expansion``), an activation cache's manifest (``data=cached``), the checkpoint and the run
+    to resume. Returns the typed configuration."""
     check_recipe(cfg)  # an experiment and the options chosen next to it (crosscoder_pl.recipes)
-    missing = [f"model_pair.{role}" for role in ("base", "chat") if cfg.model_pair.get(role) is None]
-    if missing:
-        raise ValueError(
-            f"{' and '.join(missing)} not set: name both models, e.g. python train.py +experiment=own_pair "
-            "model_pair.base=DIR model_pair.chat=DIR (a save_pretrained directory, a .gguf file or a hub id)"
-        )
-    check_counts(cfg)
-    d_model = read_hidden_size(cfg.model_pair.base, cfg.model_pair.get("token")) if _expansion(cfg) else 2
-    with torch.device("cpu"):
-        # Every CrossCoderModule check, on a 2-dim stand-in with the real dictionary size.
-        instantiate(crosscoder_config(cfg, d_model), d_model=2)
-    if "mix" in cfg.data:
-        mix_probabilities(OmegaConf.to_container(cfg.data.mix))
-    check_settings(OmegaConf.to_container(cfg.analysis, resolve=True))
-    check_checkpoint(cfg.get("ckpt_path"))
-    if cfg.get("resume") is not None and not Path(cfg.resume).is_dir():
-        raise FileNotFoundError(f"resume={cfg.resume}: no such run directory (pass the output dir of an earlier run, "
+    run = load_run_config(cfg)
+    if run.crosscoder.expansion is not None:  # the config only, no weights: d_model sizes the dictionary
+        run = run.resolve(read_hidden_size(cfg.model_pair.base, cfg.model_pair.get("token")))
+    if isinstance(run.data, CachedDataConfig):
+        read_meta(run.data.path)  # the activation cache's manifest (a missing or partial cache), not its shards
+    check_checkpoint(run.ckpt_path)
+    if run.resume is not None and not Path(run.resume).is_dir():
+        raise FileNotFoundError(f"resume={run.resume}: no such run directory (pass the output dir of an earlier run, "
                                 "outputs/<run_name>/<date_time>)")
-    threads = cfg.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads={threads} must be a positive number of CPU threads, or null for torch's default")
-    if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps <= 0:
-        raise ValueError(f"trainer.max_steps={cfg.trainer.max_steps} must be a positive number of steps")
-    c = cfg.crosscoder
-    start = c.threshold_start_step if c.threshold_start_step is not None else c.k_anneal_steps
-    if start >= cfg.trainer.max_steps:
-        raise ValueError(
-            f"the inference threshold starts at step {start} (crosscoder.threshold_start_step, default "
-            f"crosscoder.k_anneal_steps) but training stops at trainer.max_steps={cfg.trainer.max_steps}: "
-            "the saved crosscoder would have no threshold"
-        )
-
-
-def check_counts(cfg: DictConfig) -> None:
-    """Counts that would otherwise fail late: a ZeroDivisionError in the first steps or an error after training."""
-    counts = [  # key, value (absent: the default, valid), smallest valid value, what it counts
-        ("crosscoder.metrics_window_steps", cfg.crosscoder.get("metrics_window_steps", 1), 1,
-         "the steps pooled by the training variance explained and tokens/s (e.g. 50)"),
-        ("crosscoder.k_anneal_steps", cfg.crosscoder.get("k_anneal_steps", 0), 0,
-         "the steps over which k goes from k_start down to k (0: no annealing)"),
-        ("data.val_tokens", cfg.data.get("val_tokens", 1), 1,
-         "the held-out tokens of validation and of the end-of-training analyses (e.g. 16384)"),
-    ]
-    interval = cfg.trainer.get("val_check_interval")
-    if not (interval is None or isinstance(interval, (str, Mapping))):  # else Lightning's: none, or a duration
-        counts.append(("trainer.val_check_interval", interval, 1,
-                       "the training steps between validations (e.g. 500; the stream has no epochs to take a fraction of)"))
-    for key, value, least, meaning in counts:
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{key}={value!r} must be an integer >= {least}: {meaning}")
+    return run
 
 
 def check_checkpoint(ckpt_path: str | None) -> None:
@@ -241,27 +210,14 @@ def set_threads(threads: int | None) -> None:
 
 def crosscoder_config(cfg: DictConfig, d_model: int) -> DictConfig:
     """``cfg.crosscoder`` with ``n_latents`` resolved from ``crosscoder.expansion`` (latents per d_model) when
-    that key is set, and the key removed (CrossCoderModule takes ``n_latents``)."""
+    that key is set, and the key removed (CrossCoderModule takes ``n_latents``); checked by `CrossCoderConfig`."""
+    resolved = CrossCoderConfig.from_mapping(cfg.crosscoder).resolve(d_model)
     node = cfg.crosscoder.copy()
-    expansion = _expansion(cfg)
-    if expansion is None:
-        return node
-    with open_dict(node):
-        del node["expansion"]
-    if not isinstance(expansion, int) or expansion < 1:
-        raise ValueError(f"crosscoder.expansion={expansion} must be a positive integer (latents per d_model dimension)")
-    n_latents = expansion * d_model
-    if node.n_latents not in (None, n_latents):
-        raise ValueError(
-            f"crosscoder.n_latents={node.n_latents} and crosscoder.expansion={expansion} (d_model {d_model}: "
-            f"{n_latents} latents) disagree: set crosscoder.n_latents=null or crosscoder.expansion=null"
-        )
-    node.n_latents = n_latents
+    if "expansion" in node:
+        with open_dict(node):
+            del node["expansion"]
+    node.n_latents = resolved.n_latents
     return node
-
-
-def _expansion(cfg: DictConfig) -> int | None:
-    return cfg.crosscoder.get("expansion")
 
 
 def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:

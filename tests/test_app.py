@@ -60,9 +60,9 @@ def test_papergrade_is_the_seed_recipe() -> None:
     ("overrides", "error", "match"),
     [
         (["crosscoder.k=5000"], ValueError, "k=5000 is larger than the dictionary"),
-        (["crosscoder.k_start=4"], ValueError, "k_start=4 is smaller than k=64"),
+        (["crosscoder.k_start=4"], ValueError, "crosscoder.k_start=4 is smaller than crosscoder.k=64"),
         (["data.mix.chat=0.6"], ValueError, "chat=0.6"),
-        (["+crosscoder.kk=3"], TypeError, "unexpected keyword argument 'kk'"),
+        (["+crosscoder.kk=3"], ValueError, r"unknown key crosscoder.kk \(did you mean crosscoder.k\?\)"),
         (["trainer.max_steps=0"], ValueError, "trainer.max_steps=0"),
         (["trainer.max_steps=400"], ValueError, "threshold starts at step 500"),
         (["crosscoder.metrics_window_steps=0"], ValueError, "crosscoder.metrics_window_steps=0 must be an integer >= 1"),

@@ -187,7 +187,7 @@ def model_pair(**fields) -> Callable[[Path], Action]:
 
 ERRORS: list[tuple[str, Callable[[Path], Action], type[BaseException], str]] = [
     # --- configuration: refused at start-up, each error names the key, the value and the fix
-    ("max_steps 0", config("trainer.max_steps=0"), ValueError, r"trainer.max_steps=0 must be a positive"),
+    ("max_steps 0", config("trainer.max_steps=0"), ValueError, r"trainer.max_steps=0 must be an integer >= 1"),
     ("max_steps negative", config("trainer.max_steps=-5"), ValueError, r"trainer.max_steps=-5"),
     ("metrics window 0", config("crosscoder.metrics_window_steps=0"), ValueError, r"crosscoder.metrics_window_steps=0 must be an integer >= 1"),
     ("negative k anneal", config("crosscoder.k_anneal_steps=-1"), ValueError, r"crosscoder.k_anneal_steps=-1 must be an integer >= 0"),
@@ -198,9 +198,9 @@ ERRORS: list[tuple[str, Callable[[Path], Action], type[BaseException], str]] = [
     ("mix negative", config("data.mix={web:-0.5,chat:1.5}"), ValueError, r"must be >= 0 and sum to 1"),
     ("mix missing a source", config("~data.mix.chat", "data.mix.web=1.0"), ValueError, r"must have exactly the keys"),
     ("mix unknown source", config("+data.mix.code=0.0"), ValueError, r"must have exactly the keys"),
-    ("threads 0", config("threads=0"), ValueError, r"threads=0 must be a positive number"),
-    ("threads text", config("threads=many"), ValueError, r"threads=many must be a positive number"),
-    ("threads bool", config("threads=true"), ValueError, r"threads=True must be a positive number"),
+    ("threads 0", config("threads=0"), ValueError, r"threads=0 must be an integer >= 1 or null: torch CPU threads"),
+    ("threads text", config("threads=many"), ValueError, r"threads='many' must be an integer >= 1 or null \(got a string\)"),
+    ("threads bool", config("threads=true"), ValueError, r"threads=True must be an integer >= 1 or null \(got a boolean\)"),
     ("threshold after the end", config("crosscoder.threshold_start_step=30"), ValueError, r"threshold starts at step 30"),
     ("k anneal past the end", config("crosscoder.k_anneal_steps=40"), ValueError, r"threshold starts at step 40"),
     ("base model unset", config("model_pair.base=null"), ValueError, r"model_pair.base not set"),

@@ -34,7 +34,7 @@ def test_expansion_and_n_latents_that_disagree_fail_naming_both() -> None:
     cfg = compose_train("+experiment=own_pair", *TINY, "crosscoder.n_latents=100")
     with pytest.raises(ValueError, match=r"crosscoder.n_latents=100 and crosscoder.expansion=4 \(d_model 640: 2560"):
         crosscoder_config(cfg, d_model=640)
-    with pytest.raises(ValueError, match=r"crosscoder.expansion=0 must be a positive integer"):
+    with pytest.raises(ValueError, match=r"crosscoder.expansion=0 must be an integer >= 1 or null: latents per d_model dimension"):
         crosscoder_config(compose_train("+experiment=own_pair", *TINY, "crosscoder.expansion=0"), d_model=640)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from crosscoder_pl.config import target_parameters
 from crosscoder_pl.recipes import (
-    _parameters,
     check_recipe,
     declared_options,
     default_options,
@@ -36,7 +36,7 @@ def compose_train(*overrides: str):
 
 
 def parameters(target: str) -> set[str]:
-    params = _parameters(target)
+    params = target_parameters(target)
     assert params is not None, target
     return params
 

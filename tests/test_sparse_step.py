@@ -110,7 +110,7 @@ def test_sparse_step_under_no_grad_and_with_input_gradients() -> None:
 def test_unknown_impl_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"impl='fast' is not one of \('sparse', 'dense'\)"):
         _cc().step(torch.randn(4, 2, D), 3, impl="fast")
-    with pytest.raises(ValueError, match="step_impl='fast'"):
+    with pytest.raises(ValueError, match="crosscoder.step_impl='fast' must be one of 'sparse', 'dense'"):
         CrossCoderModule(d_model=D, n_latents=F, k=3, step_impl="fast")
 
 

@@ -16,9 +16,9 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 
@@ -37,21 +37,17 @@ from crosscoder_pl.analysis.taxonomy import (
 )
 from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
+from crosscoder_pl.config import AnalysisConfig
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.offline import resolve_settings, write_dashboard
 from crosscoder_pl.data.activations import token_table
 
 log = logging.getLogger(__name__)
 
+# The keys of ``settings``, read from their typed config (crosscoder_pl.config.AnalysisConfig): group -> its keys.
 SETTINGS_KEYS: dict[str, tuple[str, ...] | None] = {
-    "chunk_tokens": None,
-    "memory_budget_mb": None,
-    "taxonomy": ("enabled", "base_only_max", "chat_only_min", "shared_min", "shared_max"),
-    "scaling": (
-        "enabled", "max_chat_only", "max_shared", "seed", "nu_eps_max", "nu_r_max", "top_latents", "top_tokens"
-    ),
-    "causal": ("enabled", "max_latents", "latents_per_batch"),
-    "splice": ("enabled",),
+    name: tuple(f.name for f in fields(hint)) if is_dataclass(hint) else None
+    for name, hint in get_type_hints(AnalysisConfig).items() if name in {f.name for f in fields(AnalysisConfig)}
 }
 LATENT_COLUMNS = (
     "latent",
@@ -69,21 +65,10 @@ LATENT_COLUMNS = (
 HISTOGRAM = "delta_norm_histogram.png"
 
 
-def check_settings(settings: Mapping[str, Any]) -> None:
-    """Raise a ValueError naming every missing or unknown key of an analysis settings mapping."""
-    problems = [f"unknown key analysis.{k}" for k in settings if k not in SETTINGS_KEYS]
-    for group, keys in SETTINGS_KEYS.items():
-        if group not in settings:
-            problems.append(f"missing key analysis.{group}")
-        elif keys is not None:
-            given = settings[group]
-            problems += [f"missing key analysis.{group}.{k}" for k in keys if k not in given]
-            problems += [f"unknown key analysis.{group}.{k}" for k in given if k not in keys]
-    needs_taxonomy = [g for g in ("scaling", "causal") if settings.get(g, {}).get("enabled")]
-    if needs_taxonomy and not settings.get("taxonomy", {}).get("enabled"):
-        problems.append(f"analysis.{' and '.join(needs_taxonomy)} use the taxonomy's classes: enable analysis.taxonomy")
-    if problems:
-        raise ValueError("invalid analysis settings: " + "; ".join(problems))
+def check_settings(settings: Mapping[str, Any]) -> AnalysisConfig:
+    """The typed analysis settings (`crosscoder_pl.config.AnalysisConfig`); a ConfigError (a ValueError) names
+    every missing or unknown key, or the first impossible value."""
+    return AnalysisConfig.from_mapping(settings)
 
 
 def run_analyses(

@@ -43,6 +43,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from crosscoder_pl.config import check_mix
 from crosscoder_pl.data.sharegpt import build_embedded_corpus
 from crosscoder_pl.network import (
     HubUnreachableError,
@@ -235,22 +236,10 @@ def source_rows(
     return rows.filter(_kept).select_columns(COLUMNS)
 
 
-def mix_probabilities(mix: Mapping[str, float] | Sequence[float]) -> tuple[float, float]:
-    """``(p_web, p_chat)`` from ``{"web": p, "chat": p}`` or ``[p_web, p_chat]``; they must sum to 1."""
-    if isinstance(mix, Mapping):
-        if set(mix) != set(SOURCES):
-            raise ValueError(f"mix={dict(mix)} must have exactly the keys {SOURCES}")
-        values = (float(mix["web"]), float(mix["chat"]))
-    else:
-        if len(mix) != 2:
-            raise ValueError(f"mix={list(mix)} must have two probabilities [web, chat]")
-        values = (float(mix[0]), float(mix[1]))
-    if min(values) < 0 or abs(sum(values) - 1) > 1e-6:
-        raise ValueError(
-            f"mix probabilities must be >= 0 and sum to 1, got web={values[0]}, chat={values[1]} "
-            f"(sum {sum(values):.6g}); e.g. mix={{web: 0.5, chat: 0.5}}"
-        )
-    return values
+def mix_probabilities(mix: Mapping[str, float] | Sequence[float], key: str = "data.mix") -> tuple[float, float]:
+    """``(p_web, p_chat)`` from ``{"web": p, "chat": p}`` or ``[p_web, p_chat]``, >= 0 and summing to 1: the rule
+    of the typed data config (`crosscoder_pl.config.check_mix`; errors name ``key``)."""
+    return check_mix(mix, key)
 
 
 def mixed_rows(
