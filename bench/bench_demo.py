@@ -2,6 +2,7 @@
 
     python -m bench.bench_demo                      # an empty cache: corpus and pair built, then a second run
     python -m bench.bench_demo --cache DIR --runs 1 # a cache of your own (warm: the second-run figure)
+    python -m bench.bench_demo --keep DIR           # keep the runs' output dirs (artifacts) in DIR
     python -m bench.bench_demo -- trainer.max_steps=500   # overrides after --, passed to train.py
 
 Runs train.py as a subprocess and timestamps the moments its output reaches each phase's marker (log lines and the
@@ -77,13 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None, help="CROSSCODER_PL_CACHE (default: a new empty one)")
     parser.add_argument("--runs", type=int, default=2, help="runs in a row with the same cache (default 2)")
+    parser.add_argument("--keep", type=Path, default=None, help="write the runs' output dirs here (default: deleted)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
         cache = args.cache or Path(tmp) / "cache"
+        runs = args.keep or Path(tmp)
         weights = []
         for i in range(args.runs):
-            out = Path(tmp) / f"run{i + 1}"
+            out = runs / f"run{i + 1}"
             phases, total, status = run_once(cache, out, args.overrides)
             label = "first run (empty cache)" if args.cache is None and i == 0 else f"run {i + 1} (cache warm)"
             print_run(label, phases, total, out / "artifact")
