@@ -127,17 +127,14 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> No
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_run: Path, tmp_path: Path) -> None:
-    """A real `train.py +experiment=tiny` killed with SIGKILL at a random moment after its first checkpoint,
-    then resumed with resume=DIR, ends with the bytes of the uninterrupted run (`tiny_run`, checkpointed less
-    often: checkpointing does not disturb the stream either)."""
-    run_dir = tmp_path / "run"
-    args = [sys.executable, "train.py", "+experiment=tiny", "callbacks.checkpoint.every_n_train_steps=4"]
+def kill_then_resume(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    """Start ``args`` in ``run_dir``, SIGKILL it at a random moment after its first checkpoint, then run
+    ``args resume=run_dir`` to the end; returns the resumed run (asserted successful and restored)."""
     first = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(run_dir / "checkpoints" / "last.ckpt", first)
-        time.sleep(random.uniform(0.0, 1.5))  # somewhere in steps 4..30, or in the end-of-training analyses
+        time.sleep(random.uniform(0.0, 1.5))  # somewhere after the first checkpoint, or in the end-of-training analyses
         first.send_signal(signal.SIGKILL)
     finally:
         first.communicate()
@@ -147,6 +144,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_run: Path, tmp
                              check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stdout + resumed.stderr
+    return resumed
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_run: Path, tmp_path: Path) -> None:
+    """A real `train.py +experiment=tiny` killed with SIGKILL at a random moment after its first checkpoint,
+    then resumed with resume=DIR, ends with the bytes of the uninterrupted run (`tiny_run`, checkpointed less
+    often: checkpointing does not disturb the stream either)."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "train.py", "+experiment=tiny", "callbacks.checkpoint.every_n_train_steps=4"]
+    kill_then_resume(args, run_dir)  # killed in steps 4..30 or in the end-of-training analyses
     assert (run_dir / "artifact" / "model.safetensors").read_bytes() == (tiny_run / "model.safetensors").read_bytes()
     assert (run_dir / "artifact" / "metrics.json").is_file()
     mixes = [json.loads((d / "config.json").read_text())["metadata"]["realised_data_mix"] for d in (run_dir / "artifact", tiny_run)]
@@ -277,20 +284,7 @@ def test_sigkill_then_resume_from_a_cache_gives_the_uninterrupted_weights(tmp_pa
                            timeout=600, check=False)
     assert whole.returncode == 0, whole.stderr[-3000:]
     run_dir = tmp_path / "run"
-    first = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(run_dir / "checkpoints" / "last.ckpt", first)
-        time.sleep(random.uniform(0.0, 1.5))
-        first.send_signal(signal.SIGKILL)
-    finally:
-        first.communicate()
-    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
-    print(f"killed after the checkpoint of step {step}")
-    resumed = subprocess.run([*args, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                             check=False)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Restored all states" in resumed.stdout + resumed.stderr
+    resumed = kill_then_resume(args, run_dir)
     assert "not an exact resume" not in resumed.stderr and "starts afresh" not in resumed.stderr
     weights = [(d / "artifact" / "model.safetensors").read_bytes() for d in (run_dir, tmp_path / "whole")]
     assert weights[0] == weights[1]

@@ -41,7 +41,6 @@ from crosscoder_pl.data.activations import (
     with_tokens,
 )
 from crosscoder_pl.data.buffer import ShuffleBuffer
-from crosscoder_pl.data.memo import GIB, ActivationMemo, per_document
 from crosscoder_pl.data.cache import (
     CachedActivations,
     load_checked,
@@ -49,6 +48,7 @@ from crosscoder_pl.data.cache import (
     read_meta,
     write_cache,
 )
+from crosscoder_pl.data.memo import GIB, ActivationMemo, per_document
 from crosscoder_pl.data.sources import (
     SOURCES,
     SourceConfig,
@@ -472,19 +472,11 @@ class ActivationDataModule(L.LightningDataModule):
         self._stream_state = state_dict or None
 
     def _restore(self, state: Mapping[str, Any], rank: int, world_size: int) -> None:
-        saved = (state.get("world_size", 1), state.get("rank_split"))
-        if saved != (world_size, self.hparams.rank_split):
-            rank_zero_warn(f"the checkpoint's data stream was written with world_size={saved[0]}, rank_split={saved[1]}; "
-                           f"this run has world_size={world_size}, rank_split={self.hparams.rank_split}: the data "
-                           "stream starts afresh instead of continuing exactly")
-        elif world_size > 1 and self.hparams.rank_split == "documents":
-            # The checkpoint holds rank 0's position only; with "batch" every rank's stream is rank 0's.
-            rank_zero_warn("rank_split=documents under DDP: the ranks' stream positions are not all in the checkpoint; "
-                           "the data stream starts afresh (rank_split=batch resumes exactly)")
-        elif state.get("settings", self._stream_settings()) != self._stream_settings():
-            changed = sorted(k for k, v in self._stream_settings().items() if state["settings"].get(k) != v)
-            rank_zero_warn(f"the checkpoint's data stream had other settings ({', '.join(changed)}): the data stream "
-                           "starts afresh instead of continuing exactly")
+        settings = self._stream_settings()
+        reason = why_not_continued({"settings": settings, **state}, world_size, self.hparams.rank_split, settings)
+        if reason is not None:
+            rank_zero_warn(f"the checkpoint's data stream {reason}: the data stream starts afresh instead of "
+                           "continuing exactly")
         elif state.get("stream"):
             self.stream.load_state_dict(state["stream"])
 
@@ -493,6 +485,22 @@ class ActivationDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.training and self.stream is not None:
             self.stream.consumed()
         return batch
+
+
+def why_not_continued(state: Mapping[str, Any], world_size: int, rank_split: str,
+                      settings: Mapping[str, Any]) -> str | None:
+    """Why a data position saved in a checkpoint (``world_size``, ``rank_split``, ``settings`` of the run that wrote
+    it) cannot be continued exactly by this run, or None when it can."""
+    saved = (state.get("world_size", 1), state.get("rank_split"))
+    if saved != (world_size, rank_split):
+        return (f"was written with world_size={saved[0]}, rank_split={saved[1]} (this run: world_size={world_size}, "
+                f"rank_split={rank_split})")
+    if world_size > 1 and rank_split == "documents":
+        # The checkpoint holds rank 0's position only; with "batch" every rank's position is rank 0's.
+        return "holds rank 0's position only under rank_split=documents (rank_split=batch resumes exactly)"
+    written = state.get("settings") or {}
+    changed = sorted(key for key, value in settings.items() if written.get(key) != value)
+    return f"had other settings ({', '.join(changed)})" if changed else None
 
 
 def write_activation_cache(
@@ -664,22 +672,12 @@ class CachedActivationDataModule(L.LightningDataModule):
         self._reader_state = state_dict or None
 
     def _restore(self, state: Mapping[str, Any], world_size: int) -> None:
-        saved = (state.get("world_size", 1), state.get("rank_split"))
         if "reader" not in state:  # a checkpoint of an earlier version
             rank_zero_warn("data=cached: the checkpoint does not hold the cache reader's position; the resumed run "
                            "reads the cache from the start of a pass")
-        elif saved != (world_size, self.hparams.rank_split):
-            rank_zero_warn(f"the checkpoint's cache reader ran with world_size={saved[0]}, rank_split={saved[1]}; this "
-                           f"run has world_size={world_size}, rank_split={self.hparams.rank_split}: the reader starts "
-                           "afresh instead of continuing exactly")
-        elif world_size > 1 and self.hparams.rank_split == "documents":
-            # The checkpoint holds rank 0's position only; with "batch" every rank's reader is rank 0's.
-            rank_zero_warn("rank_split=documents under DDP: the ranks' positions in the cache are not all in the "
-                           "checkpoint; the reader starts afresh (rank_split=batch resumes exactly)")
-        elif state.get("settings") != self._reader_settings():
-            changed = sorted(k for k, v in self._reader_settings().items() if state.get("settings", {}).get(k) != v)
-            rank_zero_warn(f"the checkpoint's cache reader had other settings ({', '.join(changed)}): the reader "
-                           "starts afresh instead of continuing exactly")
+        elif (reason := why_not_continued(state, world_size, self.hparams.rank_split, self._reader_settings())):
+            rank_zero_warn(f"the checkpoint's cache reader {reason}: the reader starts afresh instead of continuing "
+                           "exactly")
         else:
             self.reader.load_state_dict(state["reader"])
 
