@@ -538,21 +538,24 @@ def _resolve(directory: str | Path) -> Path:
 def _from_hub(repo_id: str) -> Path:
     """The hub repo's two files: from the local cache if there, else downloaded after one probe request that
     gives up after ``HF_HUB_ETAG_TIMEOUT`` s (huggingface_hub's own calls retry a silent hub for minutes)."""
-    from huggingface_hub import constants, model_info, snapshot_download
+    from huggingface_hub import model_info, snapshot_download
+
+    from crosscoder_pl.network import HubUnreachableError, ask_hub, hub_offline, hub_timeout
 
     files = [CONFIG_NAME, WEIGHTS_NAME]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=True))
     except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not in the cache
         pass
-    if constants.HF_HUB_OFFLINE:
+    if hub_offline():
         raise FileNotFoundError(_hub_failure(repo_id, "offline mode is on (HF_HUB_OFFLINE) and it is not in the cache"))
     try:
-        model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as err:  # the transport's error types depend on the huggingface_hub version
-        reason = f"no usable answer within HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s ({type(err).__name__}: {err})"
-        raise ConnectionError(_hub_failure(repo_id, reason)) from err
-    return Path(snapshot_download(repo_id, allow_patterns=files, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT))
+        ask_hub(lambda timeout: model_info(repo_id, timeout=timeout))
+    except HubUnreachableError as err:
+        raise ConnectionError(_hub_failure(repo_id, str(err))) from err
+    except Exception as err:  # the hub answered with an error (not found, gated, no access)
+        raise ConnectionError(_hub_failure(repo_id, f"{type(err).__name__}: {err}")) from err
+    return Path(snapshot_download(repo_id, allow_patterns=files, etag_timeout=hub_timeout()))
 
 
 def _hub_failure(repo_id: str, reason: str) -> str:

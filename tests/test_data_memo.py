@@ -83,8 +83,10 @@ def test_the_budget_keeps_the_first_documents_only() -> None:
     kept = [memo.put("web", f"doc {i}", doc) for i, doc in enumerate(docs)]
     assert kept == [True, True, False, False]  # the 4th would fit the bytes left, but the pass's order is kept
     assert memo.full and memo.bytes == 80 and len(memo) == 2
-    assert memo.get("web", "doc 1") is docs[1] and memo.get("chat", "doc 1") is None
-    assert memo.put("web", "doc 0", docs[0]) is False  # full: nothing more, not even a repeat
+    assert torch.equal(memo.get("web", "doc 1"), docs[1]) and memo.get("chat", "doc 1") is None
+    assert memo.get("web", "doc 1").data_ptr() != docs[1].data_ptr()  # a copy, not a view of the group's tensor
+    assert memo.put("web", "doc 0", docs[0]) is True  # already stored (a repeat within the pass) ...
+    assert memo.put("web", "doc 4", docs[3]) is False and len(memo) == 2  # ... but nothing new once full
 
 
 def test_a_repeated_document_is_stored_and_counted_once() -> None:

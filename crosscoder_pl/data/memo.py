@@ -42,17 +42,19 @@ class ActivationMemo:
     def put(self, source: str, text: str, acts: torch.Tensor) -> bool:
         """Keep ``acts`` for the document unless the budget is spent (then nothing more is kept, so that what is
         kept is always the first documents of the pass, whatever their sizes). True if kept."""
+        if (source, text) in self._docs:  # a document met twice in the pass is stored once
+            return True
         size = acts.numel() * acts.element_size()
         if self.full or self.bytes + size > self.max_bytes:
             self.full = True
             return False
-        if (source, text) not in self._docs:  # a document met twice in the pass is stored once
-            self._docs[(source, text)] = acts
-            self.bytes += size
+        # A copy: a view would keep its whole group's tensor alive, documents not kept included.
+        self._docs[(source, text)] = acts.clone()
+        self.bytes += size
         return True
 
 
 def per_document(acts: torch.Tensor, seq: torch.Tensor, n_docs: int) -> Sequence[torch.Tensor]:
     """Split a group's activation rows ``[tokens, 2, d_model]`` (row-major: document, then position; ``seq
     [tokens]`` the document of each row) into one tensor per document (views; empty for a document with none)."""
-    return acts.split(torch.bincount(seq.to(acts.device), minlength=n_docs).tolist())
+    return acts.split(torch.bincount(seq.cpu(), minlength=n_docs).tolist())

@@ -26,7 +26,9 @@ import copy
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -347,8 +349,18 @@ def _save_atomically(
         model.save_pretrained(tmp / name)
         tokenizer.save_pretrained(tmp / name)
     (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
-    # --force, or another process finished first: the same seeded build, replaced whole (never half-written).
-    replace_dir(tmp, out)
+    try:
+        os.rename(tmp, out)
+        return
+    except OSError:  # `out` exists: built by another process meanwhile, or rebuilt on purpose (--force, new recipe)
+        pass
+    theirs = out / "build_report.json"
+    if theirs.exists() and json.loads(theirs.read_text()).get("spec") == report["spec"]:
+        # The same seeded recipe, finished first by another process (which may be loading it now): keep it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("another process built %s with the same recipe first; keeping its pair", out)
+        return
+    replace_dir(tmp, out)  # another recipe: replaced whole, never half-written
 
 
 def main(argv: list[str] | None = None) -> None:
