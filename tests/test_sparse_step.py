@@ -252,10 +252,11 @@ def test_selection_is_exact_whatever_the_first_threshold(guess: str, monkeypatch
     weight = torch.rand(200, generator=g) + 0.5
     k = 6
     scores = (pre.relu() * weight).reshape(-1).sort(descending=True).values
-    first = {"too_high": scores[20], "exactly_the_kth": scores[k * 50 - 1], "too_low": scores[5000],
+    first = {"too_high": scores[20], "exactly_the_kth": scores[k * 50 - 1], "too_low": scores[1000],
              "one_and_too_high": torch.tensor(1.0)}[guess]
     if guess == "one_and_too_high":
         assert 0 < int((scores > 1.0).sum()) < k * 50
+    assert float(first) > 0  # a positive guess: only a pass at 0 could end the search otherwise
     monkeypatch.setattr(sparse, "_thresholds", lambda *a: [float(first), 0.0])
     passes = []
     candidates = sparse._candidates
@@ -300,6 +301,7 @@ def test_sample_thresholds_are_positive_distinct_and_end_with_zero_on_any_scores
         (torch.rand(256, 512, generator=g) > 0.99).float(),  # mostly exact zeros
         -torch.rand(64, 64, generator=g),  # every score negative
         torch.where(torch.rand(128, 256, generator=g) > 0.5, float("nan"), 1.0),  # half NaN
+        torch.where(torch.rand(512, 256, generator=g) > 0.99, 5.0, 1.0),  # 1% high, then one value at every rank
     ]
     for pre in cases:
         weight = torch.ones(pre.shape[1])
@@ -376,14 +378,14 @@ def test_sparse_codes_round_trip_and_statistics() -> None:
 def test_sparse_codes_statistics_count_only_positive_entries() -> None:
     """Entries given explicitly (zero, negative and NaN values included): fired() and l0() are those of the dense
     codes, ``(codes > 0).any(0)`` and ``(codes > 0).sum(-1)``."""
-    rows = torch.tensor([0, 0, 1, 2, 2, 3])
-    cols = torch.tensor([1, 4, 2, 0, 3, 4])
-    values = torch.tensor([0.5, 0.0, -1.0, float("nan"), 2.0, 3.0])
-    active = SparseCodes(rows, cols, values, (5, 6))
+    rows = torch.tensor([0, 1, 2, 3, 3, 4])
+    cols = torch.tensor([1, 4, 2, 0, 3, 5])
+    values = torch.tensor([0.5, 0.0, -1.0, float("nan"), 2.0, 3.0])  # 0, -1 and NaN alone in their row and column
+    active = SparseCodes(rows, cols, values, (6, 6))
     dense = active.to_dense()
-    assert dense[2, 0].isnan() and dense[1, 2] == -1.0
-    assert active.fired().tolist() == (dense > 0).any(0).tolist() == [False, True, False, True, True, False]
-    assert active.l0().tolist() == (dense > 0).sum(-1).tolist() == [1, 0, 1, 1, 0]
+    assert dense[3, 0].isnan() and dense[2, 2] == -1.0
+    assert active.fired().tolist() == (dense > 0).any(0).tolist() == [False, True, False, True, False, True]
+    assert active.l0().tolist() == (dense > 0).sum(-1).tolist() == [1, 0, 0, 1, 1, 0]
 
 
 # ------------------------------------------------------------------------------------------ settings
