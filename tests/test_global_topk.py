@@ -202,12 +202,12 @@ def test_the_sparse_and_dense_steps_keep_the_same_entries_under_two_ranks() -> N
 
 
 @pytest.mark.parametrize("impl", ["sparse", "dense"])
-@pytest.mark.parametrize("case", ["k_is_F", "k_above_F", "small_activations", "nothing_to_explain"])
+@pytest.mark.parametrize("case", ["k_is_F", "k_above_F", "small_activations", "nothing_to_explain", "one_token_rank"])
 def test_two_ranks_compute_the_single_process_step_at_the_edges(impl: str, case: str) -> None:
     """Every entry kept (k = F, and k above F: the cut clips to B_global * F and zero scores stay out, so min_kept is
     the smallest positive one); activations so small that AuxK's normalisation is far below 1 (used as is, not
     clamped); zero activations and no latent firing (residual exactly 0: AuxK's normalisation is clamped, AuxK is 0,
-    not NaN)."""
+    not NaN); a rank holding a single token."""
     cc, x = _model(3), _batch(32)
     k = {"k_is_F": 64, "k_above_F": 128}.get(case, 4)
     if case == "small_activations":
@@ -223,7 +223,7 @@ def test_two_ranks_compute_the_single_process_step_at_the_edges(impl: str, case:
     dead = torch.zeros(64, dtype=torch.bool)
     dead[1::4] = True
     (one,) = _run(cc, x, None, impl, "mse", dead, k)
-    ranks = _run(cc, x, [12, 20], impl, "mse", dead, k)
+    ranks = _run(cc, x, [1, 31] if case == "one_token_rank" else [12, 20], impl, "mse", dead, k)
     assert sorted(e for r in ranks for e in r["kept"]) == one["kept"]
     if case in ("k_is_F", "k_above_F"):
         n_positive = len(one["kept"])

@@ -110,6 +110,19 @@ def test_sparse_step_under_no_grad_and_with_input_gradients() -> None:
     torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float64])
 
 
+def test_impl_option_is_compared_by_value(monkeypatch) -> None:
+    """Each impl runs its own forward, and an impl name read from a config file is an equal string, not
+    necessarily the same object."""
+    calls = []
+    for name in ("_forward_sparse", "_forward_dense"):
+        forward = getattr(CrossCoder, name)
+        monkeypatch.setattr(CrossCoder, name,
+                            lambda self, *a, name=name, forward=forward: calls.append(name) or forward(self, *a))
+    for impl in ("sparse", "dense"):
+        _cc().step(torch.randn(4, 2, D), 3, impl="".join(list(impl)))
+    assert calls == ["_forward_sparse", "_forward_dense"]
+
+
 def test_unknown_impl_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"impl='fast' is not one of \('sparse', 'dense'\)"):
         _cc().step(torch.randn(4, 2, D), 3, impl="fast")
