@@ -216,7 +216,7 @@ def test_auxk_with_fewer_tokens_than_k_aux(impl: str) -> None:
     x = torch.randn(2, 2, D) * 2
     dead = torch.arange(F) % 2 == 0
     out = cc.step(x, K, dead, aux_coef=0.5, k_aux=4, impl=impl)
-    total, recon, aux, unit, codes, x_hat = _direct(cc, x, K, dead, "mse", 0.5, 4)
+    total, _, aux, *_ = _direct(cc, x, K, dead, "mse", 0.5, 4)
     torch.testing.assert_close(out.aux, aux)
     torch.testing.assert_close(out.loss, total)
     assert out.aux.item() != pytest.approx(_direct(cc, x, K, dead, "mse", 0.5, 2)[2].item())
