@@ -835,16 +835,18 @@ def test_training_l0_is_summed_over_ranks() -> None:
 
 
 def test_the_last_step_of_a_long_run_is_logged() -> None:
-    """The run's last step is logged even off the logger's grid, at any step count (not only small ones)."""
+    """The run's last step is logged even off the logger's grid, at any step count (not only small ones); a run
+    without max_steps (-1, Lightning's "no limit") logs on the grid only."""
     module = CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=3000)
     x = torch.randn(64, 2, 16)
-    logged = set()
-    for step in (993, 998, 999):
-        attach(module, global_step=step)
-        module._trainer.log_every_n_steps, module._trainer.max_steps = 7, int("1000")
-        module.log_dict = lambda values, step=step, **kw: logged.add(step)
-        module.log = lambda name, value, step=step, **kw: logged.add(step)
-        with torch.no_grad():
-            out = module.crosscoder.step(x, 4)
-        module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
-    assert logged == {993, 999}  # 993 is the 994th step (7 * 142: on the grid), 999 the 1000th and last
+    for max_steps, want in ((int("1000"), {993, 999}), (-1, {993})):
+        logged = set()
+        for step in (993, 998, 999):
+            attach(module, global_step=step)
+            module._trainer.log_every_n_steps, module._trainer.max_steps = 7, max_steps
+            module.log_dict = lambda values, step=step, logged=logged, **kw: logged.add(step)
+            module.log = lambda name, value, step=step, logged=logged, **kw: logged.add(step)
+            with torch.no_grad():
+                out = module.crosscoder.step(x, 4)
+            module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
+        assert logged == want, max_steps  # 993 is the 994th step (7 * 142: on the grid), 999 the 1000th
