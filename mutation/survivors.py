@@ -1,7 +1,8 @@
 """Summarise one cosmic-ray session (``cosmic-ray dump`` output): counts, and every survivor with its diff.
 
 Survivors listed in ``tests/equivalent_mutants.md`` (a table row ``| module | line | operator | ...``)
-are marked "equivalent (listed)"; exit status 1 when any survivor is not listed.
+are marked "equivalent (listed)"; exit status 1 when any survivor is not listed. The operator cell may be a
+shell-style pattern (``core/ReplaceBinaryOperator_LShift_*``: every replacement of ``<<`` on that line).
 
     python mutation/survivors.py SESSION.jsonl --equivalent tests/equivalent_mutants.md [--seconds N]
 """
@@ -13,6 +14,7 @@ import json
 import re
 import sys
 from collections import Counter
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 
@@ -59,8 +61,9 @@ def main() -> int:
     unlisted = 0
     for mutation, result in sorted(survivors, key=lambda s: tuple(s[0]["start_pos"])):
         line_no = mutation["start_pos"][0]
-        key = (mutation["module_path"], line_no, mutation["operator_name"])
-        listed = key in equivalents
+        listed = any(module_path == mutation["module_path"] and line == line_no
+                     and fnmatchcase(mutation["operator_name"], operator)
+                     for module_path, line, operator in equivalents)
         unlisted += not listed
         label = "equivalent (listed)" if listed else "SURVIVED, not listed as equivalent"
         print(f"--- {mutation['module_path']}:{line_no} {mutation['operator_name']} "

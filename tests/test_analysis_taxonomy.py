@@ -232,3 +232,20 @@ def test_heldout_statistics_builds_no_autograd_graph(monkeypatch) -> None:
     monkeypatch.setattr(cc, "encode", lambda x: grad_enabled.append(torch.is_grad_enabled()) or encode(x))
     heldout_statistics(cc, torch.randn(10, 2, D), chunk_tokens=4)
     assert grad_enabled == [False, False, False]
+
+
+def test_heldout_statistics_never_wait_for_other_ranks(monkeypatch) -> None:
+    """Under DDP only rank 0 computes the held-out statistics (for the artifact): the metrics must not synchronise,
+    or rank 0 would wait for ranks that have left. Simulated: a distributed run whose gather would fail."""
+    import torchmetrics.metric
+
+    def gather(*args, **kwargs):
+        raise RuntimeError("a synchronising metric waited for the other ranks")
+
+    cc = planted_crosscoder()
+    x = torch.randn(20, 2, D)
+    want = heldout_statistics(cc, x, chunk_tokens=8)
+    monkeypatch.setattr(torchmetrics.metric, "jit_distributed_available", lambda: True)
+    monkeypatch.setattr(torchmetrics.metric, "gather_all_tensors", gather)
+    got = heldout_statistics(cc, x, chunk_tokens=8)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.variance_explained, want.variance_explained)

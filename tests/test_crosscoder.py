@@ -257,13 +257,13 @@ def test_from_pretrained_tries_the_hub_only_for_an_absent_owner_slash_name(tmp_p
     calls = []
 
     def fake_snapshot_download(repo_id, allow_patterns, **kwargs):  # the local cache answers first
-        calls.append((repo_id, allow_patterns))
+        calls.append((repo_id, allow_patterns, kwargs.get("local_files_only")))
         return str(saved)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.chdir(tmp_path)
     loaded = CrossCoder.from_pretrained("someone/crosscoder")
-    assert calls == [("someone/crosscoder", ["config.json", "model.safetensors"])]
+    assert calls == [("someone/crosscoder", ["config.json", "model.safetensors"], True)]
     assert torch.equal(loaded.W_enc, _cc().fold().W_enc)
     # a local directory named like a repo id is read from disk; other absent paths are a clear error
     _cc().save_pretrained(tmp_path / "local" / "cc")
@@ -272,3 +272,43 @@ def test_from_pretrained_tries_the_hub_only_for_an_absent_owner_slash_name(tmp_p
         with pytest.raises(FileNotFoundError, match="no crosscoder at"):
             CrossCoder.from_pretrained(absent)
     assert len(calls) == 1
+
+
+def test_a_hub_id_not_in_the_cache_is_refused_offline_and_probed_online(tmp_path, monkeypatch) -> None:
+    """Not in the local cache: in offline mode a FileNotFoundError naming offline mode, without any request; online,
+    one probe (model_info) whose failure is a ConnectionError naming HF_HUB_ETAG_TIMEOUT."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def not_cached(repo_id, allow_patterns, **kwargs):
+        assert kwargs.get("local_files_only") is True  # the download itself is never reached here
+        raise FileNotFoundError("not in the cache")
+
+    probes = []
+
+    def silent_hub(repo_id, timeout=None):
+        probes.append((repo_id, timeout))
+        raise TimeoutError("no answer")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    monkeypatch.setattr(huggingface_hub, "model_info", silent_hub)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="offline mode is on"):
+        CrossCoder.from_pretrained("someone/crosscoder")
+    assert probes == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ConnectionError, match="no usable answer within HF_HUB_ETAG_TIMEOUT"):
+        CrossCoder.from_pretrained("someone/crosscoder")
+    assert probes == [("someone/crosscoder", constants.HF_HUB_ETAG_TIMEOUT)]
+
+
+def test_a_missing_artifact_names_the_latest_copy_set_aside(tmp_path) -> None:
+    """An interrupted rewrite leaves complete copies aside (``.NAME.replaced-*``): the error names the last by name."""
+    for n in (1, 2, 3):
+        (tmp_path / f".cc.replaced-{n}").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"set aside by an interrupted rewrite is at .*\.cc\.replaced-3: rename"):
+        CrossCoder.from_pretrained(tmp_path / "cc")
+    with pytest.raises(FileNotFoundError, match="no crosscoder at") as err:
+        CrossCoder.from_pretrained(tmp_path / "other")
+    assert "set aside" not in str(err.value)

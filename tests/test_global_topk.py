@@ -94,6 +94,19 @@ def test_global_cut_over_nan_and_nothing_positive() -> None:
     assert kept.numel() == 0 and all(float(m) == math.inf for m in mins)
 
 
+def test_global_cut_at_a_nan_keeps_the_nans_and_no_min_kept() -> None:
+    """As many NaN scores as entries to keep: the cut itself is NaN (the top key); the NaNs are kept and, no
+    positive score being kept, min_kept is inf, as the flat top-k gives it."""
+    scores = torch.tensor([1.0, float("nan"), 3.0, 0.0, float("nan"), 2.0])
+    for n_keep in (1, 2):
+        kept, mins = _global_keep(scores, n_keep, [3, 3])
+        _, want_min = _flat(scores, n_keep)
+        assert kept.numel() == n_keep and bool(scores[kept].isnan().all())
+        assert float(want_min) == math.inf and all(float(m) == math.inf for m in mins)
+    kept, mins = _global_keep(scores, 3, [3, 3])
+    assert kept.tolist() == [1, 2, 4] and all(float(m) == 3.0 for m in mins)
+
+
 def test_global_cut_in_float64_and_bfloat16() -> None:
     for dtype in (torch.float64, torch.bfloat16):
         scores = torch.rand(64, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -186,3 +199,46 @@ def test_the_sparse_and_dense_steps_keep_the_same_entries_under_two_ranks() -> N
     for s, d in zip(sparse, dense):
         assert s["kept"] == d["kept"]
         assert torch.equal(s["min_kept"], d["min_kept"])
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+@pytest.mark.parametrize("case", ["k_is_F", "k_above_F", "small_activations", "nothing_to_explain", "one_token_rank"])
+def test_two_ranks_compute_the_single_process_step_at_the_edges(impl: str, case: str) -> None:
+    """Every entry kept (k = F, and k above F: the cut clips to B_global * F and zero scores stay out, so min_kept is
+    the smallest positive one); activations so small that AuxK's normalisation is far below 1 (used as is, not
+    clamped); zero activations and no latent firing (residual exactly 0: AuxK's normalisation is clamped, AuxK is 0,
+    not NaN); a rank holding a single token."""
+    cc, x = _model(3), _batch(32)
+    k = {"k_is_F": 64, "k_above_F": 128}.get(case, 4)
+    if case == "small_activations":
+        with torch.no_grad():
+            cc.b_dec.zero_()
+            cc.W_dec.mul_(1e-2)
+        x = x * 1e-2
+    if case == "nothing_to_explain":
+        with torch.no_grad():
+            cc.b_dec.zero_()
+            cc.b_enc.fill_(-1.0)
+        x = torch.zeros(32, 2, 8)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[1::4] = True
+    (one,) = _run(cc, x, None, impl, "mse", dead, k)
+    ranks = _run(cc, x, [1, 31] if case == "one_token_rank" else [12, 20], impl, "mse", dead, k)
+    assert sorted(e for r in ranks for e in r["kept"]) == one["kept"]
+    if case in ("k_is_F", "k_above_F"):
+        n_positive = len(one["kept"])
+        assert 0 < n_positive < 32 * 64  # some scores are 0: all positive ones kept, no zero one
+        assert 0 < float(one["min_kept"]) < math.inf
+    if case == "small_activations":
+        assert float(one["unit"]) < 0.1 and float(one["aux"]) > 0
+    if case == "nothing_to_explain":
+        assert one["kept"] == [] and float(one["aux"]) == 0.0 and float(one["min_kept"]) == math.inf
+    for r in ranks:
+        assert torch.equal(r["min_kept"], one["min_kept"])
+        for name in ("loss", "recon", "aux", "unit"):
+            assert torch.isfinite(r[name]), name
+            torch.testing.assert_close(r[name], one[name], rtol=RTOL, atol=ATOL, msg=name)
+    names = [name for name, _ in cc.named_parameters()]
+    for i, name in enumerate(names):
+        mean = torch.stack([r["grads"][i] for r in ranks]).mean(0)
+        torch.testing.assert_close(mean, one["grads"][i], rtol=RTOL, atol=ATOL, msg=name)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from crosscoder_pl.metrics import FiringCounts, VarianceExplained
+from crosscoder_pl.metrics import (
+    FiringCounts,
+    VarianceExplained,
+    check_objective,
+    sweep_objective,
+)
 
 
 def direct_ve(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -83,3 +91,21 @@ def test_firing_counts_count_positive_codes_per_latent() -> None:
     assert metric.compute().tolist() == [0, 3, 1, 1]
     assert metric.tokens == 3
     assert float((metric.compute() == 0).double().mean()) == 0.25  # dead fraction over this window
+
+
+def test_sweep_objective_against_the_direct_formula_and_its_bounds() -> None:
+    """``(ve_base + ve_chat) / 2 - penalty * max(0, dead_frac - max_dead_frac)``; the limits 0 and 1 and a zero
+    penalty are valid settings, anything outside is refused before training."""
+    metrics = {"val/ve_base": 0.9, "val/ve_chat": 0.5, "val/dead_frac": 0.25}
+    for max_dead, penalty in ((0.1, 10.0), (0.25, 3.0), (0.0, 2.0), (1.0, 5.0), (0.1, 0.0)):
+        want = (0.9 + 0.5) / 2 - penalty * max(0.0, 0.25 - max_dead)
+        assert sweep_objective(metrics, max_dead, penalty) == pytest.approx(want, abs=1e-12)
+        check_objective(max_dead, penalty)
+    assert sweep_objective({**metrics, "val/dead_frac": 0.0}, 0.0, 7.0) == pytest.approx(0.7, abs=1e-12)
+    for key in metrics:
+        assert math.isnan(sweep_objective({k: v for k, v in metrics.items() if k != key}, 0.1, 1.0))
+    for max_dead, penalty in ((-0.01, 1.0), (1.01, 1.0), (0.5, -0.5)):
+        with pytest.raises(ValueError, match=f"max_dead_frac={max_dead} .*penalty={penalty}"):
+            check_objective(max_dead, penalty)
+        with pytest.raises(ValueError, match="max_dead_frac="):
+            sweep_objective(metrics, max_dead, penalty)

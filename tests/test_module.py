@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import lightning as L
@@ -784,3 +785,68 @@ def test_step_metrics_are_logged_on_the_steps_the_logger_writes_and_the_last() -
         module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
     assert sorted(logged) == [2, 5, 6]  # Lightning writes steps 3 and 6 (1-based); step 7 is the run's last
     assert {"train/loss", "train/l0", "train/k", "train/threshold"} <= logged[2]
+
+
+def test_each_rank_reads_its_share_of_the_scale_tokens() -> None:
+    """Under DDP each rank stops once the ranks together hold ``scale_tokens``: 2 ranks, batches of 10, 100 tokens
+    asked: this rank reads 5 batches (50 tokens), not 1 nor 10."""
+    x = torch.randn(200, 2, 16)
+    seen = []
+
+    def reduce(tensor, reduce_op):
+        seen.append(tensor.clone())
+        return tensor * 2  # the other rank read as much
+
+    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=100), world_size=2, reduce=reduce)
+    module.estimate_scales(_batches(*x.split(10)))
+    assert float(seen[-1]) == 50.0  # the token count is the last sum
+    torch.testing.assert_close(seen[0], x[:50].double().norm(dim=-1).sum(0))
+
+
+def test_the_step_gets_collectives_only_under_ddp(monkeypatch) -> None:
+    """One process: no reducer (the single-process step). Several: one ProcessGroupReducer, made once and kept."""
+    import crosscoder_pl.module as module_file
+
+    made = []
+    monkeypatch.setattr(module_file, "ProcessGroupReducer", lambda: made.append(object()) or made[-1])
+    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4), world_size=1)
+    assert module._reducer() is None and made == []
+    attach(module, world_size=2)
+    first = module._reducer()
+    assert first is made[0] and module._reducer() is first and len(made) == 1
+
+
+def test_training_l0_is_summed_over_ranks() -> None:
+    """Each rank logs its share of the global batch's L0 (positive codes / global tokens); Lightning sums the shares
+    over ranks (sync_dist, reduce_fx="sum") under DDP, and needs no sync on one process."""
+    x = torch.randn(64, 2, 16)
+    for world_size in (1, 2, 3):
+        module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4), world_size=world_size)
+        calls = {}
+        module.log_dict = lambda values, **kw: None
+        module.log = lambda name, value, calls=calls, **kw: calls.__setitem__(name, (float(value), kw))
+        with torch.no_grad():
+            out = module.crosscoder.step(x, 4)
+        out = dataclasses.replace(out, n_tokens=64 * world_size)  # the global batch: 64 tokens on each rank
+        module._log_step(out, torch.zeros(64, dtype=torch.bool), 4)
+        value, kw = calls["train/l0"]
+        assert value == pytest.approx(4 * 64 / (64 * world_size))  # this rank's k * 64 positive codes, a share
+        assert kw["reduce_fx"] == "sum" and kw["sync_dist"] is (world_size > 1)
+
+
+def test_the_last_step_of_a_long_run_is_logged() -> None:
+    """The run's last step is logged even off the logger's grid, at any step count (not only small ones); a run
+    without max_steps (-1, Lightning's "no limit") logs on the grid only."""
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=3000)
+    x = torch.randn(64, 2, 16)
+    for max_steps, want in ((int("1000"), {993, 999}), (-1, {993})):
+        logged = set()
+        for step in (993, 998, 999):
+            attach(module, global_step=step)
+            module._trainer.log_every_n_steps, module._trainer.max_steps = 7, max_steps
+            module.log_dict = lambda values, step=step, logged=logged, **kw: logged.add(step)
+            module.log = lambda name, value, step=step, logged=logged, **kw: logged.add(step)
+            with torch.no_grad():
+                out = module.crosscoder.step(x, 4)
+            module._log_train(out, torch.zeros(64, dtype=torch.bool), 4)
+        assert logged == want, max_steps  # 993 is the 994th step (7 * 142: on the grid), 999 the 1000th

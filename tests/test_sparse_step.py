@@ -8,6 +8,9 @@ compared bitwise.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -107,6 +110,19 @@ def test_sparse_step_under_no_grad_and_with_input_gradients() -> None:
     torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float64])
 
 
+def test_impl_option_is_compared_by_value(monkeypatch) -> None:
+    """Each impl runs its own forward, and an impl name read from a config file is an equal string, not
+    necessarily the same object."""
+    calls = []
+    for name in ("_forward_sparse", "_forward_dense"):
+        forward = getattr(CrossCoder, name)
+        monkeypatch.setattr(CrossCoder, name,
+                            lambda self, *a, name=name, forward=forward: calls.append(name) or forward(self, *a))
+    for impl in ("sparse", "dense"):
+        _cc().step(torch.randn(4, 2, D), 3, impl="".join(list(impl)))
+    assert calls == ["_forward_sparse", "_forward_dense"]
+
+
 def test_unknown_impl_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"impl='fast' is not one of \('sparse', 'dense'\)"):
         _cc().step(torch.randn(4, 2, D), 3, impl="fast")
@@ -140,6 +156,35 @@ def test_pre_acts_at_matches_autograd_of_the_dense_relu() -> None:
     assert bool((grads[1][0] == 0).any())  # some entries sit where the ReLU is off
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("needs", ["x", "W", "b", "xb"])
+def test_pre_acts_at_gives_each_requested_gradient_alone(needs: str) -> None:
+    """Only some of ``x``, ``W``, ``b`` require a gradient (a frozen encoder, a data gradient): each one that does
+    gets the dense ReLU's gradient, the others none."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(9, 6, dtype=torch.float64, generator=g)
+    W = torch.randn(6, 20, dtype=torch.float64, generator=g)
+    b = torch.randn(20, dtype=torch.float64, generator=g)
+    rows = torch.randint(9, (30,), generator=g).sort().values
+    cols = torch.randint(20, (30,), generator=g)
+    block_cols = torch.tensor([2, 11])
+    w_values = torch.randn(30, dtype=torch.float64, generator=g)
+    w_block = torch.randn(9, 2, dtype=torch.float64, generator=g)
+    grads = []
+    for use_sparse in (True, False):
+        leaves = [t.clone().requires_grad_(name in needs) for name, t in zip("xWb", (x, W, b))]
+        if use_sparse:
+            values, block = sparse.pre_acts_at(*leaves, torch.addmm(b, x, W), rows, cols, block_cols)
+        else:
+            f = torch.relu(leaves[0] @ leaves[1] + leaves[2])
+            values, block = f[rows, cols], f[:, block_cols]
+        ((values * w_values).sum() + (block * w_block).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip("xWb", *grads):
+        assert (got is None) == (want is None) == (name not in needs), name
+        if want is not None:
+            torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 # ------------------------------------------------------------------------------------------ selection
@@ -210,15 +255,21 @@ def test_selection_winners_in_few_columns_and_rows_with_nothing_positive() -> No
     _assert_same_selection(torch.randn(8, 16, generator=g), torch.rand(16, generator=g), 16)
 
 
-@pytest.mark.parametrize("guess", ["too_high", "exactly_the_kth", "too_low"])
+@pytest.mark.parametrize("guess", ["too_high", "exactly_the_kth", "too_low", "one_and_too_high"])
 def test_selection_is_exact_whatever_the_first_threshold(guess: str, monkeypatch) -> None:
     """The sample only places the first threshold: planted wrong guesses cost a second pass, never a wrong set."""
     g = torch.Generator().manual_seed(4)
     pre = torch.randn(50, 200, generator=g)
+    if guess == "one_and_too_high":  # a threshold of exactly 1.0 with fewer than k * batch scores above it
+        pre = pre * 0.25
     weight = torch.rand(200, generator=g) + 0.5
     k = 6
     scores = (pre.relu() * weight).reshape(-1).sort(descending=True).values
-    first = {"too_high": scores[20], "exactly_the_kth": scores[k * 50 - 1], "too_low": scores[5000]}[guess]
+    first = {"too_high": scores[20], "exactly_the_kth": scores[k * 50 - 1], "too_low": scores[1000],
+             "one_and_too_high": torch.tensor(1.0)}[guess]
+    if guess == "one_and_too_high":
+        assert 0 < int((scores > 1.0).sum()) < k * 50
+    assert float(first) > 0  # a positive guess: only a pass at 0 could end the search otherwise
     monkeypatch.setattr(sparse, "_thresholds", lambda *a: [float(first), 0.0])
     passes = []
     candidates = sparse._candidates
@@ -238,6 +289,50 @@ def test_sample_thresholds_decrease_to_zero_and_pass_about_twice_k() -> None:
     assert len(set(thresholds)) == len(thresholds)
     passed = int(((pre * weight) > thresholds[0]).sum())
     assert n_keep < passed < 4 * n_keep  # one pass suffices, and stage 2 ranks a few times k * batch
+
+
+def test_sample_thresholds_score_each_entry_with_its_own_latents_weight() -> None:
+    """Latents of two kinds: large pre-activations with tiny weights, small ones with weight 1. Only scores taken
+    with each entry's own latent's weight place the first threshold where about twice k * batch pass."""
+    g = torch.Generator().manual_seed(12)
+    n_rows, n_cols = 512, 1024
+    even = torch.arange(n_cols) % 2 == 0
+    pre = torch.where(even, 10.0, 1.0) * (1 + 0.1 * torch.rand(n_rows, n_cols, generator=g))
+    weight = torch.where(even, 0.01, 1.0) * (1 + 0.1 * torch.rand(n_cols, generator=g))
+    n_keep = 16 * n_rows
+    thresholds = sparse._thresholds(pre.reshape(-1), weight, n_keep, sparse.SAMPLE_SIZE)
+    passed = int(((pre * weight) > thresholds[0]).sum())
+    assert n_keep < passed < 4 * n_keep
+
+
+def test_sample_thresholds_are_positive_distinct_and_end_with_zero_on_any_scores() -> None:
+    """Few distinct values (ties at the sampled ranks), exact zeros, negative and NaN scores: the list strictly
+    decreases through positive values to a single final 0."""
+    g = torch.Generator().manual_seed(13)
+    cases = [
+        (torch.rand(256, 512, generator=g) * 4).floor(),  # 0, 1, 2, 3: ties and zeros
+        (torch.rand(256, 512, generator=g) > 0.99).float(),  # mostly exact zeros
+        -torch.rand(64, 64, generator=g),  # every score negative
+        torch.where(torch.rand(128, 256, generator=g) > 0.5, float("nan"), 1.0),  # half NaN
+        torch.where(torch.rand(512, 256, generator=g) > 0.99, 5.0, 1.0),  # 1% high, then one value at every rank
+    ]
+    for pre in cases:
+        weight = torch.ones(pre.shape[1])
+        for n_keep in (4, 512, 4096):
+            thresholds = sparse._thresholds(pre.reshape(-1), weight, n_keep, sparse.SAMPLE_SIZE)
+            assert thresholds[-1] == 0.0 and all(t > 0 for t in thresholds[:-1]), thresholds
+            assert all(a > b for a, b in itertools.pairwise(thresholds)), thresholds
+
+
+def test_selection_equals_flat_topk_on_every_small_shape() -> None:
+    """Every small shape and k, down to one entry and k * batch equal to every entry (the sampled ranks reach the
+    sample's size there)."""
+    g = torch.Generator().manual_seed(14)
+    for n_rows in (1, 2, 3):
+        for n_cols in range(1, 25):
+            for k in sorted({1, 2, 5, n_cols}):
+                pre = torch.randn(n_rows, n_cols, generator=g)
+                _assert_same_selection(pre, torch.rand(n_cols, generator=g) + 0.5, k)
 
 
 def test_selection_ties_keep_the_same_scores() -> None:
@@ -265,6 +360,21 @@ def test_selection_keeps_nan_first_and_min_kept_ignores_it() -> None:
     assert codes[3, 4].isnan()
 
 
+def test_selection_of_an_empty_batch_keeps_nothing() -> None:
+    """A rank may hold no tokens: nothing kept, min_kept inf, as the flat top-k of nothing."""
+    flat, scores, min_kept = select_batch_topk(torch.zeros(0, 16), torch.ones(16), 3)
+    assert flat.numel() == 0 and scores.numel() == 0 and flat.dtype == torch.long
+    assert float(min_kept) == float("inf")
+
+
+def test_selection_when_one_row_is_wider_than_a_cpu_chunk() -> None:
+    """More latents than one CPU chunk holds (CHUNK_ELEMENTS): one row per chunk, the same selection."""
+    g = torch.Generator().manual_seed(11)
+    n_cols = sparse.CHUNK_ELEMENTS + 7
+    pre = torch.randn(3, n_cols, generator=g)
+    _assert_same_selection(pre, torch.rand(n_cols, generator=g) + 0.5, 5)
+
+
 # ------------------------------------------------------------------------------------------ codes
 def test_sparse_codes_round_trip_and_statistics() -> None:
     g = torch.Generator().manual_seed(8)
@@ -274,6 +384,21 @@ def test_sparse_codes_round_trip_and_statistics() -> None:
     assert torch.equal(active.fired(), (codes > 0).any(0))
     assert torch.equal(active.l0(), (codes > 0).sum(-1))
     assert active.shape == (6, 10) and torch.equal(active.rows, active.rows.sort().values)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # StepOutput holds it: frozen too
+        active.values = torch.zeros(1)
+
+
+def test_sparse_codes_statistics_count_only_positive_entries() -> None:
+    """Entries given explicitly (zero, negative and NaN values included): fired() and l0() are those of the dense
+    codes, ``(codes > 0).any(0)`` and ``(codes > 0).sum(-1)``."""
+    rows = torch.tensor([0, 1, 2, 3, 3, 4])
+    cols = torch.tensor([1, 4, 2, 0, 3, 5])
+    values = torch.tensor([0.5, 0.0, -1.0, float("nan"), 2.0, 3.0])  # 0, -1 and NaN alone in their row and column
+    active = SparseCodes(rows, cols, values, (6, 6))
+    dense = active.to_dense()
+    assert dense[3, 0].isnan() and dense[2, 2] == -1.0
+    assert active.fired().tolist() == (dense > 0).any(0).tolist() == [False, True, False, True, False, True]
+    assert active.l0().tolist() == (dense > 0).sum(-1).tolist() == [1, 0, 0, 1, 1, 0]
 
 
 # ------------------------------------------------------------------------------------------ settings

@@ -207,3 +207,16 @@ def test_min_kept_ignores_nan_scores() -> None:
     _, min_kept = cc.batch_topk(f, 1)
     norms = cc.decoder_norms().sum(-1).detach()
     assert float(min_kept) == pytest.approx(float(2.0 * norms[3]))
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def test_auxk_with_fewer_tokens_than_k_aux(impl: str) -> None:
+    """k_aux is a number of dead latents per token: a batch of 2 tokens still gets k_aux = 4 of its 16 dead latents."""
+    cc = _cc()
+    x = torch.randn(2, 2, D) * 2
+    dead = torch.arange(F) % 2 == 0
+    out = cc.step(x, K, dead, aux_coef=0.5, k_aux=4, impl=impl)
+    total, _, aux, *_ = _direct(cc, x, K, dead, "mse", 0.5, 4)
+    torch.testing.assert_close(out.aux, aux)
+    torch.testing.assert_close(out.loss, total)
+    assert out.aux.item() != pytest.approx(_direct(cc, x, K, dead, "mse", 0.5, 2)[2].item())
