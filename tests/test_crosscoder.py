@@ -298,6 +298,8 @@ def test_a_hub_id_not_in_the_cache_is_refused_offline_and_probed_online(tmp_path
         CrossCoder.from_pretrained("someone/crosscoder")
     assert probes == []
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # tests/conftest.py sets it; read at call time too
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     with pytest.raises(ConnectionError, match="no usable answer within HF_HUB_ETAG_TIMEOUT"):
         CrossCoder.from_pretrained("someone/crosscoder")
     assert probes == [("someone/crosscoder", constants.HF_HUB_ETAG_TIMEOUT)]
