@@ -257,7 +257,11 @@ def test_analyze_turns_an_imported_checkpoint_into_a_complete_artifact(tmp_path:
     again = subprocess.run([sys.executable, "analyze.py", f"artifact={artifact}", f"hydra.run.dir={tmp_path / 'again'}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((artifact / "metrics.json").read_text())["validation"] == metrics["validation"]
+    validation = json.loads((artifact / "metrics.json").read_text())["validation"]
+    # The same figures up to float summation order (one CI run saw a relative 2e-6 on a VE of -64).
+    assert validation["variance_explained"] == pytest.approx(metrics["validation"]["variance_explained"], rel=1e-5)
+    assert {k: v for k, v in validation.items() if k != "variance_explained"} == pytest.approx(
+        {k: v for k, v in metrics["validation"].items() if k != "variance_explained"}, rel=1e-5)
 
 
 def inputs_of(d: int, n: int = 128) -> torch.Tensor:
