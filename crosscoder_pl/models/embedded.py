@@ -96,6 +96,7 @@ class Size:
     batch_size: int
     lr: float
     threads: int | None = None  # torch intra-op threads while building (None: torch's default)
+    softcapping: bool = True  # Gemma-2's tanh soft-capping of attention scores (50) and final logits (30)
 
 
 SIZES = {
@@ -108,15 +109,21 @@ SIZES = {
     "default": Size(
         # seq_len 128: the crosscoder's stream reads 128-token sequences (conf/data/embedded.yaml), and half the
         # tokens per step halve the build at the same number of steps (held-out losses within 0.05 nats of 256).
-        vocab_size=4096, hidden_size=128, intermediate_size=512, n_heads=4, head_dim=32, seq_len=128,
+        # d_model 64: the demo's whole cost (this build, extraction, the crosscoder step) scales with it; at 128
+        # the first run took 9.1 min, at 64 about 3 (README "How the demo's recipe was chosen").
+        vocab_size=4096, hidden_size=64, intermediate_size=256, n_heads=4, head_dim=16, seq_len=128,
         web_docs=5000, chat_conversations=2000, tokenizer_chars=6_000_000,
         # Chat-only latents need a chat model that computes what its base does not. Measured on the demo
-        # (1,024 latents): 200 chat steps (loss on model turns or on the whole chat) gave 1 chat-only latent;
-        # 400 steps on the whole chat 3-12; a gentler fine-tune (lr 1e-3 after a 400-step base) gave none.
+        # (1,024 latents, d_model 128): 200 chat steps (loss on model turns or on the whole chat) gave 1 chat-only
+        # latent; 400 steps on the whole chat 3-12; a gentler fine-tune (lr 1e-3 after a 400-step base) none.
         base_steps=200, chat_steps=400, batch_size=16, lr=3e-3,
-        # One thread: float sums in another order give another pair, and the crosscoder's chat-only count moved
-        # from 7 to 1 between a 1- and a 2-thread build; pinned, the pair is the same on every machine.
-        threads=1,
+        # Pinned threads: float sums in another order give another pair (at d_model 128 the crosscoder's chat-only
+        # count moved from 7 to 1 between a 1- and a 2-thread build); pinned, every machine builds the same pair
+        # (up to its CPU's own kernels). Two: the reference machine's cores, 1.7x faster than one.
+        threads=2,
+        # Soft-capping (tanh of scores and logits) cost 25% of a build step; this pair's logits stay below ~11,
+        # well inside Gemma-2's cap of 30.
+        softcapping=False,
     ),
 }
 HELD_OUT = 0.05  # share of documents / conversations kept for the build report
@@ -238,6 +245,7 @@ def model_config(tokenizer: PreTrainedTokenizerFast, spec: Size) -> Gemma2Config
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **({} if spec.softcapping else {"attn_logit_softcapping": None, "final_logit_softcapping": None}),
     )
 
 
