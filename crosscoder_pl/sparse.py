@@ -123,12 +123,17 @@ def _thresholds(flat_pre: torch.Tensor, weight: torch.Tensor, n_keep: int, sampl
     n_sample = min(sample_size, n)
     generator = torch.Generator(device=flat_pre.device).manual_seed(0)
     pos = torch.randint(n, (n_sample,), generator=generator, device=flat_pre.device)
-    sample = (flat_pre[pos] * weight[pos % n_cols]).sort(descending=True).values
+    scores = flat_pre[pos] * weight[pos % n_cols]
     expected = n_keep * n_sample / n  # sampled entries above the K-th largest score, on average
     ranks = [math.ceil(2 * expected + 4 * math.sqrt(expected) + 4)]
     while ranks[-1] * 4 < n_sample:
         ranks.append(ranks[-1] * 4)
     ranks = [r for r in ranks if r < n_sample]
+    if not ranks:
+        return [0.0]
+    # The largest max(ranks) + 1 in descending order: the sorted sample's head, without sorting all of it
+    # (a third of the whole selection's time at the demo's 1,024 x 1,024 scores).
+    sample = scores.topk(ranks[-1] + 1).values
     out: list[float] = []
     for value in sample[ranks].tolist():  # one host sync
         if not value > 0:  # nan or <= 0: this and the lower ones would be no better than 0
