@@ -1,9 +1,9 @@
 """Throughput and memory of the dashboard's max-activation pass, and the size it would have at papergrade.
 
-    python -m bench.bench_dashboard [--latents 1024] [--d-model 128] [--tokens 16384] [--l0 48] [--threads N]
+    python -m bench.bench_dashboard [--latents 1024] [--d-model 64] [--tokens 16384] [--l0 32] [--threads N]
     python -m bench.bench_dashboard --artifact outputs/<run>/artifact   # + online latency on that artifact's pair
 
-Default: the demo's sizes (1,024 latents, d_model 128, 16,384 held-out tokens, k 48, top 20 per source).
+Default: the demo's sizes (1,024 latents, d_model 64, 16,384 held-out tokens, k 32, top 20 per source).
 Activations are random and the threshold is set so that L0 is ``--l0`` (the pass's cost depends on the sizes
 and on how many latents fire, not on what they mean), half the tokens web, half chat. Prints the time of
 the scan (encode + running top-N + histograms, one pass) in tokens/s, of the context windows, and the
@@ -92,9 +92,9 @@ def online_latency(artifact: Path, repeats: int = 3) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latents", type=int, default=1024)
-    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16_384)
-    parser.add_argument("--l0", type=float, default=48)
+    parser.add_argument("--l0", type=float, default=32)
     parser.add_argument("--top-n", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary of the random models (logit lens)")

@@ -121,3 +121,28 @@ def test_building_a_pair_leaves_the_global_random_state_alone(tmp_path):
     torch.manual_seed(123)
     build_embedded_pair("tiny", tmp_path / "pair", corpus)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("softcapping", [True, False])
+def test_soft_capping_is_the_specs_choice(pair_dirs, softcapping):
+    """The default pair drops Gemma-2's tanh caps (a quarter of a build step); its logits are the head's
+    output itself, a capped model's are 30 * tanh(head / 30)."""
+    from dataclasses import replace
+
+    from transformers import Gemma2ForCausalLM
+
+    from crosscoder_pl.models.embedded import SIZES, model_config
+
+    assert SIZES["default"].softcapping is False and SIZES["tiny"].softcapping is True
+    config = model_config(AutoTokenizer.from_pretrained(pair_dirs[0]), replace(SIZES["tiny"], softcapping=softcapping))
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == ((50.0, 30.0) if softcapping else (None, None))
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # large head weights, so that the cap bends the logits visibly
+        model.lm_head.weight.mul_(300.0)
+        ids = torch.tensor([[2, 10, 11, 12, 13]])
+        head = model.lm_head(model.model(input_ids=ids).last_hidden_state)
+        logits = model(input_ids=ids).logits
+    assert head.abs().max() > 30
+    expected = 30.0 * torch.tanh(head / 30.0) if softcapping else head
+    torch.testing.assert_close(logits, expected)
