@@ -57,7 +57,7 @@ def write_artifact(
     Args:
         crosscoder: the trained crosscoder (folded or not: saved folded, analysed as a folded eval-mode copy).
         data: the model pair, held-out activations and probe batch the analyses run on.
-        settings: the ``conf/analysis`` group (`crosscoder_pl.analysis.report.SETTINGS_KEYS`).
+        settings: the ``conf/analysis`` group (`crosscoder_pl.config.AnalysisConfig`).
         train_config: the run's resolved configuration, plain containers (written as ``train_config.yaml``).
         command: the command that reproduces the artifact (for the card).
         dashboard: the ``conf/dashboard`` group; None: the one in ``train_config`` (see `run_analyses`).

@@ -756,6 +756,3 @@ class RunConfig(Checked):
         return dataclasses.replace(self, crosscoder=self.crosscoder.resolve(d_model), at="")
 
 
-def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
-    """`RunConfig.from_hydra`: the validated, typed view of a composed training config."""
-    return RunConfig.from_hydra(cfg)

@@ -11,6 +11,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from crosscoder_pl.headline import TAXONOMY, headline_figures, is_number
+
 log = logging.getLogger(__name__)
 
 
@@ -61,23 +63,17 @@ def _with_init_timeout(settings: Any) -> Any:
 
 def card_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The model card's figures as flat ``card/...`` numbers for a run summary (absent analyses are left out)."""
-    validation = metrics.get("validation", {})
-    figures: dict[str, Any] = {
-        "card/ve_base": validation.get("variance_explained", {}).get("base"),
-        "card/ve_chat": validation.get("variance_explained", {}).get("chat"),
-        "card/l0": validation.get("l0"),
-        "card/dead_fraction": validation.get("dead_fraction"),
-        "card/threshold": metrics.get("artifact", {}).get("threshold"),
-        "card/n_chat_specific": metrics.get("scaling", {}).get("n_chat_specific"),
-        "card/median_causal_pearson": metrics.get("causal", {}).get("median_pearson"),
-        "card/median_decoder_cosine": metrics.get("causal", {}).get("median_decoder_cosine"),
-    }
-    figures.update({f"card/taxonomy/{name}": count
-                    for name, count in metrics.get("taxonomy", {}).get("counts", {}).items()})
-    figures.update({f"card/splice/ce_increase_{model}": metrics["splice"][model].get("ce_increase")
-                    for model in ("base", "chat") if model in metrics.get("splice", {})})
-    return {key: float(value) for key, value in figures.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {f"card/{_CARD_NAMES.get(name, name)}": float(value)
+            for name, value in headline_figures(metrics).items() if is_number(value)}
+
+
+# Headline figure -> its name under ``card/`` in a W&B run summary (the rest keep their own).
+_CARD_NAMES = {
+    "chat_specific": "n_chat_specific",
+    "ce_increase_base": "splice/ce_increase_base",
+    "ce_increase_chat": "splice/ce_increase_chat",
+    **{name: f"taxonomy/{name}" for name in TAXONOMY},
+}
 
 
 def log_artifact_to_wandb(loggers: Iterable[Logger], directory: str | Path, metrics: Mapping[str, Any]) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from crosscoder_pl.headline import headline_figures, is_number
+
 log = logging.getLogger(__name__)
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 METRICS = Path("artifact") / "metrics.json"
@@ -40,18 +42,8 @@ FILES = ("sweep_summary.csv", "sweep_summary.md", "sweep_summary.png")
 
 def job_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The `FIGURES` of one job's ``metrics.json`` (nan where an analysis was disabled)."""
-    validation = metrics.get("validation", {})
-    counts = metrics.get("taxonomy", {}).get("counts", {})
-    values = {
-        "ve_base": validation.get("variance_explained", {}).get("base"),
-        "ve_chat": validation.get("variance_explained", {}).get("chat"),
-        "l0": validation.get("l0"),
-        "dead_fraction": validation.get("dead_fraction"),
-        **{name: counts.get(name) for name in ("shared", "base_only", "chat_only", "unclassified", "dead")},
-        "chat_specific": metrics.get("scaling", {}).get("n_chat_specific"),
-        "median_causal_pearson": metrics.get("causal", {}).get("median_pearson"),
-    }
-    return {key: float(v) if isinstance(v, (int, float)) else math.nan for key, v in values.items()}
+    figures = headline_figures(metrics)
+    return {key: float(figures[key]) if is_number(figures[key]) else math.nan for key in FIGURES}
 
 
 def read_overrides(job: Path) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from crosscoder_pl.config import (
     CachedDataConfig,
     CrossCoderConfig,
     RunConfig,
-    load_run_config,
 )
 from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
@@ -44,7 +43,7 @@ def check_config(cfg: DictConfig) -> RunConfig:
     config (``crosscoder.expansion``), an activation cache's manifest (``data=cached``), the checkpoint and the run
     to resume. Returns the typed configuration."""
     check_recipe(cfg)  # an experiment and the options chosen next to it (crosscoder_pl.recipes)
-    run = load_run_config(cfg)
+    run = RunConfig.from_hydra(cfg)
     if run.crosscoder.expansion is not None:  # the config only, no weights: d_model sizes the dictionary
         run = run.resolve(read_hidden_size(cfg.model_pair.base, cfg.model_pair.get("token")))
     if isinstance(run.data, CachedDataConfig):

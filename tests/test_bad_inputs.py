@@ -21,6 +21,7 @@ from test_app import compose_train
 from test_data_helpers import tiny_tokenizer, write_corpus, write_jsonl
 
 from crosscoder_pl import CrossCoder
+from crosscoder_pl.config import check_mix
 from crosscoder_pl.data.cache import (
     CachedActivations,
     CacheError,
@@ -34,7 +35,6 @@ from crosscoder_pl.data.sources import (
     SourceUnavailableError,
     StreamStats,
     load_rows,
-    mix_probabilities,
     mixed_rows,
     source_rows,
     texts,
@@ -244,7 +244,7 @@ ERRORS: list[tuple[str, Callable[[Path], Action], type[BaseException], str]] = [
     # --- text sources
     ("missing data files", source("json", data_files="{tmp}/none/*.jsonl"), SourceUnavailableError, r"Could not load the text source.*no file matches data_files.*Check that the files exist"),
     ("truncated JSON lines", truncated_jsonl, MalformedSourceError, r"cannot be parsed.*truncated or not JSON lines"),
-    ("mix of three", lambda tmp: lambda: mix_probabilities([0.2, 0.3, 0.5]), ValueError, "two probabilities"),
+    ("mix of three", lambda tmp: lambda: check_mix([0.2, 0.3, 0.5]), ValueError, "two probabilities"),
     ("heldout fraction 1", lambda tmp: lambda: source_rows("web", SourceConfig("json", "text"), tiny_tokenizer(), heldout_fraction=1.0),
      ValueError, r"heldout_fraction=1.0 must be in \[0, 1\)"),
     # --- model pair

@@ -27,7 +27,6 @@ from crosscoder_pl.config import (
     StreamDataConfig,
     TextSourceConfig,
     TrainerConfig,
-    load_run_config,
 )
 from crosscoder_pl.crosscoder import LOSSES, STEP_IMPLS
 from crosscoder_pl.data.datamodule import (
@@ -42,7 +41,7 @@ OUT = "hydra.runtime.output_dir=/tmp/x"
 
 
 def typed(*overrides: str) -> RunConfig:
-    return load_run_config(compose_train(*overrides, OUT))
+    return RunConfig.from_hydra(compose_train(*overrides, OUT))
 
 
 # ------------------------------------------------------------------------------------------- shipped configs
@@ -50,7 +49,7 @@ def typed(*overrides: str) -> RunConfig:
 def test_every_shipped_config_reads_into_the_typed_config(experiment: str) -> None:
     args = [f"+experiment={experiment}", *EXPERIMENT_ARGS.get(experiment, [])] if experiment else []
     cfg = compose_train(*args, OUT)
-    run = load_run_config(cfg)
+    run = RunConfig.from_hydra(cfg)
     assert isinstance(run.data, StreamDataConfig) and isinstance(run.trainer, TrainerConfig)
     # The typed values are the composed ones.
     assert run.crosscoder.k == cfg.crosscoder.k and run.trainer.max_steps == cfg.trainer.max_steps
@@ -151,7 +150,7 @@ def test_check_config_builds_nothing(monkeypatch) -> None:
 
     monkeypatch.setattr(training, "instantiate", refuse)
     cfg = compose_train("+experiment=tiny", OUT)
-    assert training.check_config(cfg) == load_run_config(cfg)
+    assert training.check_config(cfg) == RunConfig.from_hydra(cfg)
 
 
 def test_a_missing_activation_cache_fails_at_start_up(tmp_path) -> None:
@@ -242,4 +241,4 @@ BAD = [  # overrides on +experiment=tiny, what the error must say
 def test_a_bad_value_names_the_key_the_value_and_the_fix(overrides: list[str], match: str) -> None:
     cfg = compose_train("+experiment=tiny", *overrides, OUT)
     with pytest.raises(ConfigError, match=match):
-        load_run_config(cfg)
+        RunConfig.from_hydra(cfg)

@@ -4,14 +4,20 @@ from pathlib import Path
 
 import pytest
 from datasets.exceptions import DatasetNotFoundError
+from test_data_helpers import tiny_tokenizer, write_corpus, write_jsonl
 from torch.utils.data import DataLoader
 
+from crosscoder_pl.config import check_mix
 from crosscoder_pl.data import sources
 from crosscoder_pl.data.sources import (
-    SourceConfig, SourceUnavailableError, StreamStats, embedded_source, mix_probabilities, mixed_rows, source_rows,
+    SourceConfig,
+    SourceUnavailableError,
+    StreamStats,
+    embedded_source,
+    mixed_rows,
+    source_rows,
     texts,
 )
-from test_data_helpers import tiny_tokenizer, write_corpus, write_jsonl
 
 
 def local(root: Path, name: str) -> SourceConfig:
@@ -71,7 +77,7 @@ def test_realised_mix_matches_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mix", [[0.3, 0.6], {"web": 0.5, "chat": 0.6}, [-0.5, 1.5]])
 def test_mix_must_sum_to_one(mix) -> None:
     with pytest.raises(ValueError, match="web=.*chat=.*sum"):
-        mix_probabilities(mix)
+        check_mix(mix)
 
 
 def test_heldout_is_disjoint_from_training(tmp_path: Path) -> None:

@@ -146,3 +146,24 @@ def test_soft_capping_is_the_specs_choice(pair_dirs, softcapping):
     assert head.abs().max() > 30
     expected = 30.0 * torch.tanh(head / 30.0) if softcapping else head
     torch.testing.assert_close(logits, expected)
+
+
+def test_a_pair_another_process_finished_first_is_kept_unless_its_recipe_differs(pair_dirs, tmp_path):
+    from crosscoder_pl.models.embedded import _save_atomically
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(pair_dirs[0]), AutoTokenizer.from_pretrained(pair_dirs[0])
+    report = json.loads((pair_dirs[0].parent / "build_report.json").read_text())
+    out = tmp_path / "embedded-tiny"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "theirs").write_text("built by the other process")  # it may be loading this pair right now
+    (out / "build_report.json").write_text(json.dumps(report))
+
+    _save_atomically(out, {"base": model}, tokenizer, report)
+    assert (out / "base" / "theirs").exists() and not (out / "base" / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [out.name], "the unused build was left behind"
+
+    other = {**report, "spec": {**report["spec"], "chat_steps": report["spec"]["chat_steps"] + 1}}
+    _save_atomically(out, {"base": model}, tokenizer, other)
+    assert not (out / "base" / "theirs").exists() and (out / "base" / "model.safetensors").exists()
+    assert json.loads((out / "build_report.json").read_text())["spec"] == other["spec"]
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -1,11 +1,11 @@
 """Run the enabled analyses of a trained crosscoder into an artifact directory (no Lightning needed).
 
 Shared by the end-of-training callback and offline scripts. ``settings`` mirrors ``conf/analysis``
-(see ``SETTINGS_KEYS``); every key must be given. Files written into ``out_dir`` (README.md, the artifact directory):
-``taxonomy.json``, ``latents.csv``, ``delta_norm_histogram.png`` (taxonomy); ``causal_validation.csv``,
-``cosine_vs_causal.png`` (causal); ``dashboard/`` (the latent dashboard, when the held-out activations carry
-their token ids and the ``dashboard`` settings enable it); ``metrics.json`` and ``README.md`` always. Weights and
-``config.json`` are written by whoever saves the crosscoder.
+(its keys: `crosscoder_pl.config.AnalysisConfig`); every key must be given. Files written into ``out_dir``
+(README.md, the artifact directory): ``taxonomy.json``, ``latents.csv``, ``delta_norm_histogram.png``
+(taxonomy); ``causal_validation.csv``, ``cosine_vs_causal.png`` (causal); ``dashboard/`` (the latent dashboard,
+when the held-out activations carry their token ids and the ``dashboard`` settings enable it); ``metrics.json``
+and ``README.md`` always. Weights and ``config.json`` are written by whoever saves the crosscoder.
 """
 
 from __future__ import annotations
@@ -16,17 +16,28 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import torch
 
 from crosscoder_pl.analysis.card import write_card, write_metrics
-from crosscoder_pl.analysis.causal import causal_validation, most_frequent, plot_cosine_vs_causal, write_csv
+from crosscoder_pl.analysis.causal import (
+    causal_validation,
+    most_frequent,
+    plot_cosine_vs_causal,
+    write_csv,
+)
 from crosscoder_pl.analysis.probes import content_mask
-from crosscoder_pl.analysis.scaling import ChatSpecificRule, LatentScaling, latent_scaling, sample_latents
+from crosscoder_pl.analysis.scaling import (
+    ChatSpecificRule,
+    LatentScaling,
+    latent_scaling,
+    sample_latents,
+)
 from crosscoder_pl.analysis.splice import splice_evaluation
+from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.analysis.taxonomy import (
     HeldoutStats,
     Taxonomy,
@@ -35,7 +46,6 @@ from crosscoder_pl.analysis.taxonomy import (
     heldout_statistics,
     plot_delta_histogram,
 )
-from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.config import AnalysisConfig
 from crosscoder_pl.crosscoder import CrossCoder
@@ -44,11 +54,6 @@ from crosscoder_pl.data.activations import token_table
 
 log = logging.getLogger(__name__)
 
-# The keys of ``settings``, read from their typed config (crosscoder_pl.config.AnalysisConfig): group -> its keys.
-SETTINGS_KEYS: dict[str, tuple[str, ...] | None] = {
-    name: tuple(f.name for f in fields(hint)) if is_dataclass(hint) else None
-    for name, hint in get_type_hints(AnalysisConfig).items() if name in {f.name for f in fields(AnalysisConfig)}
-}
 LATENT_COLUMNS = (
     "latent",
     "delta_norm",
@@ -90,7 +95,7 @@ def run_analyses(
         pair: the models, duck-typed: ``base``, ``chat``, ``layer``, ``base_id``, ``chat_id``.
         activations: raw held-out paired activations ``[tokens, 2, d_model]`` (no BOS, no padding).
         probe_ids, probe_mask: probe batch ``[n_probes, seq]``, BOS first, padding allowed.
-        settings: the ``conf/analysis`` group (see ``SETTINGS_KEYS``).
+        settings: the ``conf/analysis`` group (`crosscoder_pl.config.AnalysisConfig`).
         recipe: training facts for the card's recipe section (e.g. the crosscoder's metadata).
         command: the exact command that reproduces the artifact.
         dashboard: the ``conf/dashboard`` group; None: the one recorded in ``out_dir/train_config.yaml``, else

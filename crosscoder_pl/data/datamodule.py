@@ -29,6 +29,7 @@ from datasets import IterableDataset as RowStream
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
+from crosscoder_pl.config import check_mix
 from crosscoder_pl.data.activations import (
     SOURCE_CODES,
     PaddingSide,
@@ -53,7 +54,6 @@ from crosscoder_pl.data.sources import (
     SOURCES,
     SourceConfig,
     StreamStats,
-    mix_probabilities,
     mixed_rows,
     read_rows,
     texts,
@@ -364,7 +364,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["model_pair", "web", "chat"])  # sources: frozen dataclasses, logged via stats()
         self.model_pair = model_pair
         self.web, self.chat = (c if isinstance(c, SourceConfig) else SourceConfig(**c) for c in (web, chat))
-        self.mix = mix_probabilities(mix)
+        self.mix = check_mix(mix)
         self.val_acts: torch.Tensor | None = None
         self.stream: ActivationStream | None = None
         self._stream_state: dict[str, Any] | None = None  # from a checkpoint, applied in train_dataloader

@@ -236,12 +236,6 @@ def source_rows(
     return rows.filter(_kept).select_columns(COLUMNS)
 
 
-def mix_probabilities(mix: Mapping[str, float] | Sequence[float], key: str = "data.mix") -> tuple[float, float]:
-    """``(p_web, p_chat)`` from ``{"web": p, "chat": p}`` or ``[p_web, p_chat]``, >= 0 and summing to 1: the rule
-    of the typed data config (`crosscoder_pl.config.check_mix`; errors name ``key``)."""
-    return check_mix(mix, key)
-
-
 def mixed_rows(
     web: SourceConfig,
     chat: SourceConfig,
@@ -258,7 +252,7 @@ def mixed_rows(
     Rows that cannot be used are dropped before the mix (`texts` counts them), and the stream ends when
     either source runs out, so the realised document mix matches ``mix`` throughout.
     """
-    probabilities = list(mix_probabilities(mix))
+    probabilities = list(check_mix(mix))
     configs = dict(zip(SOURCES, (web, chat)))
     parts = [source_rows(name, config, tokenizer, heldout, heldout_fraction) for name, config in configs.items()]
     rows = interleave_datasets(parts, probabilities=probabilities, seed=seed, stopping_strategy="first_exhausted")
