@@ -167,11 +167,13 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
         raise ValueError("artifact=DIR is required: an artifact directory written by train.py (or a new one for "
                          "checkpoint=), or pass sweep=DIR to summarise a multirun")
     if cfg.get("push_to_hub"):
+        from huggingface_hub import HfApi
+
         from crosscoder_pl.hub import check_hub_access, push_artifact
 
-        check_hub_access(cfg.push_to_hub)  # fails in seconds, before any import
+        api = HfApi(token=check_hub_access(cfg.push_to_hub))  # fails in seconds, before any import
         metrics = _import(cfg) if cfg.get("checkpoint") else {}
-        push_artifact(cfg.artifact, cfg.push_to_hub, private=cfg.hub_private, license=cfg.hub_license)
+        push_artifact(cfg.artifact, cfg.push_to_hub, private=cfg.hub_private, license=cfg.hub_license, api=api)
         return metrics
     if cfg.get("checkpoint"):
         return _import(cfg)

@@ -80,11 +80,13 @@ def test_push_uploads_exactly_the_artifact_files(artifact: Path, monkeypatch: py
     recorder = Recorder()
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: recorder.create_repo(repo_id, **kw))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: recorder.upload_folder(**kw))
-    monkeypatch.setattr(hub, "check_hub_access", lambda repo_id: "token")  # no network in tests
+    probes: list[str] = []
+    monkeypatch.setattr(hub, "check_hub_access", lambda repo_id: probes.append(repo_id) or "token")  # no network
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("analyze", overrides=[f"artifact={artifact}", "push_to_hub=someone/tiny-crosscoder",
                                             "hub_private=true"])
     analyze(cfg, [])
+    assert probes == ["someone/tiny-crosscoder"]  # the hub is asked once, before anything is imported or written
     (name, create), (name2, upload) = recorder.calls
     assert (name, name2) == ("create_repo", "upload_folder")
     assert create["repo_id"] == "someone/tiny-crosscoder" and create["private"] is True
