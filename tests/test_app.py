@@ -60,7 +60,7 @@ def test_papergrade_is_the_seed_recipe() -> None:
     ("overrides", "error", "match"),
     [
         (["crosscoder.k=5000"], ValueError, "k=5000 is larger than the dictionary"),
-        (["crosscoder.k_start=4"], ValueError, "crosscoder.k_start=4 is smaller than crosscoder.k=64"),
+        (["crosscoder.k_start=4"], ValueError, "crosscoder.k_start=4 is smaller than crosscoder.k=32"),
         (["data.mix.chat=0.6"], ValueError, "chat=0.6"),
         (["+crosscoder.kk=3"], ValueError, r"unknown key crosscoder.kk \(did you mean crosscoder.k\?\)"),
         (["trainer.max_steps=0"], ValueError, "trainer.max_steps=0"),
