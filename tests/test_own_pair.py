@@ -27,7 +27,7 @@ def test_expansion_gives_the_dictionary_size() -> None:
     node = crosscoder_config(cfg, d_model=640)
     assert node.n_latents == 4 * 640 and "expansion" not in node
     assert OmegaConf.select(cfg, "crosscoder.expansion") == 4  # the run's config keeps the recipe
-    assert crosscoder_config(compose_train(), d_model=640).n_latents == 2048  # no expansion: n_latents as given
+    assert crosscoder_config(compose_train(), d_model=640).n_latents == 1024  # no expansion: n_latents as given
 
 
 def test_expansion_and_n_latents_that_disagree_fail_naming_both() -> None:
