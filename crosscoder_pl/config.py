@@ -754,5 +754,3 @@ class RunConfig(Checked):
     def resolve(self, d_model: int) -> RunConfig:
         """With the dictionary size known (``crosscoder.expansion * d_model``), checked again."""
         return dataclasses.replace(self, crosscoder=self.crosscoder.resolve(d_model), at="")
-
-
