@@ -129,6 +129,31 @@ def test_from_pretrained_missing_dir_is_clear(tmp_path) -> None:
         CrossCoder.from_pretrained(tmp_path / "nope")
 
 
+def test_a_hub_id_the_hub_refuses_is_an_error_naming_the_repo_and_the_answer(monkeypatch) -> None:
+    """Not in the local cache, the hub reached and answering 404: one error with the repo, the answer and the way
+    to run offline, not the hub client's own exception (no network: the hub client is replaced)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from crosscoder_pl import network
+
+    def not_cached(repo_id, **kwargs):
+        assert kwargs.get("local_files_only"), "downloaded although the hub refused the repo"
+        raise FileNotFoundError(repo_id)
+
+    def refused(repo_id, timeout):
+        request = httpx2.Request("GET", f"http://hub.invalid/api/models/{repo_id}")
+        raise HfHubHTTPError("404 Repository Not Found", response=httpx2.Response(404, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    monkeypatch.setattr(huggingface_hub, "model_info", refused)
+    monkeypatch.setattr(network, "hub_offline", lambda: False)
+    with pytest.raises(ConnectionError, match=r"could not load the crosscoder 'someone/missing'.*"
+                                              r"HfHubHTTPError: 404 Repository Not Found.*HF_HUB_OFFLINE=1"):
+        CrossCoder.from_pretrained("someone/missing")
+
+
 def test_decoder_in_both_spaces_folded_or_not() -> None:
     cc = _cc(scales=[0.5, 20.0])
     folded = cc.fold()
