@@ -2,7 +2,8 @@
 
 import math
 
-from crosscoder_pl.headline import headline_figures
+from crosscoder_pl.analysis.taxonomy import CLASSES
+from crosscoder_pl.headline import TAXONOMY, headline_figures
 from crosscoder_pl.loggers import card_summary
 from crosscoder_pl.sweep import FIGURES, job_figures
 
@@ -39,3 +40,8 @@ def test_disabled_analyses_are_absent_or_nan_never_zero():
     assert set(card_summary(partial)) == {"card/ve_base", "card/ve_chat", "card/l0", "card/dead_fraction"}
     row = job_figures(partial)
     assert row["l0"] == 31.5 and math.isnan(row["chat_only"]) and math.isnan(row["median_causal_pearson"])
+
+
+def test_the_taxonomy_classes_are_the_analysis_own():
+    """Spelt out in headline.py to keep it import-light: the same classes, in the same order."""
+    assert TAXONOMY == CLASSES
