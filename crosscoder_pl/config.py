@@ -393,8 +393,11 @@ class CrossCoderConfig(Checked):
         default=None, metadata=rule(doc="first step that updates the threshold (null: end of k annealing)", ge=0))
     scales: tuple[float, float] | None = field(
         default=None, metadata=rule(doc="per-model scales [base, chat] (null: estimated)", gt=0))
+    center: bool = field(
+        default=True, metadata=rule(doc="subtract each model's activation mean before the encoder (false: the "
+                                        "uncentred crosscoder of earlier versions)"))
     scale_tokens: int = field(
-        default=8192, metadata=rule(doc="tokens the scales and bias inits are estimated from", ge=1))
+        default=8192, metadata=rule(doc="tokens the means, scales and bias inits are estimated from", ge=1))
     scale_by: Literal["mean_norm", "std"] = field(
         default="mean_norm", metadata=rule(doc="what the estimated scales equalise"))
     b_dec_init: Literal["mean", "zeros"] = field(default="mean", metadata=rule(doc="the decoder bias's start"))

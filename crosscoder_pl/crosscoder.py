@@ -3,11 +3,13 @@
 Shapes (docs/method.md, "Shapes and notation"): ``x [..., 2, d_model]`` (index 0 = base, 1 = chat),
 ``W_enc [2, d_model, F]``, ``b_enc [F]``, ``W_dec [F, 2, d_model]``, ``b_dec [2, d_model]``.
 
-Per-model normalisation: training runs on ``x_m * scales[m]`` so both models weigh the same in the loss.
-While training (``folded=False``) the parameters live in that normalised space and ``encode``/``decode``
-convert from/to raw activations. ``fold()`` moves the scales into the weights, so a saved crosscoder
-takes and returns raw activations with no extra step; ``decoder_norms()`` always answers in the
-normalised space, where comparing a latent's two decoder norms is meaningful.
+Per-model normalisation: training runs on ``(x_m - means[m]) * scales[m]``: centred, so that the large constant
+part of a residual stream (over 90% of a Gemma token's norm) does not move every latent's pre-activation alike, and
+scaled, so that both models weigh the same in the loss. While training (``folded=False``) the parameters live in that
+normalised space and ``encode``/``decode`` convert from/to raw activations. ``fold()`` moves the means and scales
+into the weights and biases, so a saved crosscoder takes and returns raw activations with no extra step;
+``decoder_norms()`` always answers in the normalised space, where comparing a latent's two decoder norms is
+meaningful.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class CrossCoder(nn.Module):
         n_models: number of activation sources; 2 = (base, chat).
         dec_init_norm: norm of every decoder vector at init (encoder starts as the decoder transposed).
         scales: per-model normalisation scalars ``[n_models]``; ones when not given.
+        means: per-model activation means ``[n_models, d_model]`` in raw units, subtracted before the encoder and
+            added back after the decoder; zeros (no centring) when not given. A folded crosscoder keeps them as
+            the record of what its biases hold (the reference layout's ``activation_mean``).
         threshold: inference threshold on the selection score; negative means "not calibrated yet".
         folded: whether ``scales`` are already folded into the weights (true for saved crosscoders).
         metadata: free-form JSON-able facts saved in ``config.json`` (model ids, layer, recipe).
@@ -105,6 +110,7 @@ class CrossCoder(nn.Module):
         n_models: int = 2,
         dec_init_norm: float = 0.08,
         scales: torch.Tensor | list[float] | None = None,
+        means: torch.Tensor | list[list[float]] | None = None,
         threshold: float = -1.0,
         folded: bool = False,
         metadata: dict[str, Any] | None = None,
@@ -126,14 +132,18 @@ class CrossCoder(nn.Module):
         if scales.shape != (n_models,) or not bool(torch.all(torch.isfinite(scales) & (scales > 0))):
             raise ValueError(f"scales must be {n_models} finite positive numbers, got {scales.tolist()}")
         self.register_buffer("scales", scales.clone())
+        means = torch.zeros(n_models, d_model) if means is None else torch.as_tensor(means, dtype=torch.float32)
+        if means.shape != (n_models, d_model) or not bool(torch.isfinite(means).all()):
+            raise ValueError(f"means must be a finite [{n_models}, {d_model}] tensor, got shape {tuple(means.shape)}")
+        self.register_buffer("means", means.clone())
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self._warned_uncalibrated = False
 
     # ----------------------------------------------------------------------------------- encoding
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw activations ``[..., n_models, d_model]`` into the space the weights live in (``x_m * scales[m]``
-        before folding, unchanged after): the one place the per-model scales touch the input."""
-        return x if self.folded else x * self.scales[:, None].to(x.dtype)
+        """Raw activations ``[..., n_models, d_model]`` into the space the weights live in (``(x_m - means[m]) *
+        scales[m]`` before folding, unchanged after): the one place the means and scales touch the input."""
+        return x if self.folded else (x - self.means.to(x.dtype)) * self.scales[:, None].to(x.dtype)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU pre-activations ``[..., F]`` of raw activations ``x [..., 2, d_model]``."""
@@ -238,7 +248,7 @@ class CrossCoder(nn.Module):
         x_hat = flat.reshape(*f.shape[:-1], self.n_models, self.d_model) + self.b_dec
         if self.folded or normalised:
             return x_hat
-        return x_hat / self.scales[:, None]
+        return x_hat / self.scales[:, None] + self.means
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))``: raw activations in, raw reconstructions out."""
@@ -314,12 +324,13 @@ class CrossCoder(nn.Module):
         reconstruction ``x_hat`` and AuxK's reconstruction of the residual ``e_hat`` (None without dead latents),
         both ``[batch, n_models, d_model]``. ``ranks``: the reducer and the number of entries the global BatchTopK
         keeps, under DDP."""
-        f = self._pre_acts_normalised(x_n)  # [batch, F]
+        pre = self._encoder_affine(x_n)  # [batch, F], before the ReLU
+        f = F.relu(pre)
         codes, min_kept = self.batch_topk(f, k) if ranks is None else self._batch_topk_global(f, *ranks)
         x_hat = self.decode(codes, normalised=True)
         e_hat = None
         if dead_idx is not None:
-            aux_codes = self.aux_topk(f, dead_idx, k_aux)  # [batch, n_dead]
+            aux_codes = self.aux_topk(pre, dead_idx, k_aux)  # [batch, n_dead]
             e_hat = self._aux_decode(aux_codes, dead_idx).view_as(x_n)
         return SparseCodes.from_dense(codes), min_kept, x_hat, e_hat
 
@@ -344,27 +355,37 @@ class CrossCoder(nn.Module):
                 flat = flat[keep]
             rows, cols = flat.div(self.n_latents, rounding_mode="floor"), flat.remainder(self.n_latents)
         dead_cols = torch.zeros(0, dtype=torch.long, device=pre.device) if dead_idx is None else dead_idx
-        values, f_dead = pre_acts_at(x_flat, W_enc, self.b_enc, pre, rows, cols, dead_cols)
+        values, pre_dead = pre_acts_at(x_flat, W_enc, self.b_enc, pre, rows, cols, dead_cols)
         active = SparseCodes(rows, cols, values, (n_tokens, self.n_latents))
         W_dec = self.W_dec.reshape(self.n_latents, -1)
         x_hat = decode_sparse(W_dec, values, rows, cols, n_tokens).view_as(x_n) + self.b_dec
         e_hat = None
         if dead_idx is not None:  # AuxK as in the dense step, on the dead columns only
-            aux_codes = self._aux_codes(f_dead, weight[dead_idx], k_aux)
+            aux_codes = self._aux_codes(pre_dead, weight[dead_idx], k_aux)
             e_hat = self._aux_decode(aux_codes, dead_idx).view_as(x_n)
         return active, min_kept, x_hat, e_hat
 
-    def aux_topk(self, f: torch.Tensor, dead_idx: torch.Tensor, k_aux: int) -> torch.Tensor:
+    def aux_topk(self, pre: torch.Tensor, dead_idx: torch.Tensor, k_aux: int) -> torch.Tensor:
         """AuxK's selection, the per-token twin of :meth:`batch_topk`: among the dead latents ``dead_idx [n_dead]``,
-        keep each token's ``k_aux`` highest scores. Returns codes ``[batch, n_dead]`` (unscaled ``f``)."""
-        return self._aux_codes(f[:, dead_idx], self.decoder_norms()[dead_idx].sum(-1), k_aux)
+        keep each token's ``k_aux`` highest scores. ``pre``: pre-activations before the ReLU ``[batch, F]``.
+        Returns codes ``[batch, n_dead]``: the ReLU'd values, with a straight-through gradient (:meth:`_aux_codes`)."""
+        return self._aux_codes(pre[:, dead_idx], self.decoder_norms()[dead_idx].sum(-1), k_aux)
 
     @staticmethod
-    def _aux_codes(f_dead: torch.Tensor, weight_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-        """:meth:`aux_topk` from the dead latents' ``f [batch, n_dead]`` and score weights ``[n_dead]``."""
-        scores = f_dead * weight_dead
-        idx = scores.topk(min(k_aux, f_dead.shape[-1]), dim=-1, sorted=False).indices
-        return torch.zeros_like(f_dead).scatter(-1, idx, f_dead.gather(-1, idx))
+    def _aux_codes(pre_dead: torch.Tensor, weight_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+        """:meth:`aux_topk` from the dead latents' pre-activations before the ReLU ``[batch, n_dead]`` and score
+        weights ``[n_dead]``.
+
+        The kept values are ``relu(pre)`` (the references' AuxK: a dead latent below zero adds nothing to the
+        reconstruction), but the gradient passes through the ReLU as if it were the identity. With the ReLU's own
+        gradient a latent whose pre-activation is below zero on every token gets none, and AuxK cannot bring it
+        back; straight through, its encoder learns to raise the pre-activation on the tokens whose residual its
+        decoder direction would reduce (docs/method.md, "AuxK")."""
+        scores = pre_dead * weight_dead
+        idx = scores.topk(min(k_aux, pre_dead.shape[-1]), dim=-1, sorted=False).indices
+        kept = pre_dead.gather(-1, idx)
+        kept = kept + (kept.clamp_min(0) - kept).detach()
+        return torch.zeros_like(pre_dead).scatter(-1, idx, kept)
 
     def _aux_decode(self, aux_codes: torch.Tensor, dead_idx: torch.Tensor) -> torch.Tensor:
         """AuxK's reconstruction ``[batch, n_models * d_model]`` from codes over the dead latents: decoder, no bias."""
@@ -380,15 +401,19 @@ class CrossCoder(nn.Module):
 
     # ----------------------------------------------------------------------------------- folding / io
     def fold(self) -> CrossCoder:
-        """A copy with the per-model scales folded into the weights (raw activations in and out)."""
+        """A copy with the per-model means and scales folded into the weights (raw activations in and out):
+        ``W_enc[m] * s_m``, ``b_enc - sum_m (mu_m s_m) @ W_enc[m]``, ``W_dec[:, m] / s_m``, ``b_dec[m] / s_m + mu_m``."""
         out = copy.deepcopy(self)
         if self.folded:
             return out
         s = self.scales.to(self.W_dec.dtype)
         with torch.no_grad():
+            # float64: the mean's part of the bias is a sum of d_model products of large numbers
+            shift = torch.einsum("md,mdf->f", self.means.double() * self.scales.double()[:, None], self.W_enc.double())
+            out.b_enc.sub_(shift.to(out.b_enc.dtype))
             out.W_enc.mul_(s[:, None, None])
             out.W_dec.div_(s[None, :, None])
-            out.b_dec.div_(s[:, None])
+            out.b_dec.div_(s[:, None]).add_(self.means.to(out.b_dec.dtype))
         out.folded = True
         return out
 
@@ -401,9 +426,11 @@ class CrossCoder(nn.Module):
             "n_models": self.n_models,
             "model_order": list(MODEL_ORDER[: self.n_models]),
             "scales": [float(s) for s in self.scales],
+            "centred": bool(self.means.any()),
             "threshold": float(self.threshold),
             "folded": True,
             "encode": "f = relu(sum_m x_m @ W_enc[m] + b_enc); keep f where f * sum_m(||W_dec[:, m]|| * scales[m]) > threshold",
+            "means": "the per-model activation means (tensor 'means') are already folded into b_enc and b_dec",
             "decode": "x_hat[m] = f @ W_dec[:, m] + b_dec[m]",
             "metadata": self.metadata,
         }
@@ -443,6 +470,8 @@ class CrossCoder(nn.Module):
             metadata=config.get("metadata"),
         )
         state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        # Saved before centring existed: nothing was subtracted, so the record of what the biases hold is zeros.
+        state.setdefault("means", torch.zeros(model.n_models, model.d_model, device=str(device)))
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 

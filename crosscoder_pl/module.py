@@ -2,8 +2,8 @@
 
 The loss and everything reported about it is computed by :meth:`CrossCoder.step` (docs/method.md);
 this module only optimises, schedules and logs:
-  1. before the first step, the per-model scales ``sqrt(d_model) / mean ||x_m||`` (and the bias inits)
-     are estimated from the first ``scale_tokens`` tokens of the training data;
+  1. before the first step, the per-model means ``mu_m`` and scales ``sqrt(d_model) / mean ||x_m - mu_m||`` (and the
+     bias inits) are estimated from the first ``scale_tokens`` tokens of the training data;
   2. ``k`` is annealed linearly from ``k_start``; the dead-latent counters feed AuxK;
   3. the inference threshold is a bias-corrected EMA of the smallest kept score per batch.
 Gradient clipping is the Trainer's (``gradient_clip_val=1.0`` in the recipe).
@@ -48,10 +48,14 @@ class CrossCoderModule(L.LightningModule):
         threshold_decay: EMA decay of the inference threshold.
         threshold_start_step: first step that updates the threshold (default: end of k annealing).
         scales: per-model normalisation scalars; estimated from the first ``scale_tokens`` tokens if None.
-        scale_by: what the estimated scales equalise to ``sqrt(d_model)``: ``"mean_norm"`` (mean ``||x_m||``, the
-            method's definition) or ``"std"`` (root of the centred second moment ``E||x_m - mean_m||^2``, as the
-            dictionary_learning crosscoders normalise; a model whose activations carry a large constant mean
-            otherwise gets its variable part, and so its decoder norms, scaled down).
+        center: subtract each model's activation mean (estimated from the same tokens as the scales, in float64)
+            before the encoder and add it back after the decoder (folded into the biases on save). A residual
+            stream is mostly a constant vector (Gemma-3-270M layer 6: 92% of a token's norm); uncentred, every
+            update along it moves a latent's pre-activation by the same amount on every token, and most of the
+            dictionary dies (docs/method.md, "Per-model normalisation and folding").
+        scale_by: what the estimated scales equalise to ``sqrt(d_model)``: ``"mean_norm"`` (mean ``||x_m - mu_m||``
+            of what the encoder reads, centred or not: the method's definition) or ``"std"`` (root of the centred
+            second moment ``E||x_m - mean_m||^2``, as the dictionary_learning crosscoders normalise).
         b_dec_init: ``"mean"`` (decoder bias starts at the data mean, estimated with the scales) or ``"zeros"``.
         b_enc_init: ``"center"`` (encoder bias starts at ``-mean(x) @ W_enc``, so each latent's pre-activation
             is centred on the data and fires on about half the tokens at first; residual streams have a large
@@ -86,6 +90,7 @@ class CrossCoderModule(L.LightningModule):
         threshold_decay: float = 0.999,
         threshold_start_step: int | None = None,
         scales: list[float] | None = None,
+        center: bool = True,
         scale_tokens: int = 8192,
         scale_by: str = "mean_norm",
         b_dec_init: str = "mean",
@@ -105,7 +110,7 @@ class CrossCoderModule(L.LightningModule):
             n_latents=n_latents, k=k, k_start=k_start, k_anneal_steps=k_anneal_steps, lr=lr, betas=betas,
             lr_decay_frac=lr_decay_frac, aux_coef=aux_coef, k_aux=k_aux, dead_after_tokens=dead_after_tokens,
             threshold_decay=threshold_decay, threshold_start_step=threshold_start_step, scales=scales,
-            scale_tokens=scale_tokens, scale_by=scale_by, b_dec_init=b_dec_init, b_enc_init=b_enc_init,
+            center=center, scale_tokens=scale_tokens, scale_by=scale_by, b_dec_init=b_dec_init, b_enc_init=b_enc_init,
             enc_init=enc_init, dec_init_norm=dec_init_norm, loss=loss, step_impl=step_impl,
             metrics_window_steps=metrics_window_steps,
         )
@@ -120,7 +125,8 @@ class CrossCoderModule(L.LightningModule):
         self.register_buffer("threshold_ema", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         # In the checkpoint, so a resumed run does not initialise from data twice.
-        needs_data = scales is None or b_dec_init == "mean" or b_enc_init == "center" or enc_init == "equal_variance"
+        needs_data = (scales is None or center or b_dec_init == "mean" or b_enc_init == "center"
+                      or enc_init == "equal_variance")
         self.register_buffer("data_init_done", torch.tensor(not needs_data))
         self.skipped_rows = 0
         self._ranks: Reducer | None = None  # made on the first DDP step (the process group exists by then)
@@ -207,41 +213,46 @@ class CrossCoderModule(L.LightningModule):
     @torch.no_grad()
     def estimate_scales(self, batches: Iterable[torch.Tensor | list[torch.Tensor]]) -> None:
         """Data-dependent init from the first ``scale_tokens`` tokens of ``batches`` (summed over ranks):
-        ``scales_m = sqrt(d_model) / mean ||x_m||`` (unless given); with ``enc_init="equal_variance"`` each
-        encoder column rescaled so that every latent's pre-activation has the same variance on these tokens;
-        b_dec = the normalised mean (if ``b_dec_init="mean"``); b_enc centring the pre-activations (if
-        ``b_enc_init="center"``). A fresh iterator is used, so these tokens are trained on as well. Under DDP each
-        rank reads its share, so that the ranks together read the tokens a single process would."""
-        width = 2 * self.hparams.d_model
-        norm_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+        ``means_m`` = the mean of ``x_m`` (if ``center``); ``scales_m = sqrt(d_model) / mean ||x_m - means_m||``
+        (unless given); with ``enc_init="equal_variance"`` each encoder column rescaled so that every latent's
+        pre-activation has the same variance on these tokens; b_dec = the normalised mean (if ``b_dec_init="mean"``;
+        about 0 when centred); b_enc centring the pre-activations (if ``b_enc_init="center"``). A fresh iterator is
+        used, so these tokens are trained on as well. Under DDP each rank reads its share, so that the ranks
+        together read the tokens a single process would."""
+        cc, hp = self.crosscoder, self.hparams
+        width = 2 * cc.d_model
         x_sum = torch.zeros(width, dtype=torch.float64, device=self.device)
         xx_sum = torch.zeros(width, width, dtype=torch.float64, device=self.device)
         n = torch.zeros((), dtype=torch.float64, device=self.device)
+        read: list[torch.Tensor] = []  # [batch, 2, d_model] each: the mean norm needs a second pass once centred
         for batch in batches:
-            x = self._clean(batch).to(self.device).double()
-            norm_sum += x.norm(dim=-1).sum(0)
-            flat = x.flatten(1)  # [batch, 2 * d_model]
+            x = self._clean(batch).to(self.device)
+            read.append(x)
+            flat = x.double().flatten(1)  # [batch, 2 * d_model]
             x_sum += flat.sum(0)
             xx_sum += flat.T @ flat
             n += x.shape[0]
-            if n * self.trainer.world_size >= self.hparams.scale_tokens:
+            if n * self.trainer.world_size >= hp.scale_tokens:
                 break
-        norm_sum, x_sum, xx_sum, n = (self._reduce(t) for t in (norm_sum, x_sum, xx_sum, n))
+        x_sum, xx_sum, n = (self._reduce(t) for t in (x_sum, xx_sum, n))
         if n == 0:
             raise ValueError("cannot estimate the per-model scales: the training data yielded no tokens")
-        if n < self.hparams.scale_tokens:
-            warnings.warn(f"scales estimated from only {int(n)} tokens (scale_tokens={self.hparams.scale_tokens})",
+        if n < hp.scale_tokens:
+            warnings.warn(f"scales estimated from only {int(n)} tokens (scale_tokens={hp.scale_tokens})",
                           stacklevel=3)  # 3: past torch.no_grad's wrapper, at the caller
-        cc, hp = self.crosscoder, self.hparams
+        if hp.center:
+            cc.means.copy_((x_sum / n).view(2, cc.d_model))
+        centre = cc.means.double()  # [2, d_model]: zeros without centring
         if hp.scales is None:
-            if hp.scale_by == "mean_norm":
-                spread = norm_sum / n  # [2]: mean ||x_m||
+            if hp.scale_by == "mean_norm":  # mean ||x_m - mu_m||: the norm of what the encoder reads
+                norm_sum = sum((x.double() - centre).norm(dim=-1).sum(0) for x in read)
+                spread = self._reduce(torch.as_tensor(norm_sum, dtype=torch.float64, device=self.device)) / n  # [2]
             else:  # root of the centred second moment: the variable part of each model's activations
                 var = (xx_sum.diagonal() / n - (x_sum / n) ** 2).view(2, cc.d_model).sum(-1)
                 spread = var.clamp_min(1e-12).sqrt()
             cc.scales.copy_((math.sqrt(cc.d_model) / spread).float())
         s = cc.scales.double().repeat_interleave(cc.d_model)  # [2 * d_model], per coordinate
-        mean = x_sum / n * s  # training space
+        mean = (x_sum / n - centre.flatten()) * s  # the data mean in the training space (about 0 when centred)
         W_enc = cc.W_enc.data.reshape(width, cc.n_latents)  # a view: edits land in the parameter
         if hp.enc_init == "equal_variance":
             cov = (xx_sum / n - torch.outer(x_sum / n, x_sum / n)) * torch.outer(s, s)
@@ -252,8 +263,8 @@ class CrossCoderModule(L.LightningModule):
         if hp.b_enc_init == "center":
             cc.b_enc.data.copy_(-(mean.to(W_enc.dtype) @ W_enc))
         self.data_init_done.fill_(True)
-        log.info("data init from %d tokens: per-model scales %s, encoder %s, b_dec %s, b_enc %s", int(n),
-                 [round(v, 5) for v in cc.scales.tolist()], hp.enc_init, hp.b_dec_init, hp.b_enc_init)
+        log.info("data init from %d tokens: centred %s, per-model scales %s, encoder %s, b_dec %s, b_enc %s", int(n),
+                 hp.center, [round(v, 5) for v in cc.scales.tolist()], hp.enc_init, hp.b_dec_init, hp.b_enc_init)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t

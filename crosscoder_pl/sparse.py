@@ -6,8 +6,8 @@ decoder, selects BatchTopK with one flat top-k over ``batch x F`` scores and bac
 
 - :func:`select_batch_topk`: the exact BatchTopK selection in two stages (a threshold from a sample keeps a
   few times ``k * batch`` candidates, then the top ``k * batch`` among them); the proof is in its docstring.
-- :func:`pre_acts_at`: the ReLU pre-activations at the kept entries (and AuxK's dead columns), read from the
-  pre-activations computed without autograd; its backward touches only these (encoder weight and bias
+- :func:`pre_acts_at`: the ReLU pre-activations at the kept entries (and, before the ReLU, AuxK's dead columns),
+  read from the pre-activations computed without autograd; its backward touches only these (encoder weight and bias
   gradients: a gathered sum per active latent instead of a ``[d, batch] x [batch, F]`` product).
 - :func:`decode_sparse`: the decoder applied to the kept entries with ``embedding_bag`` (gathers only the
   active decoder rows; its backward gives the decoder gradient of the active rows only).
@@ -164,22 +164,22 @@ def _candidates(pre: torch.Tensor, weight: torch.Tensor, threshold: float) -> tu
 
 
 class _PreActsAt(torch.autograd.Function):
-    """``f = relu(x @ W + b)`` at some entries and in some full columns, read from ``pre = x @ W + b`` computed
-    without autograd; the backward computes the gradients of ``x``, ``W`` and ``b`` from these only."""
+    """``f = relu(x @ W + b)`` at some entries, and ``x @ W + b`` (no ReLU) in some full columns, read from
+    ``pre = x @ W + b`` computed without autograd; the backward computes the gradients of ``x``, ``W`` and ``b``
+    from these only."""
 
     @staticmethod
     def forward(ctx, x, W, b, pre, rows, cols, block_cols):  # noqa: ANN001, ANN205 (autograd.Function)
         values = pre[rows, cols].relu_()
-        block = pre[:, block_cols].relu_()
-        ctx.save_for_backward(x, W, rows, cols, block_cols, values, block)
+        block = pre[:, block_cols]
+        ctx.save_for_backward(x, W, rows, cols, block_cols, values)
         return values, block
 
     @staticmethod
     def backward(ctx, grad_values, grad_block):  # noqa: ANN001, ANN205
-        x, W, rows, cols, block_cols, values, block = ctx.saved_tensors
-        # The ReLU's backward, as F.relu's: no gradient where f = 0.
+        x, W, rows, cols, block_cols, values = ctx.saved_tensors
+        # The ReLU's backward, as F.relu's: no gradient where f = 0. The block has no ReLU.
         grad_values = torch.where(values > 0, grad_values, torch.zeros_like(grad_values))
-        grad_block = torch.where(block > 0, grad_block, torch.zeros_like(grad_block))
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:  # not in training (activations are data); here for completeness
             grad_x = torch.zeros_like(x).index_add_(0, rows, W.t()[cols] * grad_values[:, None])
@@ -199,8 +199,8 @@ def pre_acts_at(
     x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     block_cols: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``f = relu(x @ W + b)`` at the entries ``(rows[i], cols[i])`` ``[nnz]`` and in the columns ``block_cols``
-    ``[batch, n_block]``, differentiable in ``x``, ``W``, ``b``.
+    """``f = relu(x @ W + b)`` at the entries ``(rows[i], cols[i])`` ``[nnz]``, and ``x @ W + b`` before the ReLU in
+    the columns ``block_cols`` ``[batch, n_block]``, differentiable in ``x``, ``W``, ``b``.
 
     Args:
         x: ``[batch, in]``; W: ``[in, F]``; b: ``[F]``.
@@ -208,7 +208,7 @@ def pre_acts_at(
         rows, cols: ``[nnz]`` int64 entries (repeats allowed: their gradients add up).
         block_cols: ``[n_block]`` int64 latents whose pre-activations are needed for every token (AuxK's dead
             latents: their top-k_aux per token is taken among them, and a dense block is faster than entries
-            at the dead fractions training sees).
+            at the dead fractions training sees). Before the ReLU: AuxK applies its own, straight through.
     """
     return _PreActsAt.apply(x, W, b, pre, rows, cols, block_cols)
 

@@ -64,13 +64,20 @@ def test_uncalibrated_eval_falls_back_to_batch_topk_with_warning() -> None:
     assert int((codes > 0).sum()) == 40
 
 
-def test_fold_gives_same_reconstruction_on_raw_inputs() -> None:
-    cc = _cc(scales=[0.5, 20.0]).eval()
+@pytest.mark.parametrize("centred", [False, True])
+def test_fold_gives_same_reconstruction_on_raw_inputs(centred: bool) -> None:
+    means = torch.randn(2, 16) * torch.tensor([[30.0], [0.5]]) if centred else None
+    cc = _cc(scales=[0.5, 20.0], means=means).eval()
     cc.threshold.fill_(0.01)
     with torch.no_grad():
         cc.b_dec.normal_()
-    x = torch.randn(50, 2, 16) * torch.tensor([2.0, 0.05])[:, None]
+    x = torch.randn(50, 2, 16) * torch.tensor([2.0, 0.05])[:, None] + cc.means
+    if centred:  # the unfolded crosscoder reads (x - mean) * scale, and adds the mean back after the decoder
+        torch.testing.assert_close(cc.normalise(x), (x - means) * torch.tensor([0.5, 20.0])[:, None])
+        codes = cc.encode(x)
+        torch.testing.assert_close(cc.decode(codes), cc.decode(codes, normalised=True) / cc.scales[:, None] + means)
     folded = cc.fold()
+    assert torch.equal(folded.means, cc.means)  # the record of what the folded biases hold
     assert folded.folded and not cc.folded
     torch.testing.assert_close(folded.encode(x), cc.encode(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(folded(x), cc(x), rtol=1e-5, atol=1e-6)
@@ -80,11 +87,11 @@ def test_fold_gives_same_reconstruction_on_raw_inputs() -> None:
 
 
 def test_save_load_roundtrip_is_bit_exact(tmp_path) -> None:
-    cc = _cc(scales=[0.5, 20.0], metadata={"layer": 3}).eval()
+    cc = _cc(scales=[0.5, 20.0], means=torch.randn(2, 16) * 5, metadata={"layer": 3}).eval()
     cc.threshold.fill_(0.02)
     cc.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["k"] == 4 and config["threshold"] == pytest.approx(0.02) and config["folded"]
+    assert config["k"] == 4 and config["threshold"] == pytest.approx(0.02) and config["folded"] and config["centred"]
     assert config["scales"] == pytest.approx([0.5, 20.0]) and config["metadata"] == {"layer": 3}
     loaded = CrossCoder.from_pretrained(tmp_path)
     expected = cc.fold().state_dict()
@@ -257,6 +264,29 @@ def test_from_pretrained_refuses_another_architecture(tmp_path, architecture) ->
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"config.json: architecture '{architecture}' is not BatchTopKCrossCoder"):
         CrossCoder.from_pretrained(str(tmp_path))
+
+
+def test_a_crosscoder_saved_before_centring_loads_with_zero_means(tmp_path) -> None:
+    """Artifacts written before the means existed have no ``means`` tensor: nothing was subtracted, so they load
+    with zero means and the same outputs."""
+    from safetensors.torch import load_file, save_file
+
+    cc = _cc(scales=[0.5, 2.0]).eval()
+    cc.threshold.fill_(0.01)
+    cc.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["means"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    loaded = CrossCoder.from_pretrained(tmp_path)
+    assert torch.equal(loaded.means, torch.zeros(2, 16))
+    x = torch.randn(20, 2, 16)
+    assert torch.equal(loaded(x), cc.fold().eval()(x))
+
+
+@pytest.mark.parametrize("means", [torch.zeros(2, 15), torch.zeros(1, 16), torch.full((2, 16), float("nan"))])
+def test_means_must_be_finite_and_one_vector_per_model(means) -> None:
+    with pytest.raises(ValueError, match=r"means must be a finite \[2, 16\] tensor"):
+        _cc(means=means)
 
 
 def test_from_pretrained_refuses_missing_or_extra_tensors(tmp_path) -> None:

@@ -173,9 +173,11 @@ def test_encoder_over_a_subset_of_layers_and_missing_weights_are_refused(tmp_pat
         load_dictionary_learning(tmp_path)
 
 
-def ours(seed: int = 0) -> CrossCoder:
+def ours(seed: int = 0, centred: bool = True) -> CrossCoder:
     torch.manual_seed(seed)
-    cc = CrossCoder(D, F, 8, scales=[0.25, 2.0], threshold=0.0, metadata={"base_model": "b", "chat_model": "c", "layer": 1})
+    means = torch.randn(2, D) * 3 if centred else None  # activation means folded into the biases
+    cc = CrossCoder(D, F, 8, scales=[0.25, 2.0], means=means, threshold=0.0,
+                    metadata={"base_model": "b", "chat_model": "c", "layer": 1})
     with torch.no_grad():
         cc.b_enc.normal_(0, 0.1)
         cc.b_dec.normal_()
@@ -188,9 +190,9 @@ def ours(seed: int = 0) -> CrossCoder:
     return folded
 
 
-@pytest.mark.parametrize("layout", ["hub", "training"])
-def test_export_runs_identically_in_their_forward_and_reloads(tmp_path: Path, layout: str) -> None:
-    cc = ours()
+@pytest.mark.parametrize(("layout", "centred"), [("hub", True), ("training", True), ("hub", False)])
+def test_export_runs_identically_in_their_forward_and_reloads(tmp_path: Path, layout: str, centred: bool) -> None:
+    cc = ours(centred=centred)
     directory = save_dictionary_learning(cc, tmp_path / layout, layout=layout)
     if layout == "hub":
         from safetensors.torch import load_file
@@ -204,6 +206,7 @@ def test_export_runs_identically_in_their_forward_and_reloads(tmp_path: Path, la
     assert {k: tuple(v.shape) for k, v in state.items() if "coder" in k} == {
         "encoder.weight": (2, D, F), "encoder.bias": (F,), "decoder.weight": (2, F, D), "decoder.bias": (2, D)}
     assert state["k"].dtype == torch.int32 and int(state["k"]) == 8 and int(state["code_normalization_id"]) == 1
+    assert torch.equal(state["activation_mean"], cc.means)  # our means are their normaliser's mean
     x = inputs()
     # Their forward on the exported weights = ours (float32 weights: float32 precision; same latents kept).
     codes = cc.encode(x.float()).double()
@@ -213,8 +216,8 @@ def test_export_runs_identically_in_their_forward_and_reloads(tmp_path: Path, la
     torch.testing.assert_close(cc.decode(theirs.float()).double(), their_decode(state, theirs), rtol=1e-5, atol=1e-4)
     # And back: the same crosscoder, metadata included.
     back = load_dictionary_learning(directory)
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "scales", "threshold"):
-        torch.testing.assert_close(getattr(back, name), getattr(cc, name), rtol=1e-6, atol=1e-7)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "scales", "threshold", "means"):
+        torch.testing.assert_close(getattr(back, name), getattr(cc, name), rtol=1e-6, atol=2e-6)
     assert torch.equal(back.encode(x.float()) != 0, cc.encode(x.float()) != 0)
     assert back.metadata["base_model"] == "b" and back.metadata["layer"] == 1
     torch.testing.assert_close(back.decoder_norms(), cc.decoder_norms(), rtol=1e-6, atol=0)

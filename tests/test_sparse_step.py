@@ -132,7 +132,8 @@ def test_unknown_impl_names_the_choices() -> None:
 
 def test_pre_acts_at_matches_autograd_of_the_dense_relu() -> None:
     """Entries anywhere (negative pre-activations, repeats) and a block of columns: values and the gradients
-    of x, W and b equal those of ``relu(x @ W + b)`` indexed the same way."""
+    of x, W and b equal those of ``relu(x @ W + b)`` at the entries and ``x @ W + b`` in the block (AuxK's dead
+    columns come before the ReLU), indexed the same way."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(12, 10, dtype=torch.float64, generator=g)
     W = torch.randn(10, 30, dtype=torch.float64, generator=g)
@@ -149,11 +150,12 @@ def test_pre_acts_at_matches_autograd_of_the_dense_relu() -> None:
             pre = torch.addmm(leaves[2], leaves[0], leaves[1]).detach()
             values, block = sparse.pre_acts_at(*leaves, pre, rows, cols, block_cols)
         else:
-            f = torch.relu(leaves[0] @ leaves[1] + leaves[2])
-            values, block = f[rows, cols], f[:, block_cols]
+            pre = leaves[0] @ leaves[1] + leaves[2]
+            values, block = pre.relu()[rows, cols], pre[:, block_cols]
         ((values * w_values).sum() + (block * w_block).sum()).backward()
         grads.append([values.detach(), block.detach(), *(t.grad for t in leaves)])
     assert bool((grads[1][0] == 0).any())  # some entries sit where the ReLU is off
+    assert bool((grads[1][1] < 0).any())  # and the block keeps negative pre-activations
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
 
@@ -177,8 +179,8 @@ def test_pre_acts_at_gives_each_requested_gradient_alone(needs: str) -> None:
         if use_sparse:
             values, block = sparse.pre_acts_at(*leaves, torch.addmm(b, x, W), rows, cols, block_cols)
         else:
-            f = torch.relu(leaves[0] @ leaves[1] + leaves[2])
-            values, block = f[rows, cols], f[:, block_cols]
+            pre = leaves[0] @ leaves[1] + leaves[2]
+            values, block = pre.relu()[rows, cols], pre[:, block_cols]
         ((values * w_values).sum() + (block * w_block).sum()).backward()
         grads.append([t.grad for t in leaves])
     for name, got, want in zip("xWb", *grads):

@@ -16,7 +16,8 @@ Their forward, with ``g = activation_global_scale`` and ``mu = activation_mean``
 ``w_j = sum_l ||W_dec[l, j]||`` the threshold keeps ``f_j`` where ``f_j * w_j > threshold`` (strictly);
 ``x_hat_l = (f @ W_dec[l] + b_dec[l]) / (g_l + 1e-8) + mu_l``. That is this project's crosscoder with the
 normaliser folded into the weights (`load_dictionary_learning`) and per-model scales ``g_l + 1e-8``, which keep
-the decoder norms, hence the threshold's scores and Δnorm, those of their normalised space.
+the decoder norms, hence the threshold's scores and Δnorm, those of their normalised space. Their
+``activation_mean`` is our ``means`` (folded into the biases, kept as the record of what they hold), both ways.
 
 crosscoder_learning (science-of-finetuning/crosscoder_learning) writes the same weights without the normaliser,
 names the layer count ``num_encoder_layers`` (and ``encoder_layers_indices``) in ``config.json``, may store the
@@ -126,6 +127,7 @@ def from_state_dict(
                     threshold=threshold, folded=True, metadata=metadata).to(dtype)
     with torch.no_grad():  # copied after the cast: a float64 import keeps the float64 translation
         cc.scales.copy_(scales)
+        cc.means.copy_(mean)
         cc.W_enc.copy_(W_enc)
         cc.b_enc.copy_(b_enc)
         cc.W_dec.copy_(W_dec.permute(1, 0, 2))
@@ -138,8 +140,9 @@ def save_dictionary_learning(crosscoder: CrossCoder, directory: str | Path, layo
 
     ``layout="hub"``: ``config.json`` (their constructor's arguments) + ``model.safetensors`` (``from_pretrained(dir,
     from_hub=True)``, or ``push_to_hub``); ``"training"``: ``config.json`` ``{"trainer": ...}`` + ``model_final.pt``
-    (``from_pretrained(dir / "model_final.pt")``). Our per-model scales become their normaliser (zero mean, global
-    scale = our scale), so their decoder norms are ours in the normalised space. Also writes ``crosscoder_pl.json``
+    (``from_pretrained(dir / "model_final.pt")``). Our per-model means and scales become their normaliser
+    (``activation_mean`` = our means, global scale = our scale), so their decoder norms are ours in the normalised
+    space. Also writes ``crosscoder_pl.json``
     (model ids, layer, recipe), which `load_dictionary_learning` reads back and their code ignores.
     """
     if layout not in LAYOUTS:
@@ -173,19 +176,21 @@ def to_state_dict(cc: CrossCoder) -> dict[str, torch.Tensor]:
                       "'keep every positive pre-activation'", stacklevel=2)
     gain = cc.scales.double()
     scales = gain + EPS
+    mean = cc.means.detach().double()  # [L, D]: unfolded from the biases into their normaliser
     W_enc = cc.W_enc.detach().double() / gain[:, None, None]
+    b_enc = cc.b_enc.detach().double() + torch.einsum("ld,ldf->f", mean, cc.W_enc.detach().double())
     W_dec = cc.W_dec.detach().double().permute(1, 0, 2) * scales[:, None, None]
-    b_dec = cc.b_dec.detach().double() * scales[:, None]
+    b_dec = (cc.b_dec.detach().double() - mean) * scales[:, None]
     # Their normaliser recomputes the gain from the std only when built with one; the saved buffer wins on load.
     # A std whose total variance gives that gain keeps the two consistent.
     std = ((1.0 / gain**2 - EPS).clamp_min(0) / cc.d_model).sqrt()[:, None].expand(cc.n_models, cc.d_model)
     tensors = {
         "target_rms": torch.tensor(1.0),
-        "activation_mean": torch.zeros(cc.n_models, cc.d_model),
+        "activation_mean": mean.float(),
         "activation_std": std.float(),
         "activation_global_scale": gain.float(),
         "encoder.weight": W_enc.float(),
-        "encoder.bias": cc.b_enc.detach().float(),
+        "encoder.bias": b_enc.float(),
         "decoder.weight": W_dec.float(),
         "decoder.bias": b_dec.float(),
         "code_normalization_id": torch.tensor(1),
