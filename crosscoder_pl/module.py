@@ -206,6 +206,10 @@ class CrossCoderModule(L.LightningModule):
         self.crosscoder.threshold.copy_(torch.where(self.threshold_updates > 0, theta, self.crosscoder.threshold))
 
     # ----------------------------------------------------------------------------------- scales
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written before centring existed trained uncentred: it resumes with zero means, exactly.
+        checkpoint["state_dict"].setdefault("crosscoder.means", torch.zeros_like(self.crosscoder.means))
+
     def on_train_start(self) -> None:
         if not bool(self.data_init_done):  # nothing to estimate, or restored from a checkpoint
             self.estimate_scales(self.trainer.train_dataloader)

@@ -933,3 +933,20 @@ def test_auxk_revives_latents_below_zero_on_every_token(monkeypatch) -> None:
     ReLU's own gradient (the references' AuxK) they get no gradient at all and none comes back."""
     assert int((_revived(None) > 0.01).sum()) >= 5
     assert int((_revived(monkeypatch) > 0).sum()) == 0
+
+
+def test_a_checkpoint_from_before_centring_resumes_uncentred() -> None:
+    """Checkpoints written before the means existed lack ``crosscoder.means``: they load with zero means, so the
+    resumed run computes what the interrupted one did."""
+    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5])
+    module.data_init_done.fill_(True)
+    state = {name: t.clone() for name, t in module.state_dict().items() if name != "crosscoder.means"}
+    checkpoint = {"state_dict": state}
+    fresh = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5])
+    with torch.no_grad():
+        fresh.crosscoder.means.fill_(3.0)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    assert torch.equal(fresh.crosscoder.means, torch.zeros(2, 16)) and bool(fresh.data_init_done)
+    x = torch.randn(8, 2, 16)
+    assert torch.equal(fresh.crosscoder.normalise(x), x * torch.tensor([2.0, 0.5])[:, None])
