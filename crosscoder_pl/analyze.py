@@ -21,6 +21,7 @@ from crosscoder_pl.artifact import TRAIN_CONFIG, write_artifact
 from crosscoder_pl.config import AnalysisConfig
 from crosscoder_pl.crosscoder import CrossCoder, check_complete
 from crosscoder_pl.data.datamodule import ActivationDataModule, CachedActivationDataModule
+from crosscoder_pl.data.outliers import upgraded
 from crosscoder_pl.data.sources import SourceConfig, embedded_source
 from crosscoder_pl.models.pair import ModelPair, load_model_pair
 
@@ -81,8 +82,9 @@ def rebuild_pair(node: Mapping[str, Any], device: str | None = None) -> ModelPai
 
 
 def rebuild_data(node: Mapping[str, Any], pair: ModelPair) -> Any:
-    """The data module of a checked ``data`` node, on ``pair``."""
-    values = _arguments(node)
+    """The data module of a checked ``data`` node, on ``pair``; a node written before ``drop_outliers`` existed
+    keeps its meaning (a non-null ``outlier_factor`` dropped), so its held-out set is the one trained with."""
+    values = upgraded(_arguments(node))
     for role in SOURCES:
         source = values.get(role)
         if isinstance(source, dict) and TARGET in source:

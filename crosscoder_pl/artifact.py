@@ -42,6 +42,8 @@ class AnalysisData(Protocol):
 
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...  # input_ids, attention_mask [n_probes, seq]
 
+    # Optional: outlier_report() -> the outlier tokens counted ({"training": ..., "heldout": ...}) for the card.
+
 
 def write_artifact(
     directory: str | Path,
@@ -73,9 +75,12 @@ def write_artifact(
         config_text = yaml.safe_dump(dict(train_config), sort_keys=False)
         write_whole(staging / TRAIN_CONFIG, lambda tmp: tmp.write_text(config_text))
         input_ids, attention_mask = data.probe_batch()
+        heldout = data.heldout_activations()  # first: the report then holds the held-out set's outliers
+        report = getattr(data, "outlier_report", None)
         metrics = run_analyses(
-            crosscoder, data.model_pair, data.heldout_activations(), input_ids, attention_mask, staging, settings,
+            crosscoder, data.model_pair, heldout, input_ids, attention_mask, staging, settings,
             recipe=crosscoder.metadata, command=command, dashboard=dashboard,
+            outliers=report() if report is not None else None,
         )
         _keep_other_files(final, staging)
         (staging / INCOMPLETE).unlink()

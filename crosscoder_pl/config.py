@@ -500,6 +500,14 @@ def check_mix(mix: Mapping[str, float] | Sequence[float], key: str = "data.mix")
     return web, chat
 
 
+def check_outliers(factor: float | None, drop: bool, at: str = "data") -> None:
+    """Dropping outliers needs the factor that defines them."""
+    if drop and factor is None:
+        raise ConfigError(f"{_join(at, 'drop_outliers')}=true but {_join(at, 'outlier_factor')}=null: no token is an "
+                          f"outlier without a factor; set {_join(at, 'outlier_factor')} (e.g. 3.0, a multiple of the "
+                          f"median norm) or {_join(at, 'drop_outliers')}=false")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StreamDataConfig(Checked):
     """``data`` streaming text through the pair: `crosscoder_pl.data.datamodule.ActivationDataModule`."""
@@ -523,8 +531,13 @@ class StreamDataConfig(Checked):
     heldout_fraction: float = field(
         default=0.01, metadata=rule(doc="the share of documents held out (by hash) for validation", gt=0, lt=1))
     outlier_factor: float | None = field(
-        default=None,
-        metadata=rule(doc="drop tokens whose norm exceeds this multiple of the median (null: keep all)", gt=0))
+        default=3.0,
+        metadata=rule(doc="a token whose norm in a model exceeds this multiple of that model's median norm is an "
+                          "outlier: counted per model, kept unless drop_outliers (null: none counted)", gt=0))
+    drop_outliers: bool = field(
+        default=False,
+        metadata=rule(doc="drop the outlier tokens instead of only counting them (a non-null outlier_factor used to "
+                          "drop them: to keep that, set drop_outliers=true)"))
     padding_side: Literal["left", "right"] = field(default="right", metadata=rule(doc="where sequences are padded"))
     num_workers: int = field(
         default=0, metadata=rule(doc="DataLoader workers (0: the main process, needed for an exact resume)", ge=0))
@@ -539,6 +552,7 @@ class StreamDataConfig(Checked):
 
     def check(self) -> None:
         check_mix(self.mix, self.key("mix"))
+        check_outliers(self.outlier_factor, self.drop_outliers, self._at)
         if self.buffer_tokens < 2 * self.batch_size:
             raise ConfigError(
                 f"{self.key('buffer_tokens')}={self.buffer_tokens} must be at least twice {self.key('batch_size')}="

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from crosscoder_pl.analysis.card import OUTLIERS
 from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.config import (
     CachedDataConfig,
@@ -188,8 +189,9 @@ def realised_mix(stats: Mapping[str, float]) -> str | None:
 
 
 class RecordDataMix(L.Callback):
-    """Before the artifact is written, put the realised data mix (`realised_mix`) into the crosscoder's metadata:
-    the card's recipe and ``config.json`` then state it."""
+    """Before the artifact is written, put the realised data mix (`realised_mix`) and the outlier tokens counted
+    (the datamodule's ``outlier_report()``) into the crosscoder's metadata: ``config.json`` then states them, and
+    the card (its recipe; its outlier table, also when analyze.py rewrites it without the training stream)."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stats = getattr(trainer.datamodule, "stats", None)
@@ -197,6 +199,11 @@ class RecordDataMix(L.Callback):
         if line is not None:
             log.info("realised data mix: %s", line)
             pl_module.crosscoder.metadata["realised_data_mix"] = line
+        report = getattr(trainer.datamodule, "outlier_report", None)
+        outliers = report() if report is not None else {}
+        if outliers:
+            log.info("outlier tokens: %s", outliers)
+            pl_module.crosscoder.metadata[OUTLIERS] = outliers
 
 
 def set_threads(threads: int | None) -> None:
@@ -224,6 +231,7 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
     c, t = cfg.crosscoder, cfg.trainer
     tokens = t.max_steps * cfg.data.batch_size * t.devices * t.num_nodes if isinstance(t.devices, int) else None
     data = cfg.data
+    dropped = f", tokens above {data.outlier_factor}x the median norm dropped" if data.get("drop_outliers") else ""
     sources = (
         f"web: {data.web.get('path', 'embedded corpus (web half)')}, chat: {data.chat.get('path', 'embedded corpus (chat half)')}, "
         f"mix {dict(data.mix)}" if "web" in data else f"activation cache {data.get('path')}"
@@ -232,7 +240,7 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
         "base_model": pair.base_id, "chat_model": pair.chat_id, "layer": pair.layer,
         "k_start": c.k_start if c.k_start is not None else c.k, "k_anneal_steps": c.k_anneal_steps,
         "training_tokens": tokens, "data": sources,
-        "normalisation": "per-model scalar sqrt(d_model)/mean||x||, BOS and padding dropped",
+        "normalisation": f"per-model scalar sqrt(d_model)/mean||x||, BOS and padding dropped{dropped}",
         "lr": c.lr, "lr_decay_frac": c.lr_decay_frac, "gradient_clip_val": t.gradient_clip_val,
         "aux_coef": c.aux_coef, "dead_after_tokens": c.dead_after_tokens, "loss": c.loss, "seed": cfg.seed,
         "language_model_dtype": cfg.model_pair.get("dtype"),

@@ -101,10 +101,15 @@ def test_train_writes_a_complete_loadable_artifact(tiny_run: Path) -> None:
     assert "embedded-tiny:base" in card and "python train.py +experiment=tiny" in card
     assert f"{metrics['validation']['variance_explained']['base']:.4f}" in card
     assert "in the last 5,000 training tokens (step 30)" in card
+    outliers = metrics["outliers"]  # counted by default (data.outlier_factor=3.0), kept
+    assert set(outliers) == {"training", "heldout"} and not outliers["training"]["dropped"]
+    assert outliers["training"] == cc.metadata["outliers"]["training"] and outliers["training"]["tokens"] > 30 * 256
+    assert f"| held-out set | {outliers['heldout']['tokens']:,} |" in card
     csv_logs = list(tiny_run.parent.glob("csv/version_*/metrics.csv"))
     header = csv_logs[0].read_text().splitlines()[0].split(",")
     assert {"train/ve_base", "train/ve_chat", "train/l0", "train/dead_frac", "train/k", "train/tokens_per_sec",
-            "val/ve_base", "val/ve_chat", "data/web_share"} <= set(header)
+            "val/ve_base", "val/ve_chat", "data/web_share", "data/outlier_frac_base", "data/outlier_frac_chat",
+            "data/outliers_chat"} <= set(header)
 
 
 def test_analyze_reproduces_the_training_run_figures(tiny_run: Path) -> None:

@@ -78,6 +78,7 @@ def test_the_tiny_experiment_reads_as_written() -> None:
     assert (c.n_latents, c.k, c.k_start, c.k_anneal_steps, c.threshold_start) == (128, 8, 16, 10, 10)
     assert c.betas == (0.9, 0.999) and c.lr == 1e-3 and c.loss == "mse"
     assert (d.seq_len, d.batch_size, d.buffer_tokens, d.val_tokens) == (64, 256, 2048, 1024)
+    assert (d.outlier_factor, d.drop_outliers) == (3.0, False)  # outliers counted, kept
     assert d.web == EmbeddedSourceConfig(source="web") and d.chat == EmbeddedSourceConfig(source="chat", at="data.chat")
     assert isinstance(run.model_pair, ModelPairConfig)
     assert (run.model_pair.base, run.model_pair.layer, run.model_pair.seq_len) == ("embedded-tiny:base", 1, 64)
@@ -219,6 +220,11 @@ BAD = [  # overrides on +experiment=tiny, what the error must say
     (["data.buffer_tokens=300"], r"data.buffer_tokens=300 must be at least twice data.batch_size=256: .* set data.buffer_tokens=512"),
     (["data.web.source=chat"], r"data.web.source='chat' is the other half of the corpus: set data.web.source=web"),
     (["data.web.source=code"], r"data.web.source='code' must be one of 'web', 'chat'"),
+    (["data.outlier_factor=0"], r"data.outlier_factor=0 must be a number > 0 or null: a token whose norm"),
+    (["data.drop_outliers=yes"], r"data.drop_outliers='yes' must be true or false \(got a string\): drop the outlier"),
+    (["data.drop_outliers=true", "data.outlier_factor=null"],
+     r"data.drop_outliers=true but data.outlier_factor=null: .* set data.outlier_factor \(e.g. 3.0.*\) or "
+     r"data.drop_outliers=false"),
     (["data=cached", "~data.seq_len", "~data.text_batch_size", "~data.buffer_tokens", "~data.val_tokens",
       "~data.n_probes", "~data.probe_len"], r"data.path=\?\?\? must be set: the activation cache written by python cache_activations.py"),
     (["trainer.devices=0"], r"trainer.devices=0 must be a count >= 1, -1 \(all\), 'auto'"),

@@ -64,7 +64,8 @@ def test_trains_with_a_lightning_trainer(tmp_path: Path) -> None:
     )
     trainer.fit(Autoencoder(dm.model_pair.d_model), datamodule=dm)
     assert trainer.global_step == 4
-    assert {"val_mse", "data/web_share", "data/chat_docs"} <= set(trainer.callback_metrics)
+    assert {"val_mse", "data/web_share", "data/chat_docs", "data/outlier_frac_base", "data/outlier_frac_chat",
+            "data/outliers_base", "data/outliers_chat"} <= set(trainer.callback_metrics)
 
 
 def test_bad_mix_is_rejected_at_construction(tmp_path: Path) -> None:

@@ -21,9 +21,12 @@ CITATIONS = (
     "Bussmann, Leask, Nanda 2024 — BatchTopK Sparse Autoencoders (arxiv:2412.06410)",
     "Gao et al. 2024 — Scaling and evaluating sparse autoencoders (arxiv:2406.04093)",
 )
-# Recipe keys already stated in the title, the introduction or the "Reproduce" section.
-IDENTITY_KEYS = ("base_model", "chat_model", "layer", "n_latents", "d_model", "command", "training_dead_fraction")
 TRAINING_DEAD = "training_dead_fraction"  # set by the export callback: {fraction, window_tokens, step}
+OUTLIERS = "outliers"  # set at the end of training (crosscoder_pl.training.RecordDataMix): the outlier report
+# Recipe keys already stated in the title, the introduction, the "Reproduce" section or a section of their own.
+IDENTITY_KEYS = ("base_model", "chat_model", "layer", "n_latents", "d_model", "command", TRAINING_DEAD, OUTLIERS)
+# The outlier report's parts (crosscoder_pl.data.outliers.OutlierCounts.summary each), in the card's order.
+OUTLIER_ROWS = {"training": "training data", "cache_training": "cache writer's stream", "heldout": "held-out set"}
 
 
 def write_metrics(metrics: Mapping[str, Any], path: Path) -> Path:
@@ -38,7 +41,8 @@ def write_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: s
 
 
 def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: str) -> str:
-    """The model card markdown: front matter, recipe, validation, taxonomy, scaling, causal, splice, citations."""
+    """The model card markdown: front matter, recipe, validation, outlier tokens, taxonomy, scaling, causal,
+    splice, citations."""
     art = metrics["artifact"]
     sections = [
         _front_matter(metrics),
@@ -50,6 +54,8 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
         "## Recipe\n\n" + "\n".join([*_recipe_lines(recipe, art["k"]), _scales_line(art["scales"])]),
         _validation(metrics["validation"], recipe.get(TRAINING_DEAD), art["k"]),
     ]
+    if metrics.get("outliers"):
+        sections.append(_outliers(metrics["outliers"]))
     if "taxonomy" in metrics:
         sections.append(_taxonomy(metrics["taxonomy"]))
     if "scaling" in metrics:
@@ -111,6 +117,30 @@ def _validation(v: Mapping[str, Any], training_dead: Mapping[str, Any] | None, k
             f"{training_dead['window_tokens']:,} training tokens (step {training_dead['step']:,})"
         )
     return text
+
+
+def _outliers(report: Mapping[str, Mapping[str, Any]]) -> str:
+    """A table row per part of the report: tokens screened, outliers per model (count and share), the rule."""
+    order = [*(key for key in OUTLIER_ROWS if key in report), *(key for key in report if key not in OUTLIER_ROWS)]
+    rows = [
+        f"| {OUTLIER_ROWS.get(key, key)} | {s['tokens']:,} | {_outlier_cell(s, 'base')} | {_outlier_cell(s, 'chat')} "
+        f"| {_outlier_cell(s, 'either')} | norm > {s['factor']:g}× the model's median over {s['median_over']} "
+        f"| {'dropped' if s['dropped'] else 'kept'} |"
+        for key, s in ((key, report[key]) for key in order)
+    ]
+    return (
+        "## Outlier tokens\n\n"
+        "Tokens whose activation norm in a model exceeds `data.outlier_factor` times that model's median norm: "
+        "counted per model, and dropped only with `data.drop_outliers=true`. A text stream is screened as it is "
+        "read, ahead of training (its shuffle buffer included); a cache's batches as they are trained on.\n\n"
+        "| | tokens screened | base | chat | either | outlier if | kept or dropped |\n"
+        "|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+    )
+
+
+def _outlier_cell(summary: Mapping[str, Any], kind: str) -> str:
+    return f"{summary['counts'][kind]:,} ({summary['fractions'][kind]:.3%})"
 
 
 def _taxonomy(t: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from crosscoder_pl.analysis.card import write_card, write_metrics
+from crosscoder_pl.analysis.card import OUTLIERS, write_card, write_metrics
 from crosscoder_pl.analysis.causal import (
     causal_validation,
     most_frequent,
@@ -87,6 +87,7 @@ def run_analyses(
     recipe: Mapping[str, Any],
     command: str,
     dashboard: Mapping[str, Any] | None = None,
+    outliers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the enabled analyses and write their files, ``metrics.json`` and ``README.md``; return the metrics.
 
@@ -100,6 +101,9 @@ def run_analyses(
         command: the exact command that reproduces the artifact.
         dashboard: the ``conf/dashboard`` group; None: the one recorded in ``out_dir/train_config.yaml``, else
             the defaults (on). Needs ``activations`` carrying their token ids (``data.activations.token_table``).
+        outliers: the data module's ``outlier_report()`` (``training``, ``heldout``, ...: each an
+            `OutlierCounts.summary`), over the one in ``recipe`` (recorded at the end of training) part by part;
+            written to ``metrics.json`` (``outliers``) and the card.
     """
     check_settings(settings)
     out = Path(out_dir)
@@ -112,6 +116,9 @@ def run_analyses(
     with _timed("validation", timings):
         stats = heldout_statistics(cc, activations, chunk)
     metrics["validation"] = _validation(stats)
+    report = {**(recipe.get(OUTLIERS) or {}), **(outliers or {})}
+    if report:
+        metrics["outliers"] = report
 
     if settings["taxonomy"]["enabled"]:
         with _timed("taxonomy", timings):

@@ -3,8 +3,10 @@
 Texts are tokenised once with the chat model's tokenizer (one BOS per sequence, truncated to ``seq_len``,
 padded left or right). Both models run on the same ``input_ids`` / ``attention_mask`` / ``position_ids``
 through `crosscoder_pl.hooks.residual_at`, which stops after block ``layer``. BOS and padding positions are
-dropped (BOS norms are hundreds of times larger than the rest), and optionally tokens whose norm in
-either model exceeds ``outlier_factor`` times that model's median norm over the batch.
+dropped (BOS norms are hundreds of times larger than the rest). Given an ``outlier_factor``,
+`paired_activations` also drops the tokens whose norm in either model exceeds that multiple of the model's
+median norm over the texts read together; the data modules pass None and count (and, if asked, drop) those
+tokens themselves (`crosscoder_pl.data.outliers`).
 
 `paired_activations_with_tokens` also returns a `TokenTable`: for each activation row, the sequence and
 position it was read at, with the sequences' token ids and sources (web / chat), so that a latent's strongest
@@ -21,6 +23,7 @@ from typing import Literal, Protocol
 import torch
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
+from crosscoder_pl.data.outliers import outlier_flags
 from crosscoder_pl.hooks import residual_at
 
 PaddingSide = Literal["left", "right"]
@@ -72,9 +75,8 @@ def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_
 
 def outlier_mask(acts: torch.Tensor, factor: float) -> torch.Tensor:
     """``[tokens]`` bool for ``acts [tokens, 2, d_model]``: True where neither model's norm exceeds ``factor`` times
-    that model's median norm."""
-    norms = acts.norm(dim=-1)  # [tokens, 2]
-    return (norms <= factor * norms.median(dim=0).values).all(dim=-1)
+    that model's median norm (`crosscoder_pl.data.outliers.outlier_flags`)."""
+    return ~outlier_flags(acts, factor).any(dim=-1)
 
 
 @dataclass
@@ -101,6 +103,10 @@ class TokenTable:
         seq, pos = self.seq[:n], self.pos[:n]
         n_seq = int(seq.max()) + 1 if seq.numel() else 0
         return TokenTable(self.input_ids[:n_seq], self.attention_mask[:n_seq], self.source[:n_seq], seq, pos)
+
+    def rows(self, keep: torch.Tensor) -> TokenTable:
+        """The table of the rows where ``keep [tokens]`` (bool, CPU) is True; the sequences stay as they are."""
+        return TokenTable(self.input_ids, self.attention_mask, self.source, self.seq[keep], self.pos[keep])
 
     def row_index(self) -> torch.Tensor:
         """``[n_seq, seq]`` int64: the activation row read at each position, -1 where none (BOS, padding, outliers)."""

@@ -14,7 +14,9 @@ Format: one directory holding
 - ``meta.json``, the manifest: ``{"format": 2, "d_model": int, "dtype": "float32" | "bfloat16" | ...,
   "n_tokens": int, "shards": [{"file": str, "n_tokens": int, "shape": [...], "bytes": int, "sha256": str}, ...],
   "val": {...same...} | null, "val_tokens": {...} | null, "files": {"probes.safetensors": {...}},
-  "source": {...}}`` where ``source`` records provenance (model ids, layer, data config).
+  "source": {...}, "stats": {...}}`` where ``source`` records provenance (model ids, layer, data config, e.g.
+  ``outlier_factor`` and ``drop_outliers``) and ``stats`` what the writer's stream reported once the shards were
+  written (e.g. its outlier counts; optional).
 
 Atomic: `write_cache` writes everything into a hidden sibling (``.<name>.partial-XXXX``), the manifest last,
 then renames it into place (an existing cache at the path is set aside and deleted only after the rename), so
@@ -36,8 +38,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -91,10 +94,12 @@ def write_cache(
     dtype: torch.dtype = torch.float32,
     val_tokens: TokenTable | None = None,
     extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    stats: Callable[[], Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the first ``n_tokens`` rows of ``batches`` (each ``[b, 2, d_model]``) and ``val`` as a cache;
     ``val_tokens``: where each row of ``val`` was read (kept with it); ``extra``: more files, name -> tensors
-    (e.g. the probe batch). Atomic: see the module docstring."""
+    (e.g. the probe batch); ``stats``: called once the batches are read, its plain values kept in the manifest.
+    Atomic: see the module docstring."""
     if val_tokens is not None and (val is None or len(val_tokens) != len(val)):
         raise ValueError(f"val_tokens describes {len(val_tokens)} rows but val has {0 if val is None else len(val)}")
     final = Path(out_dir)
@@ -103,7 +108,8 @@ def write_cache(
     out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         os.chmod(out, dir_mode())  # mkdtemp makes it private (0700)
-        return _write_into(out, final, batches, n_tokens, tokens_per_shard, val, source, dtype, val_tokens, extra)
+        return _write_into(out, final, batches, n_tokens, tokens_per_shard, val, source, dtype, val_tokens, extra,
+                           stats)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # not reached on SIGKILL: the hidden .partial directory stays, unused
         raise
@@ -122,7 +128,8 @@ def _check_replaceable(final: Path) -> None:
 
 def _write_into(out: Path, final: Path, batches: Iterable[torch.Tensor], n_tokens: int, tokens_per_shard: int,
                 val: torch.Tensor | None, source: dict | None, dtype: torch.dtype, val_tokens: TokenTable | None,
-                extra: Mapping[str, Mapping[str, torch.Tensor]] | None) -> Path:
+                extra: Mapping[str, Mapping[str, torch.Tensor]] | None,
+                stats: Callable[[], Mapping[str, Any]] | None = None) -> Path:
     shards: list[dict] = []
     pending: torch.Tensor | None = None
     written = d_model = 0
@@ -159,6 +166,7 @@ def _write_into(out: Path, final: Path, batches: Iterable[torch.Tensor], n_token
         "files": {name: _save_tensors(tensors, out / name, len(next(iter(tensors.values()))))
                   for name, tensors in (extra or {}).items()},
         "source": source or {},
+        "stats": dict(stats()) if stats is not None else {},
     }
     (out / META).write_text(json.dumps(meta, indent=2))  # last: the manifest makes the directory a cache
     os.chmod(out / META, file_mode())

@@ -10,6 +10,12 @@ Validation: a fixed held-out set of ``val_tokens`` tokens (documents selected by
 training, see `crosscoder_pl.data.sources`), computed once, kept on the CPU; under DDP Lightning splits
 it across ranks with its distributed sampler. The held-out tensor carries its `TokenTable` (token ids,
 positions, web/chat source of every row; `crosscoder_pl.data.activations.token_table`), and so does a cache's.
+
+Outlier tokens (`crosscoder_pl.data.outliers`): each group of texts read together is screened (the median per
+model over the group) before the shuffle buffer, in the training stream (`StreamStats.outliers`, kept in
+checkpoints) and in the held-out set; the tokens are dropped only with ``drop_outliers``. `CachePasses` counts
+the batches the trainer takes from a cache. ``stats()`` holds the running totals for the logger,
+``outlier_report()`` what the model card states.
 """
 
 from __future__ import annotations
@@ -29,13 +35,12 @@ from datasets import IterableDataset as RowStream
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
-from crosscoder_pl.config import check_mix
+from crosscoder_pl.config import check_mix, check_outliers
 from crosscoder_pl.data.activations import (
     SOURCE_CODES,
     PaddingSide,
     PairLike,
     TokenTable,
-    outlier_mask,
     paired_activations_with_tokens,
     token_table,
     tokenize,
@@ -50,6 +55,7 @@ from crosscoder_pl.data.cache import (
     write_cache,
 )
 from crosscoder_pl.data.memo import GIB, ActivationMemo, per_document
+from crosscoder_pl.data.outliers import OutlierCounts, screen, upgraded
 from crosscoder_pl.data.sources import (
     SOURCES,
     SourceConfig,
@@ -149,7 +155,9 @@ class ActivationStream(IterableDataset):
     trainer's: its position is tracked and `state_dict` returns it, so a resumed run serves the very batches
     the interrupted one would have (`load_state_dict` before that first iterator is made). Later iterators
     (e.g. the scale estimate's look at the data) are side passes: untracked, counted in a throw-away
-    `StreamStats`. ``stats`` counts the trainer's documents (in this process: DataLoader workers keep theirs).
+    `StreamStats`. ``stats`` counts the trainer's documents (in this process: DataLoader workers keep theirs),
+    and its outlier tokens: each group's tokens above ``outlier_factor`` times the group's median norm, per
+    model (None: none counted); they are dropped when ``drop_outliers``.
 
     ``memo_bytes > 0``: the tracked iterator's first pass keeps each document's activations (`ActivationMemo`,
     up to that many bytes) and later passes serve them instead of running the models again. A restored stream
@@ -158,7 +166,7 @@ class ActivationStream(IterableDataset):
 
     def __init__(self, pair: PairLike, make_rows: Callable[[], RowStream], *, seq_len: int, text_batch_size: int,
                  batch_size: int, buffer_tokens: int, seed: int, padding_side: PaddingSide,
-                 outlier_factor: float | None, memo_bytes: int = 0):
+                 outlier_factor: float | None, drop_outliers: bool = False, memo_bytes: int = 0):
         self.model_pair = pair
         self.make_rows = make_rows
         self.seq_len = seq_len
@@ -168,6 +176,7 @@ class ActivationStream(IterableDataset):
         self.seed = seed
         self.padding_side = padding_side
         self.outlier_factor = outlier_factor
+        self.drop_outliers = drop_outliers
         self.stats = StreamStats()
         self.passes = 0
         self._tracked: _Position | None = None
@@ -179,16 +188,18 @@ class ActivationStream(IterableDataset):
     def chunks(self, rows: RowStream, stats: StreamStats, memo: ActivationMemo | None = None,
                fill: bool = False) -> Iterator[torch.Tensor]:
         """Activations ``[tokens, 2, d_model]`` of successive groups of ``text_batch_size`` texts; the tokens
-        extracted from each source are counted in ``stats`` (the realised token mix). With a ``memo``, documents
-        found there are not run through the models; ``fill``: the documents run are stored in it."""
+        extracted from each source are counted in ``stats`` (the realised token mix), and so are the outliers
+        (`_screened`). With a ``memo``, documents found there are not run through the models; ``fill``: the
+        documents run are stored in it."""
         for group in _batched(_labelled_texts(rows, stats), self.text_batch_size):
             group_texts, sources = zip(*group)
             if memo is None:
                 acts, table = paired_activations_with_tokens(self.model_pair, group_texts, self.seq_len,
-                                                             self.padding_side, self.outlier_factor, sources)
+                                                             self.padding_side, None, sources)
                 row_source = table.row_source().long()
             else:
                 acts, row_source = self._remembered(group_texts, sources, memo, fill)
+            acts, row_source = self._screened(acts, row_source, stats)
             per_source = torch.bincount(row_source, minlength=len(SOURCES)).tolist()
             stats.tokens.update({name: n for name, n in zip(SOURCES, per_source) if n})
             yield acts
@@ -196,8 +207,8 @@ class ActivationStream(IterableDataset):
     def _remembered(self, group_texts: Sequence[str], sources: Sequence[str], memo: ActivationMemo,
                     fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A group's activations ``[tokens, 2, d_model]`` with the models run on the documents ``memo`` lacks only
-        (stored when ``fill``), outliers dropped over the whole group; and each row's source code ``[tokens]``
-        (CPU). Without a memo hit: the same tensor `paired_activations_with_tokens` gives for the group."""
+        (stored when ``fill``), outliers not yet screened; and each row's source code ``[tokens]`` (CPU). Without a
+        memo hit: the same tensor `paired_activations_with_tokens` gives for the group."""
         docs = [memo.get(source, text) for source, text in zip(sources, group_texts)]
         missing = [i for i, doc in enumerate(docs) if doc is None]
         if missing:
@@ -209,11 +220,17 @@ class ActivationStream(IterableDataset):
                     memo.put(sources[i], group_texts[i], part)
         codes = torch.tensor([SOURCE_CODES[source] for source in sources])
         row_source = codes.repeat_interleave(torch.tensor([len(doc) for doc in docs]))
-        acts = torch.cat(docs)
-        if self.outlier_factor is not None and len(acts):
-            inliers = outlier_mask(acts, self.outlier_factor)
-            acts, row_source = acts[inliers], row_source[inliers.cpu()]
-        return acts, row_source
+        return torch.cat(docs), row_source
+
+    def _screened(self, acts: torch.Tensor, row_source: torch.Tensor,
+                  stats: StreamStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group's ``acts [tokens, 2, d_model]`` and ``row_source [tokens]`` (CPU) with its outliers counted in
+        ``stats`` (the median over the whole group, whether its documents came from the memo or the models) and
+        dropped when ``drop_outliers``."""
+        keep = screen(acts, self.outlier_factor, self.drop_outliers, stats.outliers)
+        if keep is None:
+            return acts, row_source
+        return acts[keep], row_source[keep.cpu()]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         position = _Position()
@@ -326,7 +343,9 @@ class ActivationDataModule(L.LightningDataModule):
     ``mix``: ``{"web": p, "chat": p}`` or ``[p_web, p_chat]``, summing to 1. ``batch_size``: tokens per
     crosscoder batch; ``text_batch_size``: sequences per language-model forward; ``buffer_tokens``: shuffle
     buffer size; ``val_tokens``: size of the held-out set, drawn from the ``heldout_fraction`` of documents
-    held out; ``outlier_factor``: drop tokens whose norm exceeds this multiple of the median (None: keep).
+    held out; ``outlier_factor``: a token whose norm in a model exceeds this multiple of that model's median
+    norm (over each group of ``text_batch_size`` texts) is an outlier, counted per model in the training stream
+    and the held-out set (None: none counted); ``drop_outliers``: drop them (else kept).
     ``n_probes`` / ``probe_len``: the held-out token sequences of the end-of-training causal analyses.
     ``rank_split`` (DDP): ``"batch"``: every rank extracts the global stream and trains on its slice of each
     global batch (`RankSlice`): exactly the single-process run's batches, but each rank runs both language
@@ -349,7 +368,8 @@ class ActivationDataModule(L.LightningDataModule):
         buffer_tokens: int = 2**18,
         val_tokens: int = 8192,
         heldout_fraction: float = 0.01,
-        outlier_factor: float | None = None,
+        outlier_factor: float | None = 3.0,
+        drop_outliers: bool = False,
         padding_side: PaddingSide = "right",
         num_workers: int = 0,
         n_probes: int = 32,
@@ -361,11 +381,13 @@ class ActivationDataModule(L.LightningDataModule):
         check_rank_split(rank_split)
         if isinstance(memo_gb, bool) or not isinstance(memo_gb, (int, float)) or not memo_gb >= 0:
             raise ValueError(f"data.memo_gb={memo_gb!r} must be a number of GiB >= 0 (0: no activation memo)")
+        check_outliers(outlier_factor, drop_outliers)
         self.save_hyperparameters(ignore=["model_pair", "web", "chat"])  # sources: frozen dataclasses, logged via stats()
         self.model_pair = model_pair
         self.web, self.chat = (c if isinstance(c, SourceConfig) else SourceConfig(**c) for c in (web, chat))
         self.mix = check_mix(mix)
         self.val_acts: torch.Tensor | None = None
+        self.heldout_counts = OutlierCounts()  # of the groups read to build the held-out set
         self.stream: ActivationStream | None = None
         self._stream_state: dict[str, Any] | None = None  # from a checkpoint, applied in train_dataloader
 
@@ -400,14 +422,19 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _heldout_activations(self) -> torch.Tensor:
         """The first ``val_tokens`` held-out tokens, float32 ``[n, 2, d_model]`` on the CPU (same on every rank),
-        with their `TokenTable` attached."""
+        with their `TokenTable` attached; the outliers of the groups read are counted in ``heldout_counts`` (and
+        dropped when ``drop_outliers``), as in the training stream."""
         h = self.hparams
         parts, tables, n = [], [], 0
+        self.heldout_counts = OutlierCounts()
         for group in _batched(_labelled_texts(self._rows(heldout=True), StreamStats()), h.text_batch_size):
             group_texts, sources = zip(*group)
             acts, tokens = paired_activations_with_tokens(
-                self.model_pair, group_texts, h.seq_len, h.padding_side, h.outlier_factor, sources
+                self.model_pair, group_texts, h.seq_len, h.padding_side, None, sources
             )
+            keep = screen(acts, h.outlier_factor, h.drop_outliers, self.heldout_counts)
+            if keep is not None:
+                acts, tokens = acts[keep], tokens.rows(keep.cpu())
             parts.append(acts.cpu())
             tables.append(tokens)
             n += len(acts)
@@ -430,7 +457,7 @@ class ActivationDataModule(L.LightningDataModule):
             self.model_pair, partial(self._rows, False, shard, shards), seq_len=h.seq_len, text_batch_size=h.text_batch_size,
             batch_size=h.batch_size * (world_size if by_batch else 1), buffer_tokens=h.buffer_tokens,
             seed=reader_seed, padding_side=h.padding_side, outlier_factor=h.outlier_factor,
-            memo_bytes=int(h.memo_gb * GIB),
+            drop_outliers=h.drop_outliers, memo_bytes=int(h.memo_gb * GIB),
         )
         if self._stream_state is not None:
             self._restore(self._stream_state, rank, world_size)
@@ -445,8 +472,23 @@ class ActivationDataModule(L.LightningDataModule):
         return _batches_of(self.val_acts, self.hparams.batch_size, *_rank(self.trainer))
 
     def stats(self) -> dict[str, float]:
-        """Realised mix and skipped rows of the training stream so far (this process), as floats for a logger."""
+        """Realised mix, skipped rows and outlier tokens of the training stream so far (this process; under
+        ``rank_split=batch`` that is the global stream), as floats for a logger."""
         return self.stream.stats.as_dict() if self.stream else {}
+
+    def outlier_report(self) -> dict[str, dict[str, Any]]:
+        """The outlier tokens the model card states (`OutlierCounts.summary`): ``training`` (the stream so far, when
+        it has started) and ``heldout`` (once built); empty when ``outlier_factor`` is None."""
+        h = self.hparams
+        if h.outlier_factor is None:
+            return {}
+        report = {}
+        median_over = f"each group of {h.text_batch_size} texts read together"
+        if self.stream is not None:
+            report["training"] = self.stream.stats.outliers.summary(h.outlier_factor, h.drop_outliers, median_over)
+        if self.val_acts is not None:
+            report["heldout"] = self.heldout_counts.summary(h.outlier_factor, h.drop_outliers, median_over)
+        return report
 
     # Resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() before train_dataloader().
     def state_dict(self) -> dict[str, Any]:
@@ -465,7 +507,7 @@ class ActivationDataModule(L.LightningDataModule):
         """What the stream's position means: a position is only continued under the same settings."""
         h = self.hparams
         keys = ("seed", "seq_len", "batch_size", "text_batch_size", "buffer_tokens", "heldout_fraction", "outlier_factor",
-                "padding_side", "memo_gb")
+                "drop_outliers", "padding_side", "memo_gb")
         return {**{key: h[key] for key in keys}, "mix": list(self.mix), "web": asdict(self.web), "chat": asdict(self.chat)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -473,7 +515,8 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _restore(self, state: Mapping[str, Any], rank: int, world_size: int) -> None:
         settings = self._stream_settings()
-        reason = why_not_continued({"settings": settings, **state}, world_size, self.hparams.rank_split, settings)
+        state = {**state, "settings": upgraded(state.get("settings", settings))}  # older checkpoints: what they meant
+        reason = why_not_continued(state, world_size, self.hparams.rank_split, settings)
         if reason is not None:
             rank_zero_warn(f"the checkpoint's data stream {reason}: the data stream starts afresh instead of "
                            "continuing exactly")
@@ -508,19 +551,24 @@ def write_activation_cache(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Cache ``n_tokens`` training tokens of ``datamodule``, its held-out set and its probe batch
-    (``probes.safetensors``: ``input_ids``, ``attention_mask``) at ``out_dir`` (format: see `cache`)."""
+    (``probes.safetensors``: ``input_ids``, ``attention_mask``) at ``out_dir`` (format: see `cache`). The manifest's
+    ``source`` records the outlier settings; its ``stats`` the outliers the writer counted
+    (`ActivationDataModule.outlier_report`: ``training``, over every token its stream screened, shuffle buffer's
+    surplus included; ``heldout``)."""
     datamodule.setup("fit")
     h = datamodule.hparams
     source = {
         "base_id": datamodule.model_pair.base_id, "chat_id": datamodule.model_pair.chat_id, "layer": datamodule.model_pair.layer,
         "web": asdict(datamodule.web), "chat": asdict(datamodule.chat), "mix": list(datamodule.mix),
-        **{key: h[key] for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "padding_side")},
+        **{key: h[key] for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "drop_outliers",
+                                   "padding_side")},
     }
     input_ids, attention_mask = datamodule.probe_batch()
     batches = iter(datamodule.train_dataloader())
     path = write_cache(out_dir, batches, n_tokens, tokens_per_shard, datamodule.val_acts, source, dtype,
                        val_tokens=token_table(datamodule.val_acts),
-                       extra={PROBES: {"input_ids": input_ids, "attention_mask": attention_mask}})
+                       extra={PROBES: {"input_ids": input_ids, "attention_mask": attention_mask}},
+                       stats=lambda: {"outliers": datamodule.outlier_report()})
     log.info("Cache stream stats: %s", datamodule.stats())
     return path
 
@@ -535,12 +583,18 @@ class CachePasses(IterableDataset):
     prefetches one). A pass is a pure function of its number, so a resumed iterator re-reads that pass and skips
     what was trained on instead of keeping batches in the checkpoint. Later iterators (the scale estimate's look
     at the data) are side passes: untracked, but their pass numbers are drawn from the same count, as before.
+
+    ``outlier_factor``: ``outliers`` counts the outlier tokens of the batches the trainer took, each batch
+    screened against its own median norm per model (None: none counted); kept in `state_dict`.
     """
 
-    def __init__(self, reader: CachedActivations):
+    def __init__(self, reader: CachedActivations, outlier_factor: float | None = None):
         self.reader = reader
+        self.outlier_factor = outlier_factor
+        self.outliers = OutlierCounts()  # of the batches consumed
         self.passes = 0  # pass numbers handed out so far, to the trainer's iterator and to side passes
         self._served: deque[tuple[int, int]] | None = None  # the trainer's iterator: served, not yet consumed
+        self._counts: deque[OutlierCounts] = deque(maxlen=MAX_PREFETCH)  # the outliers of each batch in _served
         self._next = (0, 0)  # the trainer's iterator: (pass, batch number) of the batch it would serve next
         self._plan: list[tuple[int, int]] = []  # from a checkpoint: (pass, batches to skip) to serve first
 
@@ -563,6 +617,7 @@ class CachePasses(IterableDataset):
                     continue
                 if tracked:
                     self._served.append((index, number))
+                    self._counts.append(self._count(batch))
                     self._next = (index, number + 1)
                 served += 1
                 yield batch
@@ -574,17 +629,27 @@ class CachePasses(IterableDataset):
         self.reader.passes = index
         yield from self.reader
 
+    def _count(self, batch: torch.Tensor) -> OutlierCounts:
+        counts = OutlierCounts()
+        screen(batch, self.outlier_factor, False, counts)
+        return counts
+
     def consumed(self) -> None:
         """The trainer took the oldest batch the tracked iterator served (called once per training batch)."""
         if self._served:
             self._served.popleft()
+            self.outliers.add(self._counts.popleft())
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: the pass count and where the trainer's iterator continues, ``[[pass, batch], ...]`` (the
-        batches served but not trained on, then the next one); empty before the trainer's first batch."""
+        batches served but not trained on, then the next one), and the outlier counts of the batches trained on
+        (with an ``outlier_factor``); empty before the trainer's first batch."""
         if self._served is None or self._next == (0, 0):
             return {}
-        return {"passes": self.passes, "continue_at": [list(at) for at in (*self._served, self._next)]}
+        state = {"passes": self.passes, "continue_at": [list(at) for at in (*self._served, self._next)]}
+        if self.outlier_factor is not None:  # the batches served but not trained on are counted again on resume
+            state["outliers"] = self.outliers.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state`` (a `state_dict`) at the next iterator made; before any is made."""
@@ -592,6 +657,7 @@ class CachePasses(IterableDataset):
             raise RuntimeError("load_state_dict must come before the cache is iterated")
         if not state:
             return
+        self.outliers.load_state_dict(state.get("outliers", {}))
         self.passes = int(state["passes"])
         plan: list[tuple[int, int]] = []
         for index, number in state["continue_at"]:  # consecutive batches: the first of each pass is where it resumes
@@ -608,6 +674,10 @@ class CachedActivationDataModule(L.LightningDataModule):
     ``"batch"``: every rank reads every shard and keeps its slice of each global batch (`RankSlice`), exactly
     the single-process batches; ``"documents"``: each rank reads its own shards. A checkpoint holds the reader's
     position (`CachePasses`), so a resumed run trains on the very batches the interrupted one would have.
+
+    Outliers: with the ``outlier_factor`` the cache was written with (its manifest's ``source``), the batches
+    trained on are screened again, each against its own median (``stats()``); rows the writer dropped
+    (``drop_outliers``) are not in the cache. The writer's own counts come from the manifest's ``stats``.
     """
 
     def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
@@ -616,6 +686,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         check_rank_split(rank_split)
         self.save_hyperparameters(ignore=["model_pair"])
         self.meta = read_meta(path)
+        self.written_with = upgraded(self.meta.get("source") or {})  # outlier settings: before drop_outliers existed
         self.model_pair = model_pair
         if model_pair is not None:
             self._check_pair(model_pair)
@@ -636,10 +707,11 @@ class CachedActivationDataModule(L.LightningDataModule):
         h = self.hparams
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         by_batch = h.rank_split == "batch"
+        factor = self.written_with.get("outlier_factor")
         if by_batch:
-            self.reader = CachePasses(CachedActivations(h.path, h.batch_size * world_size, h.seed))
+            self.reader = CachePasses(CachedActivations(h.path, h.batch_size * world_size, h.seed), factor)
         else:
-            self.reader = CachePasses(CachedActivations(h.path, h.batch_size, h.seed, rank, world_size))
+            self.reader = CachePasses(CachedActivations(h.path, h.batch_size, h.seed, rank, world_size), factor)
         if self._reader_state is not None:
             self._restore(self._reader_state, world_size)
             self._reader_state = None
@@ -649,6 +721,26 @@ class CachedActivationDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return _batches_of(self.heldout_activations(), self.hparams.batch_size, *_rank(self.trainer))
+
+    def stats(self) -> dict[str, float]:
+        """The outlier tokens of the batches trained on so far (this process), as floats for a logger."""
+        return self.reader.outliers.as_dict() if self.reader else {}
+
+    def outlier_report(self) -> dict[str, dict[str, Any]]:
+        """The outlier tokens the model card states: ``training`` (the batches trained on so far, each against its
+        own median), and the writer's counts of its stream (``cache_training``) and held-out set (``heldout``)
+        when the manifest has them; empty for a cache written without an ``outlier_factor``."""
+        factor = self.written_with.get("outlier_factor")
+        if factor is None:
+            return {}
+        written = (self.meta.get("stats") or {}).get("outliers") or {}
+        report = {f"cache_{key}" if key == "training" else key: value for key, value in written.items()}
+        if self.reader is not None:  # trained on as read: never dropped here, whatever the writer dropped before
+            over = f"each batch of {self.reader.reader.batch_size} tokens read from the cache"
+            if self.written_with.get("drop_outliers"):
+                over += " (its writer had dropped the outliers of its own groups)"
+            report["training"] = self.reader.outliers.summary(factor, False, over)
+        return report
 
     # Resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() before train_dataloader().
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ What stays exact: a document's activations are those its first-pass group of ``t
 (a forward pass's float rounding can depend on its batch's other texts and padding, so the same document
 read in another group could differ in the last bits). Only the first pass fills the memo; a resumed run
 replays that pass's groups to refill it (`crosscoder_pl.data.datamodule.ActivationStream`), so it serves the
-very tensors an uninterrupted run serves. Token masks and outlier filtering are applied to the assembled group,
+very tensors an uninterrupted run serves. Token masks and outlier counting (and dropping) apply to the assembled group,
 as to a freshly extracted one. The memo lives on the models' device.
 """
 

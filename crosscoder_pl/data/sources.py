@@ -44,6 +44,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from crosscoder_pl.config import check_mix
+from crosscoder_pl.data.outliers import OutlierCounts
 from crosscoder_pl.data.sharegpt import build_embedded_corpus
 from crosscoder_pl.network import (
     HubUnreachableError,
@@ -261,11 +262,13 @@ def mixed_rows(
 
 @dataclass
 class StreamStats:
-    """What a stream of rows has delivered: kept documents per source and skipped rows per source and reason."""
+    """What a stream of rows has delivered: kept documents per source, skipped rows per source and reason, and the
+    outlier tokens per model (`crosscoder_pl.data.outliers`; counted by the activation stream)."""
 
     kept: Counter[str] = field(default_factory=Counter)
     skipped: Counter[tuple[str, str]] = field(default_factory=Counter)
     tokens: Counter[str] = field(default_factory=Counter)  # tokens served to the crosscoder, per source
+    outliers: OutlierCounts = field(default_factory=OutlierCounts)
 
     def skip(self, source: str, reason: str) -> None:
         """Count one unusable row (a warning the first time per source and reason)."""
@@ -276,16 +279,19 @@ class StreamStats:
     def state_dict(self) -> dict[str, Any]:
         """Plain values for a checkpoint."""
         return {"kept": dict(self.kept), "skipped": [[s, r, n] for (s, r), n in self.skipped.items()],
-                "tokens": dict(self.tokens)}
+                "tokens": dict(self.tokens), "outliers": self.outliers.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.kept = Counter(state["kept"])
         self.skipped = Counter({(s, r): n for s, r, n in state["skipped"]})
         self.tokens = Counter(state.get("tokens", {}))
+        self.outliers = OutlierCounts()
+        self.outliers.load_state_dict(state.get("outliers", {}))  # absent from checkpoints of earlier versions
 
     def as_dict(self) -> dict[str, float]:
         """Flat floats for a logger: ``data/{web,chat}_docs``, ``data/{web,chat}_share`` (of documents),
-        ``data/{web,chat}_token_share`` (of the tokens extracted), ``data/skipped/<source>/<reason>``."""
+        ``data/{web,chat}_token_share`` (of the tokens extracted), ``data/skipped/<source>/<reason>``, and the
+        outliers' ``data/outliers_<model>``, ``data/outlier_frac_<model>`` (`OutlierCounts.as_dict`)."""
         total = sum(self.kept.values())
         total_tokens = sum(self.tokens.values())
         out: dict[str, float] = {}
@@ -296,7 +302,7 @@ class StreamStats:
                 out[f"data/{source}_token_share"] = self.tokens[source] / total_tokens
         for (source, reason), count in sorted(self.skipped.items()):
             out[f"data/skipped/{source}/{reason}"] = float(count)
-        return out
+        return out | self.outliers.as_dict()
 
 
 class MalformedSourceError(ValueError):
