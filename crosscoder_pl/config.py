@@ -579,6 +579,12 @@ class CachedDataConfig(Checked):
     num_workers: int = field(default=0, metadata=rule(doc="DataLoader workers", ge=0))
     rank_split: Literal["batch", "documents"] = field(
         default="batch", metadata=rule(doc="how DDP ranks share the data"))
+    outlier_factor: float | None = field(
+        default=None, metadata=rule(doc="a token is an outlier in a model above this multiple of the model's median "
+                                        "norm over its batch (null: the factor the cache was written with)", gt=0))
+    drop_outliers: bool = field(
+        default=False, metadata=rule(doc="drop the outlier tokens of each batch and of the held-out set (false: "
+                                         "counted, kept)"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -221,6 +221,27 @@ def test_a_cache_without_a_factor_counts_nothing(tmp_path: Path) -> None:
     assert old.written_with["drop_outliers"] is True
 
 
+def test_a_cached_run_may_drop_the_outliers_of_a_cache_that_kept_them(tmp_path: Path) -> None:
+    """``data=cached data.drop_outliers=true`` on a cache written without a factor: every planted chat outlier
+    leaves the training batches and the held-out set, and nothing else does; without a factor it is refused."""
+    acts = planted(300, rows=tuple(range(0, 300, 10)))
+    path = write_cache(tmp_path / "acts", [acts], 300, tokens_per_shard=100, val=acts[:40], source={"layer": 1})
+    dm = CachedActivationDataModule(path, batch_size=32, seed=3, outlier_factor=3.0, drop_outliers=True)
+    dm.train_dataloader()
+    batches = []
+    for batch in islice(iter(dm.reader), 9):  # one pass: 9 full batches of 32, each trained on as served
+        batches.append(batch)
+        dm.reader.consumed()
+    assert chat_outliers(batches) == 0 and all(b.norm(dim=-1).max() <= 1 + 1e-5 for b in batches)
+    assert sum(len(b) for b in batches) == 9 * 32 - dm.reader.outliers.either
+    assert dm.reader.outliers.chat == dm.reader.outliers.either > 0 and dm.reader.outliers.base == 0
+    held_out = dm.heldout_activations()
+    assert torch.equal(held_out, acts[:40][acts[:40, 1].norm(dim=-1) < 5])  # rows 0, 10, 20, 30 dropped
+    assert dm.outlier_report()["training"]["dropped"] is True
+    with pytest.raises(ConfigError, match="drop_outliers=true but data.outlier_factor=null"):
+        CachedActivationDataModule(path, batch_size=32, drop_outliers=True)
+
+
 # ------------------------------------------------------------------------------------------- the card
 def test_the_card_and_metrics_state_the_counts(tmp_path: Path) -> None:
     from test_analysis_report import crosscoder, inputs, settings, tiny_pair

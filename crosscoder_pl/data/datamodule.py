@@ -585,12 +585,13 @@ class CachePasses(IterableDataset):
     at the data) are side passes: untracked, but their pass numbers are drawn from the same count, as before.
 
     ``outlier_factor``: ``outliers`` counts the outlier tokens of the batches the trainer took, each batch
-    screened against its own median norm per model (None: none counted); kept in `state_dict`.
+    screened against its own median norm per model (None: none counted); kept in `state_dict`. ``drop_outliers``:
+    they are also removed from the batches served (a batch then holds fewer rows).
     """
 
-    def __init__(self, reader: CachedActivations, outlier_factor: float | None = None):
+    def __init__(self, reader: CachedActivations, outlier_factor: float | None = None, drop_outliers: bool = False):
         self.reader = reader
-        self.outlier_factor = outlier_factor
+        self.outlier_factor, self.drop_outliers = outlier_factor, drop_outliers
         self.outliers = OutlierCounts()  # of the batches consumed
         self.passes = 0  # pass numbers handed out so far, to the trainer's iterator and to side passes
         self._served: deque[tuple[int, int]] | None = None  # the trainer's iterator: served, not yet consumed
@@ -615,12 +616,14 @@ class CachePasses(IterableDataset):
             for number, batch in enumerate(self._pass(index)):
                 if number < skip:
                     continue
+                counts = OutlierCounts()
+                keep = screen(batch, self.outlier_factor, self.drop_outliers, counts)
                 if tracked:
                     self._served.append((index, number))
-                    self._counts.append(self._count(batch))
+                    self._counts.append(counts)
                     self._next = (index, number + 1)
                 served += 1
-                yield batch
+                yield batch if keep is None else batch[keep]
             if not served and not skip:
                 raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
 
@@ -628,11 +631,6 @@ class CachePasses(IterableDataset):
         # The reader seeds a pass with its own counter when the pass starts (its first batch, drawn right here).
         self.reader.passes = index
         yield from self.reader
-
-    def _count(self, batch: torch.Tensor) -> OutlierCounts:
-        counts = OutlierCounts()
-        screen(batch, self.outlier_factor, False, counts)
-        return counts
 
     def consumed(self) -> None:
         """The trainer took the oldest batch the tracked iterator served (called once per training batch)."""
@@ -675,18 +673,23 @@ class CachedActivationDataModule(L.LightningDataModule):
     the single-process batches; ``"documents"``: each rank reads its own shards. A checkpoint holds the reader's
     position (`CachePasses`), so a resumed run trains on the very batches the interrupted one would have.
 
-    Outliers: with the ``outlier_factor`` the cache was written with (its manifest's ``source``), the batches
-    trained on are screened again, each against its own median (``stats()``); rows the writer dropped
-    (``drop_outliers``) are not in the cache. The writer's own counts come from the manifest's ``stats``.
+    Outliers: with ``outlier_factor`` (None: the factor the cache was written with, its manifest's ``source``), the
+    batches trained on are screened again, each against its own median (``stats()``); with ``drop_outliers`` their
+    outliers are removed from them, and those of the held-out set (screened by batches of ``batch_size``) from it,
+    so that one cache serves runs with and without. Rows the writer dropped are not in the cache. The writer's
+    own counts come from the manifest's ``stats``.
     """
 
     def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
-                 model_pair: Any | None = None, rank_split: str = "batch"):
+                 model_pair: Any | None = None, rank_split: str = "batch", outlier_factor: float | None = None,
+                 drop_outliers: bool = False):
         super().__init__()
         check_rank_split(rank_split)
         self.save_hyperparameters(ignore=["model_pair"])
         self.meta = read_meta(path)
         self.written_with = upgraded(self.meta.get("source") or {})  # outlier settings: before drop_outliers existed
+        self.outlier_factor = self.written_with.get("outlier_factor") if outlier_factor is None else outlier_factor
+        check_outliers(self.outlier_factor, drop_outliers)
         self.model_pair = model_pair
         if model_pair is not None:
             self._check_pair(model_pair)
@@ -707,11 +710,11 @@ class CachedActivationDataModule(L.LightningDataModule):
         h = self.hparams
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         by_batch = h.rank_split == "batch"
-        factor = self.written_with.get("outlier_factor")
+        screening = (self.outlier_factor, h.drop_outliers)
         if by_batch:
-            self.reader = CachePasses(CachedActivations(h.path, h.batch_size * world_size, h.seed), factor)
+            self.reader = CachePasses(CachedActivations(h.path, h.batch_size * world_size, h.seed), *screening)
         else:
-            self.reader = CachePasses(CachedActivations(h.path, h.batch_size, h.seed, rank, world_size), factor)
+            self.reader = CachePasses(CachedActivations(h.path, h.batch_size, h.seed, rank, world_size), *screening)
         if self._reader_state is not None:
             self._restore(self._reader_state, world_size)
             self._reader_state = None
@@ -730,7 +733,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         """The outlier tokens the model card states: ``training`` (the batches trained on so far, each against its
         own median), and the writer's counts of its stream (``cache_training``) and held-out set (``heldout``)
         when the manifest has them; empty for a cache written without an ``outlier_factor``."""
-        factor = self.written_with.get("outlier_factor")
+        factor = self.outlier_factor
         if factor is None:
             return {}
         written = (self.meta.get("stats") or {}).get("outliers") or {}
@@ -739,7 +742,7 @@ class CachedActivationDataModule(L.LightningDataModule):
             over = f"each batch of {self.reader.reader.batch_size} tokens read from the cache"
             if self.written_with.get("drop_outliers"):
                 over += " (its writer had dropped the outliers of its own groups)"
-            report["training"] = self.reader.outliers.summary(factor, False, over)
+            report["training"] = self.reader.outliers.summary(factor, self.hparams.drop_outliers, over)
         return report
 
     # Resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() before train_dataloader().
@@ -780,8 +783,15 @@ class CachedActivationDataModule(L.LightningDataModule):
         return batch
 
     def heldout_activations(self) -> torch.Tensor:
-        """The cache's held-out tokens ``[n, 2, d_model]``, with their `TokenTable` when the cache stores one."""
-        return load_val(self.hparams.path)
+        """The cache's held-out tokens ``[n, 2, d_model]``, with their `TokenTable` when the cache stores one;
+        without the outliers of each ``batch_size`` rows with ``drop_outliers``."""
+        val = load_val(self.hparams.path)
+        if not self.hparams.drop_outliers:
+            return val
+        keep = torch.cat([screen(part, self.outlier_factor, True, OutlierCounts())
+                          for part in val.split(self.hparams.batch_size)])
+        tokens = token_table(val)
+        return val[keep] if tokens is None else with_tokens(val[keep], tokens.rows(keep))
 
     def heldout_tokens(self) -> TokenTable | None:
         """Where each held-out row was read (None for caches written before token ids were kept)."""
