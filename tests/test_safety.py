@@ -57,8 +57,9 @@ def train_config(*overrides: str) -> dict:
 @pytest.mark.parametrize(
     "overrides",
     [[], ["+experiment=papergrade"], ["data=cached", "data.path=/tmp/acts"],
-     ["+experiment=own_pair", "model_pair.base=a", "model_pair.chat=b"]],
-    ids=["tiny", "papergrade", "cached", "own_pair"],
+     ["+experiment=own_pair", "model_pair.base=a", "model_pair.chat=b"],
+     ["+experiment=own_pair", "model_pair=gemma3_270m_sharegpt", "data=cached", "data.path=/tmp/acts"]],
+    ids=["tiny", "papergrade", "cached", "own_pair", "own_pair-chat_tune-cached"],
 )
 def test_every_config_train_py_records_passes_the_artifact_check(overrides: list[str]) -> None:
     check_train_config(train_config(*overrides))

@@ -26,28 +26,26 @@ import copy
 import json
 import logging
 import math
-import os
-import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
-from tqdm import tqdm
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    PreTrainedTokenizerFast,
-    get_cosine_schedule_with_warmup,
-)
+from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
 from crosscoder_pl.data.sharegpt import CorpusInfo, build_embedded_corpus
-from crosscoder_pl.files import dir_mode, replace_dir
+from crosscoder_pl.models.finetune import (
+    CHAT_TEMPLATE,
+    IGNORE,
+    encode_chats,
+    mean_loss,
+    new_build_dir,
+    pack_documents,
+    publish_build,
+    train,
+)
 from crosscoder_pl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -57,25 +55,6 @@ EMBEDDED_LAYER = N_LAYERS // 2
 """The hooked layer of the embedded pair (both sizes): the middle of the stack, as layer 13 of 26 in Gemma-2-2B."""
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]  # ids 0..4, Gemma's order
-# Gemma-2's own template: roles must alternate starting with "user"; "assistant" is rendered as "model".
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-# A model turn's content and closing tag; the last turn may be cut off by truncation.
-_MODEL_TURN = re.compile(r"<start_of_turn>model\n(.*?(?:<end_of_turn>|\Z))", re.DOTALL)
-# Characters kept per token when cutting a chat before tokenizing: long chats would otherwise be tokenized
-# whole just to keep their first tokens. No byte-level BPE token averages this many characters.
-_MAX_CHARS_PER_TOKEN = 32
-IGNORE = -100  # label of tokens that carry no loss (transformers' convention)
 
 
 @dataclass(frozen=True)
@@ -175,9 +154,11 @@ def _build(spec: Size, size: str, out: Path, corpus: CorpusInfo, seed: int) -> d
     chat_test_model_turns = encode_chats(tokenizer, chat_test, spec.seq_len, labels="model_turns")
 
     model = Gemma2ForCausalLM(model_config(tokenizer, spec))
-    train(model, (web_train_ids, web_train_ids), spec.base_steps, spec, seed, "base on web")
+    train(model, (web_train_ids, web_train_ids), spec.base_steps, lr=spec.lr, batch_size=spec.batch_size, seed=seed,
+          desc="base on web")
     base = copy.deepcopy(model)
-    train(model, chat_train_ids, spec.chat_steps, spec, seed + 1, "chat on chat")
+    train(model, chat_train_ids, spec.chat_steps, lr=spec.lr, batch_size=spec.batch_size, seed=seed + 1,
+          desc="chat on chat")
 
     report = {
         "size": size,
@@ -249,82 +230,6 @@ def model_config(tokenizer: PreTrainedTokenizerFast, spec: Size) -> Gemma2Config
     )
 
 
-def pack_documents(tokenizer: PreTrainedTokenizerFast, docs: list[str], seq_len: int) -> torch.Tensor:
-    """``[n, seq_len]`` token ids: each document as ``<bos> ... <eos>``, concatenated and cut in rows."""
-    ids = [token for doc in tokenizer(docs, verbose=False)["input_ids"] for token in doc + [tokenizer.eos_token_id]]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"{len(docs)} documents give {len(ids)} tokens, fewer than one row of {seq_len}")
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
-def encode_chats(
-    tokenizer: PreTrainedTokenizerFast, conversations: list[list[dict]], seq_len: int, labels: str = "whole_chat"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, labels)``, both ``[n, seq_len]``: chats rendered with the template, cut to ``seq_len``
-    and right-padded. Labels are the ids of every real token (``labels="whole_chat"``: tags, roles, both
-    turns) or of the model's turns only (``"model_turns"``: content and ``<end_of_turn>``), IGNORE elsewhere.
-
-    Chats whose first ``seq_len`` tokens hold no labelled token are dropped.
-    """
-    if labels not in ("whole_chat", "model_turns"):
-        raise ValueError(f"labels={labels!r} is not 'whole_chat' or 'model_turns'")
-    max_chars = seq_len * _MAX_CHARS_PER_TOKEN
-    texts = [tokenizer.apply_chat_template(conv, tokenize=False)[:max_chars] for conv in conversations]
-    enc = tokenizer(
-        texts, add_special_tokens=False, truncation=True, max_length=seq_len, padding="max_length",
-        return_offsets_mapping=True, return_tensors="pt",
-    )
-    if labels == "whole_chat":
-        targets = torch.where(enc["attention_mask"].bool(), enc["input_ids"], IGNORE)
-    else:
-        targets = torch.full_like(enc["input_ids"], IGNORE)
-        for row, (text, offsets) in enumerate(zip(texts, enc["offset_mapping"])):
-            for match in _MODEL_TURN.finditer(text):
-                in_turn = (offsets[:, 0] >= match.start(1)) & (offsets[:, 1] <= match.end(1)) & (offsets[:, 1] > 0)
-                targets[row, in_turn] = enc["input_ids"][row, in_turn]
-    keep = (targets != IGNORE).any(dim=1)
-    return enc["input_ids"][keep], targets[keep]
-
-
-def train(
-    model: Gemma2ForCausalLM, data: tuple[torch.Tensor, torch.Tensor], steps: int, spec: Size, seed: int, desc: str
-) -> None:
-    """AdamW with warm-up and cosine decay on shuffled batches of ``data = (input_ids, labels)``, epoch after
-    epoch."""
-    inputs, labels = data
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    generator = torch.Generator().manual_seed(seed)
-    epochs = math.ceil(steps * spec.batch_size / len(inputs))
-    order = torch.cat([torch.randperm(len(inputs), generator=generator) for _ in range(epochs)])
-    model.train()
-    bar = tqdm(order[: steps * spec.batch_size].view(steps, spec.batch_size), desc=desc)
-    for batch in bar:
-        # Right padding needs no attention mask: under the causal mask no real token sees a pad.
-        loss = model(input_ids=inputs[batch], labels=labels[batch]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-
-
-@torch.no_grad()
-def mean_loss(model: Gemma2ForCausalLM, data: tuple[torch.Tensor, torch.Tensor], batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) over the labelled targets of ``data = (input_ids, labels)``."""
-    inputs, labels = data
-    total, count = 0.0, 0
-    for start in range(0, len(inputs), batch_size):
-        logits = model(input_ids=inputs[start : start + batch_size]).logits[:, :-1]
-        targets = labels[start : start + batch_size, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum").item()
-        count += int((targets != IGNORE).sum())
-    return total / count
-
-
 def unigram_loss(train_ids: torch.Tensor, test_ids: torch.Tensor, vocab_size: int) -> float:
     """Cross-entropy (nats) of the test targets under add-one unigram frequencies of the train targets."""
     counts = torch.bincount(train_ids[:, 1:].flatten(), minlength=vocab_size).double() + 1
@@ -350,25 +255,11 @@ def _take_chars(texts: list[str], budget: int) -> list[str]:
 def _save_atomically(
     out: Path, models_by_name: dict[str, Gemma2ForCausalLM], tokenizer: PreTrainedTokenizerFast, report: dict
 ) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(dir_mode())  # mkdtemp makes it private; the pair is a cache like any other, shared as the umask says
+    tmp = new_build_dir(out)
     for name, model in models_by_name.items():
         model.save_pretrained(tmp / name)
         tokenizer.save_pretrained(tmp / name)
-    (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
-    try:
-        os.rename(tmp, out)
-        return
-    except OSError:  # `out` exists: built by another process meanwhile, or rebuilt on purpose (--force, new recipe)
-        pass
-    theirs = out / "build_report.json"
-    if theirs.exists() and json.loads(theirs.read_text()).get("spec") == report["spec"]:
-        # The same seeded recipe, finished first by another process (which may be loading it now): keep it.
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("another process built %s with the same recipe first; keeping its pair", out)
-        return
-    replace_dir(tmp, out)  # another recipe: replaced whole, never half-written
+    publish_build(tmp, out, report, key="spec")
 
 
 def main(argv: list[str] | None = None) -> None:

