@@ -192,6 +192,7 @@ def test_run_analyses_writes_the_dashboard_unless_disabled(tmp_path: Path) -> No
     metrics = run_analyses(crosscoder(paired), pair, with_tokens(paired, table), ids, mask, tmp_path, cfg, {}, "cmd")
     assert (tmp_path / "dashboard" / "index.html").is_file() and "dashboard" in metrics["timings_s"]
     assert metrics["dashboard"]["n_tokens"] == {"web": 33, "chat": 33}
+    assert metrics["dashboard"]["path"] == "dashboard/index.html"  # relative: the artifact dir is renamed when done
     off = tmp_path / "off"
     metrics = run_analyses(crosscoder(paired), pair, with_tokens(paired.clone(), table), ids, mask, off, cfg, {}, "cmd",
                            dashboard={"enabled": False})

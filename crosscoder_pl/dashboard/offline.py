@@ -196,7 +196,8 @@ def write_dashboard(
     timings["total"] = time.perf_counter() - started
     log.info("dashboard written to %s (%.1f s)", out, timings["total"])
     return {
-        "path": str(out / "index.html"),
+        # Relative to the artifact: the artifact is written in a temporary directory and renamed when complete.
+        "path": f"{out.name}/index.html",
         "n_tokens": {name: int(n) for name, n in zip(SOURCES, result.n_tokens)},
         "n_examples": int((result.rows >= 0).sum()),
         "n_shards": n_shards,
