@@ -226,6 +226,13 @@ def crosscoder_config(cfg: DictConfig, d_model: int) -> DictConfig:
     return node
 
 
+def normalisation(center: bool, scale_by: str) -> str:
+    """The model card's words for the per-model normalisation (docs/method.md, "Per-model normalisation")."""
+    x = "x - mean" if center else "x"
+    spread = f"mean||{x}||" if scale_by == "mean_norm" else "sqrt(mean||x - mean||^2)"
+    return f"{'per-model mean subtracted, ' if center else ''}per-model scalar sqrt(d_model)/{spread}"
+
+
 def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
     """Facts about the run for the exported ``config.json`` metadata and the model card's recipe."""
     c, t = cfg.crosscoder, cfg.trainer
@@ -240,7 +247,8 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
         "base_model": pair.base_id, "chat_model": pair.chat_id, "layer": pair.layer,
         "k_start": c.k_start if c.k_start is not None else c.k, "k_anneal_steps": c.k_anneal_steps,
         "training_tokens": tokens, "data": sources,
-        "normalisation": f"per-model scalar sqrt(d_model)/mean||x||, BOS and padding dropped{dropped}",
+        "normalisation": f"{normalisation(c.get('center', True), c.get('scale_by', 'mean_norm'))}, BOS and padding "
+                         f"dropped{dropped}",
         "lr": c.lr, "lr_decay_frac": c.lr_decay_frac, "gradient_clip_val": t.gradient_clip_val,
         "aux_coef": c.aux_coef, "dead_after_tokens": c.dead_after_tokens, "loss": c.loss, "seed": cfg.seed,
         "language_model_dtype": cfg.model_pair.get("dtype"),

@@ -257,3 +257,14 @@ def test_a_bad_value_names_the_key_the_value_and_the_fix(overrides: list[str], m
     cfg = compose_train("+experiment=tiny", *overrides, OUT)
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_hydra(cfg)
+
+
+@pytest.mark.parametrize(("center", "scale_by", "words"), [
+    (True, "mean_norm", "per-model mean subtracted, per-model scalar sqrt(d_model)/mean||x - mean||"),
+    (False, "mean_norm", "per-model scalar sqrt(d_model)/mean||x||"),
+    (True, "std", "per-model mean subtracted, per-model scalar sqrt(d_model)/sqrt(mean||x - mean||^2)"),
+])
+def test_the_card_names_the_normalisation_the_run_used(center: bool, scale_by: str, words: str) -> None:
+    from crosscoder_pl.training import normalisation
+
+    assert normalisation(center, scale_by) == words

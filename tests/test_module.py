@@ -871,6 +871,7 @@ def _planted_offset_run(offset: bool, center: bool) -> tuple[float, float, float
         vec[:, :4] = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
         vec *= 10 * train.norm(dim=-1).mean(0)[:, None] / vec.norm(dim=-1, keepdim=True)
         train, held_out = train + vec, held_out + vec
+    torch.manual_seed(0)  # the same initial dictionary in every run, whatever ran before
     module = CrossCoderModule(d_model=32, n_latents=96, k=3, k_start=12, k_anneal_steps=200, lr=3e-3,
                               dead_after_tokens=20_000, scale_tokens=2048, threshold_decay=0.99, center=center)
     metrics = fit(module, train, steps=1000, val=held_out).callback_metrics
@@ -882,14 +883,15 @@ def _planted_offset_run(offset: bool, center: bool) -> tuple[float, float, float
 
 
 def test_a_large_constant_offset_trains_as_well_as_none_once_centred() -> None:
-    """Measured: centred, the offset data give the same VE and atoms as the plain data (0.985 / 0.988, 97.5%);
-    uncentred, the offset costs VE (0.970 / 0.968) and atoms (95%), the negative control."""
+    """Measured: centred, the offset data give the same VE and atoms as the plain data (0.9905 / 0.9889 vs 0.9905 /
+    0.9888, 100% of the atoms); uncentred, the offset costs VE (0.976 / 0.975) and atoms (97.5%): the negative
+    control."""
     plain = _planted_offset_run(offset=False, center=True)
     shifted = _planted_offset_run(offset=True, center=True)
     uncentred = _planted_offset_run(offset=True, center=False)
     assert min(plain[:2]) > 0.98 and plain[2] >= 0.95
-    for got, want in zip(shifted, plain):
-        assert abs(got - want) <= 0.002
+    assert abs(shifted[0] - plain[0]) <= 0.003 and abs(shifted[1] - plain[1]) <= 0.003
+    assert abs(shifted[2] - plain[2]) <= 2 / 80  # atoms recovered: within two of the 80
     assert max(uncentred[:2]) < min(plain[:2]) - 0.01  # the offset does hurt an uncentred crosscoder
 
 
@@ -919,6 +921,7 @@ def _revived(monkeypatch_relu_gradient: pytest.MonkeyPatch | None) -> torch.Tens
     pushed = torch.arange(0, 48, 6)
     planted = make_planted(d_model=32, n_shared=30, n_base=5, n_chat=5)
     train, held_out = planted.sample(40_000, active=3, seed=1), planted.sample(4000, active=3, seed=2)
+    torch.manual_seed(0)
     module = CrossCoderModule(d_model=32, n_latents=48, k=3, k_start=6, k_anneal_steps=100, lr=3e-3,
                               dead_after_tokens=1024, scale_tokens=2048, threshold_decay=0.99)
     fit(module, train, steps=600, callbacks=[PushBelowZero(train, pushed)])
