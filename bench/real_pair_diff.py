@@ -14,8 +14,9 @@ when its output already exists (delete the directory to redo it):
    latents, k 32 annealed from 128 over 300 steps, ``--steps`` steps of 1,024 tokens) writes the artifact,
    dashboard included, into ``WORKDIR/run/artifact``.
 4. **Figures** (printed as JSON, and written to ``WORKDIR/figures.json``): variance explained, L0, dead fraction,
-   taxonomy, the chat-only and truly chat-specific counts, the causal validation and splice-in summaries; for
-   the top chat-specific latents by base uselessness (-log nu_eps) the held-out tokens each fires on most with
+   taxonomy, the histogram of Δnorm over live latents, the chat-only and truly chat-specific counts, the causal
+   validation and splice-in summaries; for the top chat-specific latents by base uselessness (-log nu_eps), or,
+   when there are fewer, the most chat-leaning latents by Δnorm, the held-out tokens each fires on most with
    their context, the share of those that are chat-template tokens (turn tags, or the role name or newline right
    after a turn tag) and the latent's dashboard page.
 
@@ -74,7 +75,7 @@ def main() -> int:
     timings["crosscoder_s"] = round(time.perf_counter() - start, 1)
 
     figures = {"pair": report, **artifact_figures(run / "artifact"), "timings": timings}
-    figures["top_chat_specific"] = top_examples(run / "artifact", cache, figures.pop("_top"))
+    figures["top_latents"] = top_examples(run / "artifact", cache, figures.pop("_top"), Path(report["dir"]) / "chat")
     (args.workdir / "figures.json").write_text(json.dumps(figures, indent=1) + "\n")
     print(json.dumps(figures, indent=1))
     return 0
@@ -106,6 +107,15 @@ def artifact_figures(artifact: Path) -> dict[str, Any]:
         rows = list(csv.DictReader(handle))
     specific = [r for r in rows if r.get("chat_specific") in ("True", "true", "1")]
     specific.sort(key=lambda r: float(r["neg_log_nu_eps"]), reverse=True)
+    live = sorted((r for r in rows if r["class"] != "dead"), key=lambda r: float(r["delta_norm"]), reverse=True)
+    leaning = [r for r in live if r not in specific][: max(0, TOP_LATENTS - len(specific))]
+    top = [{"latent": int(r["latent"]), "why": "chat-specific"} for r in specific[:TOP_LATENTS]]
+    top += [{"latent": int(r["latent"]), "why": "most chat-leaning", "delta_norm": round(float(r["delta_norm"]), 4),
+             "decoder_cosine": round(float(r["decoder_cosine"]), 4)} for r in leaning]
+    histogram: dict[str, int] = {}
+    for r in live:  # Δnorm in bins of 0.1: 0 = base-only, 0.5 = shared, 1 = chat-only
+        edge = f"{min(int(float(r['delta_norm']) * 10), 9) / 10:.1f}"
+        histogram[edge] = histogram.get(edge, 0) + 1
     causal = metrics.get("causal", {})
     return {
         "variance_explained": metrics["validation"]["variance_explained"],
@@ -113,16 +123,17 @@ def artifact_figures(artifact: Path) -> dict[str, Any]:
         "dead_fraction": metrics["validation"]["dead_fraction"],
         "taxonomy": metrics["taxonomy"]["counts"],
         "chat_specific": len(specific),
-        "causal": {k: causal.get(k) for k in ("n_latents", "median_pearson", "median_decoder_cosine")},
+        "delta_norm_histogram": dict(sorted(histogram.items())),
+        "causal": {k: causal.get(k) for k in ("n_latents_tested", "median_pearson", "median_decoder_cosine", "selection")},
         "splice": metrics.get("splice"),
         "outliers": metrics.get("outliers"),
-        "_top": [int(r["latent"]) for r in specific[:TOP_LATENTS]],
+        "_top": top,
     }
 
 
-def top_examples(artifact: Path, cache: Path, latents: list[int]) -> list[dict[str, Any]]:
-    """For each latent, its ``TOP_EXAMPLES`` strongest held-out tokens (eval-mode codes, the cache's held-out set)
-    with context, the share of them that are chat-template tokens, and its dashboard page."""
+def top_examples(artifact: Path, cache: Path, top: list[dict[str, Any]], chat_model: Path) -> list[dict[str, Any]]:
+    """For each latent of ``top``, its ``TOP_EXAMPLES`` strongest held-out tokens (eval-mode codes, the cache's
+    held-out set) with context, the share of them that are chat-template tokens, and its dashboard page."""
     import torch
     from transformers import AutoTokenizer
 
@@ -130,17 +141,18 @@ def top_examples(artifact: Path, cache: Path, latents: list[int]) -> list[dict[s
     from crosscoder_pl.data.activations import token_table
     from crosscoder_pl.data.cache import load_val
 
-    if not latents:
+    if not top:
         return []
+    latents = [t["latent"] for t in top]
     cc = CrossCoder.from_pretrained(artifact)
     val = load_val(cache)
     table = token_table(val)
-    tokenizer = AutoTokenizer.from_pretrained(json.loads((artifact / "config.json").read_text())["metadata"]["chat_model"])
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
     with torch.no_grad():
         codes = cc.encode(val)[:, latents]  # [tokens, L]
     values, rows = codes.topk(TOP_EXAMPLES, dim=0)
     out = []
-    for j, latent in enumerate(latents):
+    for j, (latent, about) in enumerate(zip(latents, top)):
         examples = []
         for value, row in zip(values[:, j].tolist(), rows[:, j].tolist()):
             if value <= 0:
@@ -152,7 +164,7 @@ def top_examples(artifact: Path, cache: Path, latents: list[int]) -> list[dict[s
                              "source": ("web", "chat")[int(table.source[int(table.seq[row])])],
                              "template": is_template(token, tokenizer.decode(ids[max(0, pos - 2) : pos]))})
         share = sum(e["template"] for e in examples) / len(examples) if examples else 0.0
-        out.append({"latent": latent, "template_share": share, "examples": examples,
+        out.append({**about, "template_share": share, "examples": examples,
                     "dashboard": f"{artifact / 'dashboard' / 'index.html'}#/latent/{latent}"})
     return out
 
