@@ -25,7 +25,7 @@ Steps, each timed:
    with itself, asserted on the artifact: no base-only or chat-only latent, every live latent shared (no
    unclassified one), median Δnorm 0.5 ± 0.02, median causal Pearson ≥ 0.99, variance explained equal in both
    models (to 1e-3); and a healthy dictionary: at most 10% of the latents dead on the held-out tokens (measured
-   0.x% centred; 48% before the input was centred). The training dead fraction at steps 100/300/600/1200 (the dead
+   0.16% centred; 48% before the input was centred). The training dead fraction at steps 100/300/600/1200 (the dead
    curve) is printed with the figures.
 4. **Mismatched pair**: Gemma-3-270M with SmolLM2-135M-Instruct (the GGUF file as the model name) must stop
    before any weights load, with one message naming the vocabulary and the hidden sizes (640 vs 576).

@@ -249,8 +249,9 @@ class CrossCoderModule(L.LightningModule):
         centre = cc.means.double()  # [2, d_model]: zeros without centring
         if hp.scales is None:
             if hp.scale_by == "mean_norm":  # mean ||x_m - mu_m||: the norm of what the encoder reads
-                norm_sum = sum((x.double() - centre).norm(dim=-1).sum(0) for x in read)
-                spread = self._reduce(torch.as_tensor(norm_sum, dtype=torch.float64, device=self.device)) / n  # [2]
+                zero = torch.zeros(2, dtype=torch.float64, device=self.device)  # a rank may have read no token
+                norm_sum = sum(((x.double() - centre).norm(dim=-1).sum(0) for x in read), zero)
+                spread = self._reduce(norm_sum) / n  # [2]
             else:  # root of the centred second moment: the variable part of each model's activations
                 var = (xx_sum.diagonal() / n - (x_sum / n) ** 2).view(2, cc.d_model).sum(-1)
                 spread = var.clamp_min(1e-12).sqrt()
