@@ -66,6 +66,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache/crosscoder_pl/real_pair_check")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for the training run")
+    parser.add_argument("--run-name", default="identical_pair",
+                        help="the run's directory under WORKDIR (a variant, e.g. with --overrides crosscoder.center=false)")
     args = parser.parse_args()
     gemma_gguf, smollm_gguf = _model_files()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ def main() -> int:
     write_cache_once(cache, pair, args.threads)
     figures["cache_s"] = round(time.perf_counter() - start, 1)
 
-    run_dir = args.workdir / "identical_pair"
+    run_dir = args.workdir / args.run_name
     start = time.perf_counter()
     _train(
         [
@@ -104,6 +106,7 @@ def main() -> int:
     figures["identical_pair_s"] = round(time.perf_counter() - start, 1)
     figures["train_dead_curve"] = dead_curve(run_dir)
     figures.update(check_identical_pair(run_dir / "artifact"))
+    figures["variance_explained_all_heldout"] = heldout_ve(run_dir / "artifact", cache)
 
     start = time.perf_counter()
     message = _train(
@@ -184,6 +187,21 @@ def _train(overrides: list[str], expect_success: bool) -> str:
         print(output[-6000:], file=sys.stderr)
         sys.exit(f"train.py exited with {proc.returncode}; expected {'success' if expect_success else 'failure'}")
     return output
+
+
+def heldout_ve(artifact: Path, cache: Path) -> dict[str, float]:
+    """Variance explained per model on every held-out token of the cache (the artifact's own figure leaves out the
+    held-out tokens a run drops as outliers, so runs with and without dropping are compared here)."""
+    import torch
+
+    from crosscoder_pl import CrossCoder
+    from crosscoder_pl.data.cache import load_val
+
+    val = load_val(cache).double()  # [tokens, 2, d_model]
+    with torch.no_grad():
+        x_hat = CrossCoder.from_pretrained(artifact).double()(val)
+    ve = 1 - (val - x_hat).pow(2).sum((0, 2)) / (val - val.mean(0)).pow(2).sum((0, 2))
+    return {"base": round(float(ve[0]), 4), "chat": round(float(ve[1]), 4)}
 
 
 def check_identical_pair(artifact: Path) -> dict[str, object]:
