@@ -29,6 +29,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +125,8 @@ def artifact_figures(artifact: Path) -> dict[str, Any]:
         "taxonomy": metrics["taxonomy"]["counts"],
         "chat_specific": len(specific),
         "delta_norm_histogram": dict(sorted(histogram.items())),
+        "delta_norm_live": {"median": round(statistics.median(float(r["delta_norm"]) for r in live), 4),
+                            "min": round(float(live[-1]["delta_norm"]), 4), "max": round(float(live[0]["delta_norm"]), 4)},
         "causal": {k: causal.get(k) for k in ("n_latents_tested", "median_pearson", "median_decoder_cosine", "selection")},
         "splice": metrics.get("splice"),
         "outliers": metrics.get("outliers"),
