@@ -196,11 +196,14 @@ def heldout_ve(artifact: Path, cache: Path) -> dict[str, float]:
 
     from crosscoder_pl import CrossCoder
     from crosscoder_pl.data.cache import load_val
+    from crosscoder_pl.metrics import VarianceExplained
 
-    val = load_val(cache).double()  # [tokens, 2, d_model]
+    val = load_val(cache)  # [tokens, 2, d_model]
+    cc = CrossCoder.from_pretrained(artifact)
+    metric = VarianceExplained(cc.n_models, cc.d_model)
     with torch.no_grad():
-        x_hat = CrossCoder.from_pretrained(artifact).double()(val)
-    ve = 1 - (val - x_hat).pow(2).sum((0, 2)) / (val - val.mean(0)).pow(2).sum((0, 2))
+        metric.update(val, cc(val))
+    ve = metric.compute()
     return {"base": round(float(ve[0]), 4), "chat": round(float(ve[1]), 4)}
 
 

