@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 import crosscoder_pl.hub as hub
 from crosscoder_pl.analysis.card_metadata import TAGS
-from crosscoder_pl.analyze import analyze
+from crosscoder_pl.commands.dispatch import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 

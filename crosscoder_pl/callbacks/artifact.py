@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 
-from crosscoder_pl.artifact import write_artifact
+from crosscoder_pl.artifact.writer import write_artifact
 from crosscoder_pl.loggers import log_artifact_to_wandb
 
 log = logging.getLogger(__name__)
