@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from crosscoder_pl.commands.dispatch import analyze
-from crosscoder_pl.artifact import write_artifact
+from crosscoder_pl.artifact.writer import write_artifact
 from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
 from test_analysis_causal import tiny_pair
 from test_analysis_report import crosscoder, inputs, settings

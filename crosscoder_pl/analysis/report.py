@@ -65,7 +65,8 @@ LATENT_COLUMNS = (
     "scaling_note",
 )
 HISTOGRAM = "delta_norm_histogram.png"
-# A further step of `write_analyses`: the folded eval-mode crosscoder -> its metrics.json entry (None: it wrote nothing).
+# A further step of `write_analyses`: the folded eval-mode crosscoder -> its metrics.json entry
+# (None: it wrote nothing).
 Step = Callable[[CrossCoder], dict[str, Any] | None]
 
 

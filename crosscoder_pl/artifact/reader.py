@@ -9,7 +9,6 @@ target where none belongs, an interpolation) is refused before anything is built
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from crosscoder_pl.data.sources import SourceConfig, embedded_source
 from crosscoder_pl.models.pair import ModelPair, load_model_pair
 from crosscoder_pl.names import SOURCES
 
-log = logging.getLogger(__name__)
 TARGET = "_target_"
 # What a recorded `_target_` may name, by its place in train_config.yaml (the targets of conf/).
 PAIR_BUILDERS: dict[str, Callable[..., Any]] = {"crosscoder_pl.models.pair.load_model_pair": load_model_pair}

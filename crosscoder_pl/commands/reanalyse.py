@@ -1,6 +1,6 @@
 """``python analyze.py artifact=DIR [analysis.*=...] [dashboard.*=...] [device=...]``: re-run the analyses on a
-saved artifact and rewrite it (`crosscoder_pl.artifact.write_artifact`: the same writer as training, replacing
-the artifact atomically)."""
+saved artifact and rewrite it (`crosscoder_pl.artifact.writer.write_artifact`: the same writer as training,
+replacing the artifact atomically)."""
 
 from __future__ import annotations
 
