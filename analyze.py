@@ -1,10 +1,11 @@
-"""Re-run the end-of-training analyses on a saved artifact: `python analyze.py artifact=DIR`."""
+"""Re-run the end-of-training analyses on a saved artifact: `python analyze.py artifact=DIR` (and the other
+commands of conf/analyze.yaml: serve=, checkpoint=, push_to_hub=, sweep=; `crosscoder_pl.commands`)."""
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from crosscoder_pl.analyze import analyze
+from crosscoder_pl.commands.dispatch import analyze
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")

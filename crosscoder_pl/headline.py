@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from crosscoder_pl.names import MODELS
+
 # The taxonomy's classes (crosscoder_pl.analysis.taxonomy.CLASSES), spelt out: this module stays import-light.
 TAXONOMY = ("shared", "dead", "unclassified", "base_only", "chat_only")
 
@@ -34,7 +36,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "chat_specific": metrics.get("scaling", {}).get("n_chat_specific"),
         "median_causal_pearson": causal.get("median_pearson"),
         "median_decoder_cosine": causal.get("median_decoder_cosine"),
-        **{f"ce_increase_{model}": splice.get(model, {}).get("ce_increase") for model in ("base", "chat")},
+        **{f"ce_increase_{model}": splice.get(model, {}).get("ce_increase") for model in MODELS},
     }
 
 

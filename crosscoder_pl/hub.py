@@ -1,8 +1,8 @@
 """Publishing an artifact on the Hugging Face Hub (``python analyze.py artifact=DIR push_to_hub=user/name``).
 
 The card's metadata (license, tags, base models, evaluation results from ``metrics.json``) is built with
-huggingface_hub's ``ModelCardData`` and the card itself with ``ModelCard``, so the Hub reads it as it reads
-any model card; the upload is one ``HfApi.upload_folder`` of the whole artifact directory.
+huggingface_hub's ``ModelCardData`` (`crosscoder_pl.analysis.card_metadata.card_data`) and the card itself
+with ``ModelCard``, so the Hub reads it as it reads any model card; the upload is one ``HfApi.upload_folder`` of the whole artifact directory.
 """
 
 from __future__ import annotations
@@ -10,29 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
-from huggingface_hub import (
-    EvalResult,
-    HfApi,
-    ModelCard,
-    ModelCardData,
-    constants,
-    get_token,
-)
+from huggingface_hub import HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from crosscoder_pl.analysis.card import TAGS
+from crosscoder_pl.analysis.card_metadata import REPO_ID, card_data
 from crosscoder_pl.crosscoder import check_complete
 from crosscoder_pl.files import write_whole
 from crosscoder_pl.network import HubUnreachableError, ask_hub, timeout_advice
 
 log = logging.getLogger(__name__)
-LIBRARY = "crosscoder_pl"
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
 
 
@@ -69,19 +58,6 @@ def check_hub_access(repo_id: str) -> str:
     return token
 
 
-def card_data(metrics: Mapping[str, Any], license: str = "apache-2.0", hub_ids_only: bool = True) -> ModelCardData:
-    """The card's metadata: license, tags, the pair as ``base_model`` (an identical pair once; with ``hub_ids_only``,
-    as the Hub wants it, without local directories and the embedded pair) and the validation figures as
-    evaluation results."""
-    art = metrics["artifact"]
-    models = [m for m in dict.fromkeys((art["base_model"], art["chat_model"])) if _is_hub_id(m) or not hub_ids_only]
-    name = f"crosscoder-{art['base_model']}-vs-{art['chat_model']}-layer{art['layer']}".replace("/", "_")
-    return ModelCardData(
-        license=license, tags=list(TAGS), base_model=models or None, library_name=LIBRARY, model_name=name,
-        eval_results=_eval_results(metrics) or None,
-    )
-
-
 def build_card(artifact: str | Path, license: str = "apache-2.0") -> ModelCard:
     """The artifact's card: ``card_data`` of its ``metrics.json`` over the body of its ``README.md``."""
     artifact = Path(artifact)
@@ -111,25 +87,3 @@ def push_artifact(artifact: str | Path, repo_id: str, private: bool = False, lic
                       commit_message=f"crosscoder_pl artifact {artifact.name}")
     print(f"\npushed {artifact.resolve()} to {url}")
     return str(url)
-
-
-def _is_hub_id(name: str) -> bool:
-    return bool(REPO_ID.match(name)) and not Path(name).exists()
-
-
-def _eval_results(metrics: Mapping[str, Any]) -> list[EvalResult]:
-    """Held-out variance explained per model, L0, dead fraction and the median causal Pearson."""
-    validation = metrics.get("validation", {})
-    n_tokens = validation.get("n_tokens")
-    figures = [(f"variance_explained_{m}", f"Variance explained ({m})", validation.get("variance_explained", {}).get(m))
-               for m in ("base", "chat")]
-    figures += [("l0", "L0 (active latents per token)", validation.get("l0")),
-                ("dead_fraction", "Dead fraction", validation.get("dead_fraction")),
-                ("median_causal_pearson", "Median causal Pearson (shared latents)",
-                 metrics.get("causal", {}).get("median_pearson"))]
-    return [
-        EvalResult(task_type="feature-extraction", task_name="Crosscoder reconstruction", dataset_type="held-out",
-                   dataset_name=f"held-out activations ({n_tokens} tokens)", metric_type=key, metric_name=label,
-                   metric_value=float(value))
-        for key, label, value in figures if isinstance(value, (int, float))
-    ]

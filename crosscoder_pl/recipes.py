@@ -23,11 +23,11 @@ import yaml
 from omegaconf import DictConfig
 
 from crosscoder_pl.config import target_parameters
+from crosscoder_pl.names import MODELS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("model_pair", "data")
 RECIPE_KEYS = {"data": ("batch_size",)}  # what a recipe means by itself, whichever data option feeds it
-MODEL_KEYS = ("base", "chat")
 
 
 def check_recipe(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
@@ -66,7 +66,7 @@ def check_recipe(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
                     f"+experiment={experiment} trains with {group}.{key}={meant_node[key]} ({group}={meant}), but "
                     f"{group}={chosen} sets {cfg[group].get(key)}: add {group}.{key}={meant_node[key]} to keep the recipe"
                 )
-        named = [k for k in MODEL_KEYS if k in keys] if group == "model_pair" else []
+        named = [k for k in MODELS if k in keys] if group == "model_pair" else []
         if named:
             shown = ", ".join(f"{group}.{k}={keys[k]}" for k in named)
             problems.append(

@@ -26,6 +26,7 @@ from crosscoder_pl.config import (
 from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
+from crosscoder_pl.names import SOURCES
 from crosscoder_pl.recipes import check_recipe
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def realised_mix(stats: Mapping[str, float]) -> str | None:
     if "data/web_docs" not in stats:
         return None
     shares = ", ".join(f"{source} {stats.get(f'data/{source}_token_share', float('nan')):.1%} of tokens "
-                       f"({int(stats[f'data/{source}_docs']):,} documents)" for source in ("web", "chat"))
+                       f"({int(stats[f'data/{source}_docs']):,} documents)" for source in SOURCES)
     skipped = {key.removeprefix("data/skipped/"): int(v) for key, v in stats.items() if key.startswith("data/skipped/")}
     return shares + "; skipped rows: " + (", ".join(f"{k} {v:,}" for k, v in skipped.items()) if skipped else "none")
 

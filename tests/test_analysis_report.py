@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from crosscoder_pl.analysis.report import run_analyses
+from crosscoder_pl.artifact.writer import run_analyses
 from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.crosscoder import CrossCoder
 from test_analysis_causal import D, LAYER, VOCAB, tiny_pair

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from crosscoder_pl.analysis.card import _cell, render_card
-from crosscoder_pl.analysis.report import run_analyses
+from crosscoder_pl.artifact.writer import run_analyses
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from test_analysis_causal import LAYER, tiny_pair
 from test_analysis_report import crosscoder, inputs, settings

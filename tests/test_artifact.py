@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 
-from crosscoder_pl.analyze import analyze
-from crosscoder_pl.artifact import write_artifact
+from crosscoder_pl.commands.dispatch import analyze
+from crosscoder_pl.artifact.writer import write_artifact
 from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
 from test_analysis_causal import tiny_pair
 from test_analysis_report import crosscoder, inputs, settings
@@ -74,7 +74,7 @@ def test_a_failure_mid_write_leaves_the_previous_artifact_untouched(
         (out / "taxonomy.json").write_text("{}")  # some files written, then the analyses fail
         raise RuntimeError("out of memory in the causal analysis")
 
-    monkeypatch.setattr("crosscoder_pl.artifact.run_analyses", fail_midway)
+    monkeypatch.setattr("crosscoder_pl.artifact.writer.run_analyses", fail_midway)
     with pytest.raises(RuntimeError, match="out of memory"):
         write(artifact, data, seed=2)
     assert snapshot(artifact) == before
@@ -84,7 +84,7 @@ def test_a_failure_mid_write_leaves_the_previous_artifact_untouched(
 KILLED_WRITE = """
 import os, signal, sys
 from pathlib import Path
-import crosscoder_pl.artifact as artifact_module
+import crosscoder_pl.artifact.writer as artifact_module
 from test_artifact import data_of, write
 
 real = artifact_module.run_analyses

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from crosscoder_pl.analysis.report import run_analyses
+from crosscoder_pl.artifact.writer import run_analyses
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.examples import scan
 from crosscoder_pl.dashboard.offline import (

@@ -12,7 +12,7 @@ import torch
 from test_data_datamodule import datamodule
 from test_resume import weights_only_roundtrip
 
-from crosscoder_pl.analysis.report import run_analyses
+from crosscoder_pl.artifact.writer import run_analyses
 from crosscoder_pl.config import ConfigError
 from crosscoder_pl.data import datamodule as datamodule_module
 from crosscoder_pl.data.cache import read_meta, write_cache

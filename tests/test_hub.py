@@ -15,7 +15,8 @@ from huggingface_hub import HfApi, ModelCard
 from hydra import compose, initialize_config_dir
 
 import crosscoder_pl.hub as hub
-from crosscoder_pl.analyze import analyze
+from crosscoder_pl.analysis.card_metadata import TAGS
+from crosscoder_pl.commands.dispatch import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def test_card_is_built_with_model_card_data_and_parses_back(artifact: Path) -> N
     back = ModelCard.load(path)
     data = back.data.to_dict()
     assert data["license"] == "apache-2.0"
-    assert set(hub.TAGS) <= set(data["tags"])
+    assert set(TAGS) <= set(data["tags"])
     assert data["base_model"] == ["google/gemma-2-2b", "google/gemma-2-2b-it"]
     metrics = json.loads((artifact / "metrics.json").read_text())
     values = {r.metric_type: r.metric_value for r in back.data.eval_results}

@@ -19,7 +19,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from crosscoder_pl.analyze import analyze, check_train_config
+from crosscoder_pl.artifact.reader import check_train_config
+from crosscoder_pl.commands.dispatch import analyze
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.training import check_checkpoint, train
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-TAGS = ("mechanistic-interpretability", "sparse-autoencoder", "crosscoder", "model-diffing")
 CITATIONS = (
     "Lindsey et al. 2024 — Sparse Crosscoders for Cross-Layer Features and Model Diffing",
     "Anthropic Jan 2025 — Insights on Crosscoder Model Diffing",
@@ -74,7 +73,7 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
 def _front_matter(metrics: Mapping[str, Any]) -> str:
     """huggingface_hub's ``ModelCardData`` (license, tags, both models as ``base_model``, the validation figures as
     evaluation results), as YAML between ``---`` lines."""
-    from crosscoder_pl.hub import card_data  # huggingface_hub only when a card is written
+    from crosscoder_pl.analysis.card_metadata import card_data  # huggingface_hub only when a card is written
 
     return f"---\n{card_data(metrics, hub_ids_only=False).to_yaml()}\n---"
 

@@ -1,11 +1,10 @@
 """Run the enabled analyses of a trained crosscoder into an artifact directory (no Lightning needed).
 
-Shared by the end-of-training callback and offline scripts. ``settings`` mirrors ``conf/analysis``
-(its keys: `crosscoder_pl.config.AnalysisConfig`); every key must be given. Files written into ``out_dir``
-(README.md, the artifact directory): ``taxonomy.json``, ``latents.csv``, ``delta_norm_histogram.png``
-(taxonomy); ``causal_validation.csv``, ``cosine_vs_causal.png`` (causal); ``dashboard/`` (the latent dashboard,
-when the held-out activations carry their token ids and the ``dashboard`` settings enable it); ``metrics.json``
-and ``README.md`` always. Weights and ``config.json`` are written by whoever saves the crosscoder.
+``settings`` mirrors ``conf/analysis`` (its keys: `crosscoder_pl.config.AnalysisConfig`); every key must be
+given. Files written into ``out_dir`` (the artifact directory): ``taxonomy.json``, ``latents.csv``,
+``delta_norm_histogram.png`` (taxonomy); ``causal_validation.csv``, ``cosine_vs_causal.png`` (causal); what the
+caller's further steps write (the artifact writer's: ``dashboard/``, `crosscoder_pl.artifact.writer.run_analyses`);
+``metrics.json`` and ``README.md`` always. Weights and ``config.json`` are written by whoever saves the crosscoder.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -49,8 +48,6 @@ from crosscoder_pl.analysis.taxonomy import (
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.config import AnalysisConfig
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.dashboard.offline import resolve_settings, write_dashboard
-from crosscoder_pl.data.activations import token_table
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +65,9 @@ LATENT_COLUMNS = (
     "scaling_note",
 )
 HISTOGRAM = "delta_norm_histogram.png"
+# A further step of `write_analyses`: the folded eval-mode crosscoder -> its metrics.json entry
+# (None: it wrote nothing).
+Step = Callable[[CrossCoder], dict[str, Any] | None]
 
 
 def check_settings(settings: Mapping[str, Any]) -> AnalysisConfig:
@@ -76,7 +76,7 @@ def check_settings(settings: Mapping[str, Any]) -> AnalysisConfig:
     return AnalysisConfig.from_mapping(settings)
 
 
-def run_analyses(
+def write_analyses(
     crosscoder: CrossCoder,
     pair: Any,
     activations: torch.Tensor,
@@ -86,8 +86,8 @@ def run_analyses(
     settings: Mapping[str, Any],
     recipe: Mapping[str, Any],
     command: str,
-    dashboard: Mapping[str, Any] | None = None,
     outliers: Mapping[str, Mapping[str, Any]] | None = None,
+    steps: Mapping[str, Step] | None = None,
 ) -> dict[str, Any]:
     """Run the enabled analyses and write their files, ``metrics.json`` and ``README.md``; return the metrics.
 
@@ -99,11 +99,11 @@ def run_analyses(
         settings: the ``conf/analysis`` group (`crosscoder_pl.config.AnalysisConfig`).
         recipe: training facts for the card's recipe section (e.g. the crosscoder's metadata).
         command: the exact command that reproduces the artifact.
-        dashboard: the ``conf/dashboard`` group; None: the one recorded in ``out_dir/train_config.yaml``, else
-            the defaults (on). Needs ``activations`` carrying their token ids (``data.activations.token_table``).
         outliers: the data module's ``outlier_report()`` (``training``, ``heldout``, ...: each an
             `OutlierCounts.summary`), over the one in ``recipe`` (recorded at the end of training) part by part;
             written to ``metrics.json`` (``outliers``) and the card.
+        steps: further steps by name, run in order after the analyses on the folded eval-mode copy, each timed
+            and its result stored under its name in the metrics (a step that returns None: neither).
     """
     check_settings(settings)
     out = Path(out_dir)
@@ -155,14 +155,13 @@ def run_analyses(
                 "n_tokens": int(content_mask(probe_mask).sum()),
             }
 
-    dashboard_settings = resolve_settings(dashboard, out)
-    if dashboard_settings.enabled:
-        tokens = token_table(activations)
-        if tokens is None:
-            log.warning("dashboard not written: the held-out activations carry no token ids (an older cache?)")
-        else:
-            with _timed("dashboard", timings):
-                metrics["dashboard"] = write_dashboard(cc, pair, activations, tokens, out, dashboard_settings)
+    for name, step in (steps or {}).items():
+        start = time.perf_counter()
+        result = step(cc)
+        if result is not None:
+            metrics[name] = result
+            timings[name] = round(time.perf_counter() - start, 3)
+            log.info("analysis %s took %.1f s", name, timings[name])
 
     metrics["timings_s"] = timings
     write_metrics(metrics, out / "metrics.json")

@@ -11,15 +11,16 @@ from typing import Any
 
 import lightning as L
 
-from crosscoder_pl.artifact import write_artifact
+from crosscoder_pl.artifact.writer import write_artifact
 from crosscoder_pl.loggers import log_artifact_to_wandb
 
 log = logging.getLogger(__name__)
 
 
 class WriteArtifact(L.Callback):
-    """At the end of fit (rank zero), write the whole artifact with `crosscoder_pl.artifact.write_artifact`:
-    the folded crosscoder, the run's resolved configuration and every analysis.
+    """At the end of fit (rank zero), write the whole artifact with
+    `crosscoder_pl.artifact.writer.write_artifact`: the folded crosscoder, the run's resolved configuration and
+    every analysis.
 
     The datamodule provides the analyses' inputs: ``model_pair``, ``heldout_activations()``, ``probe_batch()``.
 

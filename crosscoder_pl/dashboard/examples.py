@@ -28,8 +28,8 @@ import torch
 from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.activations import SOURCE_CODES, TokenTable
+from crosscoder_pl.names import SOURCES  # index = source code (SOURCE_CODES)
 
-SOURCES = tuple(SOURCE_CODES)  # ("web", "chat"): index = source code
 # Turn-start markers of common chat templates; the role name is the text that follows, up to a newline or the
 # header end (Gemma: <start_of_turn>user\n, ChatML: <|im_start|>user\n,
 # Llama-3: <|start_header_id|>user<|end_header_id|>).

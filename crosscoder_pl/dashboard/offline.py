@@ -36,9 +36,10 @@ import yaml
 
 from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.dashboard.examples import SOURCES, LatentExamples, Windows, example_windows, scan, turn_roles
+from crosscoder_pl.dashboard.examples import LatentExamples, Windows, example_windows, scan, turn_roles
 from crosscoder_pl.dashboard.logit_lens import LogitLens, logit_lens
 from crosscoder_pl.data.activations import TokenTable
+from crosscoder_pl.names import MODELS, SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ STATIC = Path(__file__).parent / "static"
 PAGE_FILES = ("index.html", "dashboard.js", "dashboard.css")
 TINY_DASHBOARD_DB = "max_activation_examples.db"
 TRAIN_CONFIG = "train_config.yaml"
-MODELS = ("base", "chat")
 # The table of all latents: (key, label, help). Values come from the scan, latents.csv and causal_validation.csv.
 COLUMNS = (
     ("latent", "latent", "latent index"),

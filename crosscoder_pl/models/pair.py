@@ -42,6 +42,7 @@ from transformers import (
 from crosscoder_pl.hooks import check_layer
 from crosscoder_pl.models.chat_tune import NAME as CHAT_TUNED, ensure_chat_pair
 from crosscoder_pl.models.embedded import ensure_embedded_pair
+from crosscoder_pl.names import MODELS
 from crosscoder_pl.network import ask_hub, hub_offline, timeout_advice
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def check_pair(
     chat_tokenizer: PreTrainedTokenizerBase,
     layer: int,
     seq_len: int | None = None,
-    names: tuple[str, str] = ("base", "chat"),
+    names: tuple[str, str] = MODELS,
 ) -> None:
     """Raise one ValueError naming every reason the two models cannot share a crosscoder.
 

@@ -1,4 +1,4 @@
-"""Re-running the end-of-training analyses on a saved artifact (``python analyze.py artifact=DIR``).
+"""Reading an artifact back: its ``train_config.yaml`` and the model pair, data and crosscoder it records.
 
 The artifact's ``train_config.yaml`` is data, never code (an artifact may come from anyone): the model pair
 and the data module are rebuilt by this project's own builders, one table per place in the file, with the
@@ -9,39 +9,42 @@ target where none belongs, an interpolation) is refused before anything is built
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
-from crosscoder_pl.artifact import TRAIN_CONFIG, write_artifact
-from crosscoder_pl.config import AnalysisConfig
+from crosscoder_pl.artifact.layout import TRAIN_CONFIG
 from crosscoder_pl.crosscoder import CrossCoder, check_complete
 from crosscoder_pl.data.datamodule import ActivationDataModule, CachedActivationDataModule
 from crosscoder_pl.data.outliers import upgraded
 from crosscoder_pl.data.sources import SourceConfig, embedded_source
 from crosscoder_pl.models.pair import ModelPair, load_model_pair
+from crosscoder_pl.names import SOURCES
 
-log = logging.getLogger(__name__)
 TARGET = "_target_"
 # What a recorded `_target_` may name, by its place in train_config.yaml (the targets of conf/).
 PAIR_BUILDERS: dict[str, Callable[..., Any]] = {"crosscoder_pl.models.pair.load_model_pair": load_model_pair}
 DATA_BUILDERS: dict[str, Callable[..., Any]] = {
     "crosscoder_pl.data.datamodule.ActivationDataModule": ActivationDataModule,
     "crosscoder_pl.data.datamodule.CachedActivationDataModule": CachedActivationDataModule,
+    # The class's address once it lives in its own module; the one above stays for the artifacts that record it.
+    "crosscoder_pl.data.cached.CachedActivationDataModule": CachedActivationDataModule,
 }
 SOURCE_BUILDERS: dict[str, Callable[..., Any]] = {"crosscoder_pl.data.sources.embedded_source": embedded_source}
-SOURCES = ("web", "chat")
 # The groups analyze.py reads; interpolations (``${...}``) are refused in them, as resolvers could read the
 # environment. train.py writes the file resolved, so its own artifacts never hold one.
 READ_GROUPS = ("model_pair", "data", "analysis", "dashboard")
 
 
 def read_train_config(artifact: Path) -> dict[str, Any]:
-    """The artifact's ``train_config.yaml`` as plain data (YAML's safe loader), checked by `check_train_config`."""
+    """The artifact's ``train_config.yaml`` as plain data (YAML's safe loader), checked by `check_train_config`;
+    an artifact whose write was interrupted says so first."""
+    if artifact.is_dir():
+        check_complete(artifact)
     path = artifact / TRAIN_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: artifact= must be a directory written by train.py")
@@ -133,78 +136,21 @@ def _items(config: Mapping[str, Any], groups: tuple[str, ...]) -> Iterator[tuple
             stack += [(f"{key}.{i}", v) for i, v in enumerate(value)]
 
 
-def analysis_settings(cfg: DictConfig, train_cfg: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """The artifact's own analysis settings with the command line's ``analysis.*`` overrides on top, so that
-    a plain re-run reproduces the training run's figures; ``cfg.analysis`` (conf/analysis) for older artifacts
-    and for keys added since the artifact was written (e.g. ``memory_budget_mb``)."""
-    if "analysis" not in train_cfg:
-        return OmegaConf.to_container(cfg.analysis, resolve=True)
-    ours = [o.removeprefix("analysis.") for o in overrides if o.startswith("analysis.")]
-    merged = OmegaConf.merge(cfg.analysis, train_cfg["analysis"], OmegaConf.from_dotlist(ours))
-    return OmegaConf.to_container(merged, resolve=True)
+@dataclass
+class Rebuilt:
+    """What an artifact records, loaded: its crosscoder (on ``device``), model pair and data module."""
+
+    crosscoder: CrossCoder
+    pair: ModelPair
+    data: Any  # an ActivationDataModule or CachedActivationDataModule: heldout_activations() [tokens, 2, d_model]
+    device: torch.device  # the pair's, resolved (model_pair.device may be "auto")
 
 
-def dashboard_settings(cfg: DictConfig, train_cfg: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``cfg.dashboard`` (conf/dashboard), under the artifact's recorded dashboard settings, under the command
-    line's ``dashboard.*`` overrides: as `analysis_settings` does for ``analysis``."""
-    ours = [o.removeprefix("dashboard.") for o in overrides if o.startswith("dashboard.")]
-    merged = OmegaConf.merge(cfg.dashboard, train_cfg.get("dashboard") or {}, OmegaConf.from_dotlist(ours))
-    return OmegaConf.to_container(merged, resolve=True)
-
-
-def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Load the artifact's crosscoder, model pair and held-out data; rewrite the artifact with the analyses
-    (`crosscoder_pl.artifact.write_artifact`: the same writer as training, replacing it atomically).
-
-    ``overrides``: the command line's overrides (``analysis.causal.max_latents=80``), applied to the
-    artifact's recorded analysis settings. ``sweep=DIR`` summarises a multirun instead (`crosscoder_pl.sweep`);
-    ``checkpoint=DIR`` imports a foreign crosscoder into a new artifact (`crosscoder_pl.interop.artifact`);
-    ``push_to_hub=user/name`` uploads the artifact as it is (`crosscoder_pl.hub`), after checking the login first.
-    """
-    if cfg.get("sweep"):
-        from crosscoder_pl.sweep import summarise_sweep
-
-        return summarise_sweep(cfg.sweep)
-    if cfg.get("artifact") is None:
-        raise ValueError("artifact=DIR is required: an artifact directory written by train.py (or a new one for "
-                         "checkpoint=), or pass sweep=DIR to summarise a multirun")
-    if cfg.get("push_to_hub"):
-        from huggingface_hub import HfApi
-
-        from crosscoder_pl.hub import check_hub_access, push_artifact
-
-        api = HfApi(token=check_hub_access(cfg.push_to_hub))  # fails in seconds, before any import
-        metrics = _import(cfg) if cfg.get("checkpoint") else {}
-        push_artifact(cfg.artifact, cfg.push_to_hub, private=cfg.hub_private, license=cfg.hub_license, api=api)
-        return metrics
-    if cfg.get("checkpoint"):
-        return _import(cfg)
-    artifact = Path(cfg.artifact)
-    if artifact.is_dir():
-        check_complete(artifact)  # an interrupted write says so before anything else
-    train_cfg = read_train_config(artifact)  # refuses what this project would not build, before anything loads
-    settings = analysis_settings(cfg, train_cfg, overrides or [])
-    if not cfg.get("serve"):
-        AnalysisConfig.from_mapping(settings)  # typed and checked before the models and the data load
+def rebuild(artifact: Path, train_config: Mapping[str, Any], device: str | None = None) -> Rebuilt:
+    """The crosscoder of ``artifact`` and the model pair and data of its checked ``train_config``
+    (`read_train_config`); ``device``: overrides the recorded one."""
     crosscoder = CrossCoder.from_pretrained(artifact)
-    pair = rebuild_pair(train_cfg["model_pair"], cfg.device)
-    datamodule = rebuild_data(train_cfg["data"], pair)
-    device = next(pair.base.parameters()).device  # the resolved one: model_pair.device may be "auto"
-    dashboard = dashboard_settings(cfg, train_cfg, overrides or [])
-    if cfg.get("serve"):
-        from crosscoder_pl.dashboard.server import serve_artifact  # the web stack only when serving
-
-        serve_artifact(artifact, crosscoder.to(device), pair, datamodule.heldout_activations, dashboard)
-        return {}
-    metrics = write_artifact(
-        artifact, crosscoder.to(device), datamodule, settings, train_cfg,
-        command=crosscoder.metadata.get("command", "python train.py"), dashboard=dashboard,
-    )
-    print(f"\nanalyses rewritten in {artifact.resolve()}")
-    return metrics
-
-
-def _import(cfg: DictConfig) -> dict[str, Any]:
-    from crosscoder_pl.interop.artifact import import_artifact
-
-    return import_artifact(cfg)
+    pair = rebuild_pair(train_config["model_pair"], device)
+    data = rebuild_data(train_config["data"], pair)
+    resolved = next(pair.base.parameters()).device
+    return Rebuilt(crosscoder.to(resolved), pair, data, resolved)

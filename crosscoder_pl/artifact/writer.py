@@ -1,8 +1,9 @@
 """The artifact directory, written whole by one function for train.py and analyze.py alike.
 
-Layout (README, "The artifact directory"): ``config.json`` + ``model.safetensors`` (`CrossCoder.save_pretrained`),
-``train_config.yaml`` (the run's resolved configuration, read back by analyze.py) and every file of
-`run_analyses` (model card, ``metrics.json``, taxonomy, csv files, figures, dashboard when enabled).
+`write_artifact` writes the weights (`CrossCoder.save_pretrained`), ``train_config.yaml`` and every file of
+`run_analyses`: the analyses (`crosscoder_pl.analysis.report.write_analyses`) and the latent dashboard
+(`crosscoder_pl.dashboard.offline.write_dashboard`), the two called side by side from here so that neither
+package imports the other.
 
 Atomic: everything is written into a hidden sibling directory (``.artifact.partial-XXXX``) that holds an
 ``INCOMPLETE`` file until the last file is written; the finished directory then replaces the old one by two
@@ -25,12 +26,14 @@ from typing import Any, Protocol
 import torch
 import yaml
 
-from crosscoder_pl.analysis.report import run_analyses
+from crosscoder_pl.analysis.report import Step, write_analyses
+from crosscoder_pl.artifact.layout import TRAIN_CONFIG
 from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
+from crosscoder_pl.dashboard.offline import resolve_settings, write_dashboard
+from crosscoder_pl.data.activations import token_table
 from crosscoder_pl.files import dir_mode, replace_dir, write_whole
 
 log = logging.getLogger(__name__)
-TRAIN_CONFIG = "train_config.yaml"
 
 
 class AnalysisData(Protocol):
@@ -90,6 +93,51 @@ def write_artifact(
         raise
     log.info("artifact written to %s", final)
     return metrics
+
+
+def run_analyses(
+    crosscoder: CrossCoder,
+    pair: Any,
+    activations: torch.Tensor,
+    probe_ids: torch.Tensor,
+    probe_mask: torch.Tensor,
+    out_dir: str | Path,
+    settings: Mapping[str, Any],
+    recipe: Mapping[str, Any],
+    command: str,
+    dashboard: Mapping[str, Any] | None = None,
+    outliers: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Every analysis file of an artifact, ``metrics.json`` and ``README.md`` into ``out_dir``: the enabled analyses
+    (`write_analyses`, whose arguments these are) and then the latent dashboard; return the metrics.
+
+    Args:
+        activations: raw held-out paired activations ``[tokens, 2, d_model]``; the dashboard needs them carrying
+            their token ids (``data.activations.token_table``), else it is skipped with a warning.
+        probe_ids, probe_mask: probe batch ``[n_probes, seq]``, BOS first, padding allowed.
+        dashboard: the ``conf/dashboard`` group; None: the one recorded in ``out_dir/train_config.yaml``, else
+            the defaults (on).
+    """
+    steps: dict[str, Step] = {"dashboard": _dashboard_step(pair, activations, out_dir, dashboard)}
+    return write_analyses(crosscoder, pair, activations, probe_ids, probe_mask, out_dir, settings, recipe, command,
+                          outliers=outliers, steps=steps)
+
+
+def _dashboard_step(pair: Any, activations: torch.Tensor, out_dir: str | Path,
+                    given: Mapping[str, Any] | None) -> Step:
+    """The dashboard as a step of `write_analyses`: written when enabled and the activations carry token ids."""
+
+    def step(crosscoder: CrossCoder) -> dict[str, Any] | None:
+        settings = resolve_settings(given, out_dir)
+        if not settings.enabled:
+            return None
+        tokens = token_table(activations)
+        if tokens is None:
+            log.warning("dashboard not written: the held-out activations carry no token ids (an older cache?)")
+            return None
+        return write_dashboard(crosscoder, pair, activations, tokens, Path(out_dir), settings)
+
+    return step
 
 
 def _keep_other_files(old: Path, new: Path) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from crosscoder_pl.artifact import write_artifact
+from crosscoder_pl.artifact.reader import check_train_config, rebuild_data, rebuild_pair
+from crosscoder_pl.artifact.writer import write_artifact
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.interop.dictionary_learning import load_dictionary_learning
 
@@ -31,15 +32,10 @@ def load_foreign(checkpoint: str, fmt: str) -> CrossCoder:
     return FORMATS[fmt](checkpoint)
 
 
-def import_artifact(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Load ``cfg.checkpoint`` (format ``cfg.format``), run every analysis on ``cfg.model_pair`` with held-out
-    data of ``cfg.data``, and write a new artifact at ``cfg.artifact``; return its metrics."""
-    from crosscoder_pl.analyze import (  # analyze.py imports this module
-        check_train_config,
-        rebuild_data,
-        rebuild_pair,
-    )
-
+    data of ``cfg.data`` (activations ``[tokens, 2, d_model]``), and write a new artifact at ``cfg.artifact``;
+    return its metrics. ``overrides``: unused (the groups of ``cfg`` already hold them)."""
     if cfg.get("model_pair") is None or cfg.get("data") is None:
         raise ValueError(
             f"checkpoint={cfg.checkpoint} has no record of its models: name the pair it was trained on and the data to "
