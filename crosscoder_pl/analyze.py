@@ -185,7 +185,7 @@ def analyze(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, An
     train_cfg = read_train_config(artifact)  # refuses what this project would not build, before anything loads
     settings = analysis_settings(cfg, train_cfg, overrides or [])
     if not cfg.get("serve"):
-        AnalysisConfig.from_mapping(settings)  # typed and checked before the models and the data load
+        AnalysisConfig.read(settings)  # typed and checked before the models and the data load
     crosscoder = CrossCoder.from_pretrained(artifact)
     pair = rebuild_pair(train_cfg["model_pair"], cfg.device)
     datamodule = rebuild_data(train_cfg["data"], pair)

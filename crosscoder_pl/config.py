@@ -26,7 +26,9 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import annotated_types as at_
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from pydantic import (
     AfterValidator,
     AllowInfNan,
@@ -113,6 +115,9 @@ class Group(BaseModel):
         except ValidationError as err:
             raise config_error(err, type(self), values) from None
 
+    # Pydantic validates nested groups without calling this (only a direct construction is translated here).
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     @classmethod
     def read(cls, node: Any) -> Any:
         """``node`` (a DictConfig or a mapping) read into this group, or a `ConfigError`."""
@@ -144,11 +149,21 @@ def plain(node: Any, skip: Sequence[str] = ()) -> Any:
     """A DictConfig as plain containers, resolved, its ``???`` values as `MISSING_VALUE` (``skip``: top-level
     keys left out, unresolved)."""
     if isinstance(node, DictConfig):
-        return {str(k): MISSING_VALUE if OmegaConf.is_missing(node, k) else plain(node[k])
-                for k in node.keys() if k not in skip}  # noqa: SIM118
+        return {str(k): _leaf(node, k) for k in node.keys() if k not in skip}  # noqa: SIM118
     if isinstance(node, ListConfig):
-        return [plain(v) for v in node]
+        return [_leaf(node, i) for i in range(len(node))]
     return node
+
+
+def _leaf(node: DictConfig | ListConfig, key: Any) -> Any:
+    if isinstance(node, DictConfig) and OmegaConf.is_missing(node, key):
+        return MISSING_VALUE
+    try:
+        return plain(node[key])
+    except InterpolationResolutionError:
+        if HydraConfig.initialized():
+            raise
+        return node._get_node(key)._value()  # ${hydra:...} outside a Hydra app (a composed config): as written
 
 
 # ------------------------------------------------------------------------------------------- messages
