@@ -3,15 +3,15 @@
 import hydra
 from omegaconf import DictConfig
 
-from crosscoder_pl.metrics import check_objective, sweep_objective
-from crosscoder_pl.training import train
+from crosscoder_pl.metrics import sweep_objective
+from crosscoder_pl.training import check_config, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    check_objective(cfg.objective.max_dead_frac, cfg.objective.penalty)  # before hours of training, not after
-    metrics = train(cfg)
-    return sweep_objective(metrics, cfg.objective.max_dead_frac, cfg.objective.penalty)  # what a sweeper maximises
+    run = check_config(cfg)  # the whole configuration, typed and checked once, before anything loads
+    metrics = train(run)
+    return sweep_objective(metrics, run.objective.max_dead_frac, run.objective.penalty)  # what a sweeper maximises
 
 
 if __name__ == "__main__":

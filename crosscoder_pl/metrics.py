@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from crosscoder_pl.config import ConfigError, ObjectiveConfig
+
 
 class VarianceExplained(Metric):
     """Pooled variance explained per model over a window of tokens.
@@ -63,12 +65,12 @@ class FiringCounts(Metric):
         return self.counts
 
 
-def check_objective(max_dead_frac: float, penalty: float) -> None:
-    """Refuse, before training, objective settings `sweep_objective` cannot use."""
-    if not 0 <= max_dead_frac <= 1 or penalty < 0:
-        raise ValueError(
-            f"objective.max_dead_frac={max_dead_frac} must be in [0, 1] and objective.penalty={penalty} >= 0"
-        )
+def check_objective(max_dead_frac: float, penalty: float) -> ObjectiveConfig:
+    """Refuse, before training, objective settings `sweep_objective` cannot use (`ObjectiveConfig`'s rules)."""
+    try:
+        return ObjectiveConfig(max_dead_frac=max_dead_frac, penalty=penalty)
+    except ConfigError as err:
+        raise ConfigError(f"objective.max_dead_frac={max_dead_frac} and objective.penalty={penalty}: {err}") from None
 
 
 def sweep_objective(metrics: Mapping[str, float], max_dead_frac: float, penalty: float) -> float:

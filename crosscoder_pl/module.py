@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -38,7 +38,10 @@ class CrossCoderModule(L.LightningModule):
     """Trains a :class:`CrossCoder`.
 
     Args:
-        d_model, n_latents, k: crosscoder size and final BatchTopK k.
+        d_model: the width of the models' activations.
+        cfg: the ``crosscoder`` group (`crosscoder_pl.config.CrossCoderConfig`, or its plain values as a
+            checkpoint holds them; an ``expansion`` is resolved with ``d_model``). Its fields:
+        n_latents, k: dictionary size and final BatchTopK k.
         k_start: k at step 0, annealed linearly to ``k`` over ``k_anneal_steps`` (default: ``k``).
         k_anneal_steps: optimiser steps of the k annealing (0 = no annealing).
         lr: Adam learning rate; constant, then linear decay to 0 over the last ``lr_decay_frac`` of steps.
@@ -74,59 +77,27 @@ class CrossCoderModule(L.LightningModule):
         metadata: JSON-able facts written into the exported ``config.json`` (model ids, layer, ...).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_latents: int,
-        k: int,
-        k_start: int | None = None,
-        k_anneal_steps: int = 0,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        lr_decay_frac: float = 0.2,
-        aux_coef: float = 1 / 32,
-        k_aux: int | None = None,
-        dead_after_tokens: int = 10_000_000,
-        threshold_decay: float = 0.999,
-        threshold_start_step: int | None = None,
-        scales: list[float] | None = None,
-        center: bool = True,
-        scale_tokens: int = 8192,
-        scale_by: str = "mean_norm",
-        b_dec_init: str = "mean",
-        b_enc_init: str = "center",
-        enc_init: str = "transpose",
-        dec_init_norm: float = 0.08,
-        loss: str = "mse",
-        step_impl: str = "sparse",
-        metrics_window_steps: int = 50,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, d_model: int, cfg: CrossCoderConfig | Mapping[str, Any],
+                 metadata: dict[str, Any] | None = None) -> None:
         super().__init__()
-        k_start = k if k_start is None else k_start
-        k_aux = d_model // 2 if k_aux is None else k_aux
-        # Every rule about the arguments lives in the crosscoder's typed config (the ``crosscoder`` group).
-        CrossCoderConfig(
-            n_latents=n_latents, k=k, k_start=k_start, k_anneal_steps=k_anneal_steps, lr=lr, betas=betas,
-            lr_decay_frac=lr_decay_frac, aux_coef=aux_coef, k_aux=k_aux, dead_after_tokens=dead_after_tokens,
-            threshold_decay=threshold_decay, threshold_start_step=threshold_start_step, scales=scales,
-            center=center, scale_tokens=scale_tokens, scale_by=scale_by, b_dec_init=b_dec_init, b_enc_init=b_enc_init,
-            enc_init=enc_init, dec_init_norm=dec_init_norm, loss=loss, step_impl=step_impl,
-            metrics_window_steps=metrics_window_steps,
-        )
-        self.save_hyperparameters()
-        self.k_start, self.k_aux = k_start, min(k_aux, n_latents)
-        self.threshold_start_step = k_anneal_steps if threshold_start_step is None else threshold_start_step
-        self.crosscoder = CrossCoder(d_model, n_latents, k, dec_init_norm=dec_init_norm, scales=scales,
-                                     metadata=metadata)
+        # A checkpoint's hyperparameters hold the configuration as plain values: read back into the typed one.
+        cfg = (cfg if isinstance(cfg, CrossCoderConfig) else CrossCoderConfig.read(cfg)).resolve(d_model)
+        self.save_hyperparameters({"d_model": d_model, "cfg": cfg.model_dump(mode="json"), "metadata": metadata})
+        self.cfg, self.d_model = cfg, d_model
+        n_latents = cfg.n_latents
+        self.k_start = cfg.start_k
+        self.k_aux = min(d_model // 2 if cfg.k_aux is None else cfg.k_aux, n_latents)
+        self.threshold_start_step = cfg.threshold_start
+        self.crosscoder = CrossCoder(d_model, n_latents, cfg.k, dec_init_norm=cfg.dec_init_norm,
+                                     scales=None if cfg.scales is None else list(cfg.scales), metadata=metadata)
 
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         # θ's EMA state (float64: 1 - decay^n must not round to 0 for decays near 1), in the checkpoint.
         self.register_buffer("threshold_ema", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         # In the checkpoint, so a resumed run does not initialise from data twice.
-        needs_data = (scales is None or center or b_dec_init == "mean" or b_enc_init == "center"
-                      or enc_init == "equal_variance")
+        needs_data = (cfg.scales is None or cfg.center or cfg.b_dec_init == "mean" or cfg.b_enc_init == "center"
+                      or cfg.enc_init == "equal_variance")
         self.register_buffer("data_init_done", torch.tensor(not needs_data))
         self.skipped_rows = 0
         self._ranks: Reducer | None = None  # made on the first DDP step (the process group exists by then)
@@ -144,7 +115,7 @@ class CrossCoderModule(L.LightningModule):
         x = self._clean(batch)
         if x.shape[0] == 0:  # returning None would desynchronise DDP ranks
             raise ValueError(f"every row of the batch at step {self.global_step} was NaN/inf: check the activations")
-        hp = self.hparams
+        hp = self.cfg
         k_now = k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
         dead = self.tokens_since_fired >= hp.dead_after_tokens  # [F], before this step's batch
         out = self.crosscoder.step(x, k_now, dead, loss=hp.loss, aux_coef=hp.aux_coef, k_aux=self.k_aux,
@@ -197,7 +168,7 @@ class CrossCoderModule(L.LightningModule):
         if self.global_step < self.threshold_start_step:
             return
         min_kept = min_kept.detach().double()
-        decay = self.hparams.threshold_decay
+        decay = self.cfg.threshold_decay
         finite = torch.isfinite(min_kept)  # nothing positive kept: skip the update (on device, no host sync)
         ema = torch.where(finite, decay * self.threshold_ema + (1 - decay) * min_kept, self.threshold_ema)
         self.threshold_ema.copy_(ema)
@@ -223,7 +194,7 @@ class CrossCoderModule(L.LightningModule):
         about 0 when centred); b_enc centring the pre-activations (if ``b_enc_init="center"``). A fresh iterator is
         used, so these tokens are trained on as well. Under DDP each rank reads its share, so that the ranks
         together read the tokens a single process would."""
-        cc, hp = self.crosscoder, self.hparams
+        cc, hp = self.crosscoder, self.cfg
         width = 2 * cc.d_model
         x_sum = torch.zeros(width, dtype=torch.float64, device=self.device)
         xx_sum = torch.zeros(width, width, dtype=torch.float64, device=self.device)
@@ -284,7 +255,7 @@ class CrossCoderModule(L.LightningModule):
         self.val_ve.update(x_n, x_hat)
         self.val_firing.update(codes)
         self.val_l0.update((codes > 0).sum(-1).float())
-        self.val_recon.update(token_loss(x_n - x_hat, self.hparams.loss).mean(), weight=x.shape[0])
+        self.val_recon.update(token_loss(x_n - x_hat, self.cfg.loss).mean(), weight=x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         ve = self.val_ve.compute()
@@ -303,7 +274,7 @@ class CrossCoderModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- plumbing
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        hp = self.cfg
         # The fused kernel (CPU and CUDA) updates in one pass what the default one does in about seven; Lightning
         # refuses gradient clipping with it under mixed precision (it unscales internally), so only in full precision.
         fused = str(self.trainer.precision).endswith("-true")
@@ -317,7 +288,7 @@ class CrossCoderModule(L.LightningModule):
     def _clean(self, batch: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Check a batch ``[batch, 2, d_model]``; drop (count, warn) rows with non-finite values."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        want = (2, self.hparams.d_model)
+        want = (2, self.d_model)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3 or tuple(x.shape[1:]) != want:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"expected float activations [batch, 2, {want[1]}], got {got}")
@@ -358,7 +329,7 @@ class CrossCoderModule(L.LightningModule):
         if self._window_start is None:
             self._window_start = now
             self._window_tokens = 0
-        if (self.global_step + 1) % self.hparams.metrics_window_steps == 0:
+        if (self.global_step + 1) % self.cfg.metrics_window_steps == 0:
             ve = self.train_ve.compute()
             self.train_ve.reset()
             tps = self._window_tokens / max(now - self._window_start, 1e-9)

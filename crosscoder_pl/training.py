@@ -21,7 +21,12 @@ from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.config import (
     CachedDataConfig,
     CrossCoderConfig,
+    EmbeddedSourceConfig,
+    ModelPairConfig,
     RunConfig,
+    StreamDataConfig,
+    TextSourceConfig,
+    thaw,
 )
 from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
@@ -47,7 +52,8 @@ def check_config(cfg: DictConfig) -> RunConfig:
     check_recipe(cfg)  # an experiment and the options chosen next to it (crosscoder_pl.recipes)
     run = RunConfig.from_hydra(cfg)
     if run.crosscoder.expansion is not None:  # the config only, no weights: d_model sizes the dictionary
-        run = run.resolve(read_hidden_size(cfg.model_pair.base, cfg.model_pair.get("token")))
+        names = run.model_pair if isinstance(run.model_pair, Mapping) else run.model_pair.model_dump()
+        run = run.resolve(read_hidden_size(names["base"], names.get("token")))
     if isinstance(run.data, CachedDataConfig):
         read_meta(run.data.path)  # the activation cache's manifest (a missing or partial cache), not its shards
     check_checkpoint(run.ckpt_path)
@@ -217,14 +223,47 @@ def set_threads(threads: int | None) -> None:
 
 def crosscoder_config(cfg: DictConfig, d_model: int) -> DictConfig:
     """``cfg.crosscoder`` with ``n_latents`` resolved from ``crosscoder.expansion`` (latents per d_model) when
-    that key is set, and the key removed (CrossCoderModule takes ``n_latents``); checked by `CrossCoderConfig`."""
-    resolved = CrossCoderConfig.from_mapping(cfg.crosscoder).resolve(d_model)
+    that key is set, and the key removed: the group as a run records it once d_model is known."""
+    resolved = CrossCoderConfig.read(cfg.crosscoder).resolve(d_model)
     node = cfg.crosscoder.copy()
     if "expansion" in node:
         with open_dict(node):
             del node["expansion"]
     node.n_latents = resolved.n_latents
     return node
+
+
+def build_pair(group: ModelPairConfig | Mapping[str, Any]) -> Any:
+    """The model pair of the ``model_pair`` group (a target of the user's own: built by Hydra)."""
+    if isinstance(group, ModelPairConfig):
+        from crosscoder_pl.models.pair import load_model_pair
+
+        return load_model_pair(**group.model_dump())
+    return instantiate(thaw(group))
+
+
+def build_source(group: TextSourceConfig | EmbeddedSourceConfig | Mapping[str, Any]) -> Any:
+    """A ``data.web`` / ``data.chat`` source (`crosscoder_pl.data.sources.SourceConfig`)."""
+    from crosscoder_pl.data.sources import SourceConfig, embedded_source
+
+    if isinstance(group, EmbeddedSourceConfig):
+        return embedded_source(group.source)
+    if isinstance(group, TextSourceConfig):
+        return SourceConfig(**thaw(group.model_dump()))
+    return instantiate(thaw(group), _convert_="all")
+
+
+def build_data(group: StreamDataConfig | CachedDataConfig | Mapping[str, Any], pair: Any) -> Any:
+    """The data module of the ``data`` group on ``pair``."""
+    from crosscoder_pl.data.datamodule import ActivationDataModule, CachedActivationDataModule
+
+    if isinstance(group, StreamDataConfig):
+        values = {k: thaw(v) for k, v in group.model_dump(exclude={"web", "chat"}).items()}
+        return ActivationDataModule(pair, build_source(group.web), build_source(group.chat), **values)
+    if isinstance(group, CachedDataConfig):
+        return CachedActivationDataModule(model_pair=pair, **group.model_dump())
+    # Passed after instantiation: Hydra would turn the ModelPair dataclass into a config node.
+    return instantiate(thaw(group), _partial_=True, _convert_="all")(model_pair=pair)
 
 
 def normalisation(center: bool, scale_by: str) -> str:
@@ -257,28 +296,27 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
     }
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train a crosscoder as configured; write the artifact to ``cfg.artifact_dir``; return final metrics."""
-    check_config(cfg)
+def train(run: RunConfig) -> dict[str, float]:
+    """Train a crosscoder as configured by ``run`` (`check_config`'s); write the artifact to its
+    ``artifact_dir``; return final metrics. ``run.composed`` gives the groups of targets only (logger,
+    callbacks), the paths, and the configuration the run records."""
+    cfg = run.composed
     ckpt_path = resume_checkpoint(cfg)
     save_run_config(cfg)
-    set_threads(cfg.get("threads"))
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.matmul_precision)  # "high": TF32 tensor cores on Ampere and newer
-    pair = instantiate(cfg.model_pair)
-    # Passed after instantiation: Hydra would turn the ModelPair dataclass into a config node.
-    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(model_pair=pair)
-    # Plain containers, not OmegaConf nodes: checkpoints then load with torch's weights_only unpickler.
-    crosscoder = crosscoder_config(cfg, pair.d_model)
-    module: CrossCoderModule = instantiate(crosscoder, d_model=pair.d_model, metadata=recipe(cfg, pair), _convert_="all")
+    set_threads(run.threads)
+    L.seed_everything(run.seed, workers=True)
+    torch.set_float32_matmul_precision(run.matmul_precision)  # "high": TF32 tensor cores on Ampere and newer
+    pair = build_pair(run.model_pair)
+    datamodule = build_data(run.data, pair)
+    module = CrossCoderModule(pair.d_model, run.crosscoder, metadata=recipe(cfg, pair))
     train_config = OmegaConf.to_container(cfg, resolve=True)
-    train_config["crosscoder"]["n_latents"] = crosscoder.n_latents  # resolved from the expansion, if any
+    train_config["crosscoder"]["n_latents"] = module.cfg.n_latents  # resolved from the expansion, if any
     train_config["model_pair"]["layer"] = pair.layer  # resolved when null
     # The artifact is what train.py is for: its writer is not one of the optional callbacks of conf/callbacks.
     artifact = WriteArtifact(cfg.artifact_dir, train_config["analysis"], train_config, train_config.get("dashboard"))
     callbacks = [*(instantiate(c) for c in cfg.callbacks.values()), RecordDataMix(), artifact]
     loggers = [_instantiate_logger(c, cfg.output_dir) for c in cfg.logger.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = L.Trainer(**run.trainer.arguments(), callbacks=callbacks, logger=loggers)
     # weights_only: torch's restricted unpickler, which builds tensors and plain values only (check_checkpoint).
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -117,7 +117,7 @@ def test_callback_runs_on_rank_zero_only(tmp_path: Path) -> None:
     datamodule = SimpleNamespace(model_pair=pair, heldout_activations=lambda: paired, probe_batch=lambda: (ids, mask))
     cc = crosscoder(paired)
     dead = torch.arange(cc.n_latents) < 12  # 12 of 48 latents past the dead window
-    module = SimpleNamespace(crosscoder=cc, tokens_since_fired=dead.long() * 200, hparams=SimpleNamespace(dead_after_tokens=100))
+    module = SimpleNamespace(crosscoder=cc, tokens_since_fired=dead.long() * 200, cfg=SimpleNamespace(dead_after_tokens=100))
     cfg = settings()
     cfg["causal"]["enabled"] = False  # covered above; keeps the test short
     callback = WriteArtifact(tmp_path / "artifact", cfg, {"seed": 0}, command="python train.py")

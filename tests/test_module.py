@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from crosscoder_pl import CrossCoder, CrossCoderModule
+from crosscoder_pl.config import CrossCoderConfig
 from crosscoder_pl.analysis.decoder_norms import delta_norm
 from crosscoder_pl.metrics import VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
@@ -42,6 +43,11 @@ class Recorder(L.Callback):
         self._record(trainer)
 
 
+
+def module_of(d_model: int, **settings) -> CrossCoderModule:
+    """A module of the ``crosscoder`` group ``settings`` (its fields as keywords)."""
+    return CrossCoderModule(d_model, CrossCoderConfig(**settings))
+
 def fit(module: CrossCoderModule, x: torch.Tensor, steps: int, val: torch.Tensor | None = None,
         callbacks: list | None = None) -> L.Trainer:
     torch.manual_seed(0)
@@ -57,7 +63,7 @@ def fit(module: CrossCoderModule, x: torch.Tensor, steps: int, val: torch.Tensor
 @pytest.fixture(scope="module")
 def planted_run():
     planted = make_planted(d_model=32, n_shared=24, n_base=6, n_chat=6, model_scale=(1.0, 10.0))
-    module = CrossCoderModule(d_model=32, n_latents=72, k=3, k_start=12, k_anneal_steps=200, lr=3e-3,
+    module = module_of(d_model=32, n_latents=72, k=3, k_start=12, k_anneal_steps=200, lr=3e-3,
                               dead_after_tokens=20_000, scale_tokens=2048, threshold_decay=0.99)
     held_out = planted.sample(4000, active=3, seed=2)
     trainer = fit(module, planted.sample(60_000, active=3, seed=1), steps=1000, val=held_out)
@@ -114,7 +120,7 @@ def test_saved_model_reconstructs_like_training_model(planted_run, tmp_path) -> 
 def test_k_schedule_and_lr_schedule_in_training() -> None:
     x = torch.randn(30_000, 2, 16)
     recorder = Recorder()
-    module = CrossCoderModule(d_model=16, n_latents=128, k=4, k_start=40, k_anneal_steps=30, lr=1e-3,
+    module = module_of(d_model=16, n_latents=128, k=4, k_start=40, k_anneal_steps=30, lr=1e-3,
                               scale_tokens=512)
     fit(module, x, steps=50, callbacks=[recorder])
     assert recorder.k[0] == 40 and recorder.k[30] == 4 and recorder.k[-1] == 4
@@ -140,7 +146,7 @@ def test_auxk_lowers_dead_fraction() -> None:
     dead = {}
     for aux_coef in (0.0, 1.0):
         torch.manual_seed(1)  # same init for both runs
-        module = CrossCoderModule(d_model=32, n_latents=256, k=4, lr=3e-3, aux_coef=aux_coef,
+        module = module_of(d_model=32, n_latents=256, k=4, lr=3e-3, aux_coef=aux_coef,
                                   dead_after_tokens=2560, scale_tokens=1024)
         fit(module, x, steps=300)
         dead[aux_coef] = float((module.tokens_since_fired >= 2560).float().mean())
@@ -160,7 +166,7 @@ def test_variance_explained_is_pooled() -> None:
 def test_nan_rows_are_dropped_and_counted() -> None:
     x = torch.randn(5000, 2, 16)
     x[::100, 1, 3] = float("nan")
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=256)
+    module = module_of(d_model=16, n_latents=64, k=4, scale_tokens=256)
     with pytest.warns(UserWarning, match="dropped .* NaN/inf"):
         fit(module, x, steps=10)
     assert module.skipped_rows > 0
@@ -168,7 +174,7 @@ def test_nan_rows_are_dropped_and_counted() -> None:
 
 
 def test_nan_loss_stops_training_with_a_clear_error() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[1.0, 1.0], b_dec_init="zeros")
+    module = module_of(d_model=16, n_latents=64, k=4, scales=[1.0, 1.0], b_dec_init="zeros")
     with torch.no_grad():
         module.crosscoder.b_dec[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite loss"):
@@ -188,18 +194,18 @@ def test_nan_loss_stops_training_with_a_clear_error() -> None:
 )
 def test_impossible_configs_fail_at_construction(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        CrossCoderModule(d_model=16, n_latents=64, **kwargs)
+        module_of(d_model=16, n_latents=64, **kwargs)
 
 
 def test_wrong_batch_shape_is_rejected() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4)
+    module = module_of(d_model=16, n_latents=64, k=4)
     with pytest.raises(ValueError, match=r"expected float activations \[batch, 2, 16\], got torch.float32 \(256, 2, 8\)"):
         fit(module, torch.randn(1000, 2, 8), steps=2)
 
 
 def test_given_scales_are_kept_and_b_dec_still_starts_at_the_mean() -> None:
     x = torch.randn(4000, 2, 16) + torch.tensor([3.0, -2.0])[:, None]
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5], scale_tokens=4000, lr=1e-9, center=False)
+    module = module_of(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5], scale_tokens=4000, lr=1e-9, center=False)
     fit(module, x, steps=1)
     assert module.crosscoder.scales.tolist() == [2.0, 0.5]
     expected = x.mean(0) * torch.tensor([2.0, 0.5])[:, None]
@@ -216,7 +222,7 @@ class ThresholdRecorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         cc = pl_module.crosscoder
         with torch.no_grad():
-            k = k_at(trainer.global_step, pl_module.hparams.k, pl_module.k_start, pl_module.hparams.k_anneal_steps)
+            k = k_at(trainer.global_step, pl_module.cfg.k, pl_module.k_start, pl_module.cfg.k_anneal_steps)
             scores = cc.scores(cc.pre_acts(batch[0]))
             kept = scores.flatten().topk(k * scores.shape[0]).values
             self.min_kept.append(float(kept[kept > 0].min()))
@@ -227,7 +233,7 @@ class ThresholdRecorder(L.Callback):
 
 def test_threshold_starts_at_the_configured_step_as_a_bias_corrected_ema() -> None:
     recorder = ThresholdRecorder()
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, k_start=12, k_anneal_steps=4, threshold_start_step=5,
+    module = module_of(d_model=16, n_latents=64, k=4, k_start=12, k_anneal_steps=4, threshold_start_step=5,
                               threshold_decay=0.9, scale_tokens=512)
     fit(module, torch.randn(20_000, 2, 16), steps=8, callbacks=[recorder])
     assert recorder.theta[:5] == [-1.0] * 5  # steps 0..4 leave θ uncalibrated
@@ -243,7 +249,7 @@ def test_equal_variance_init_gives_every_latent_the_same_preactivation_spread() 
     torch.manual_seed(0)
     spread = torch.cat([torch.full((2,), 20.0), torch.full((14,), 0.2)])
     x = torch.randn(4000, 2, 16) * spread + torch.tensor([5.0, -3.0])[:, None]
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=4000, lr=1e-9, enc_init="equal_variance")
+    module = module_of(d_model=16, n_latents=64, k=4, scale_tokens=4000, lr=1e-9, enc_init="equal_variance")
     fit(module, x, steps=1)
     cc = module.crosscoder
     pre = cc.normalise(x).flatten(1) @ cc.W_enc.detach().reshape(32, 64) + cc.b_enc.detach()  # [tokens, F]
@@ -251,7 +257,7 @@ def test_equal_variance_init_gives_every_latent_the_same_preactivation_spread() 
     torch.testing.assert_close(std, torch.full_like(std, float(std.mean())), rtol=1e-3, atol=0)
     torch.testing.assert_close(pre.mean(0), torch.zeros(64), atol=1e-3 * float(std.mean()), rtol=0)
     # the plain transpose init leaves the spreads as unequal as the data
-    plain = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=4000, lr=1e-9, enc_init="transpose")
+    plain = module_of(d_model=16, n_latents=64, k=4, scale_tokens=4000, lr=1e-9, enc_init="transpose")
     fit(plain, x, steps=1)
     pre = plain.crosscoder.normalise(x).flatten(1) @ plain.crosscoder.W_enc.detach().reshape(32, 64)
     assert float(pre.std(0).max() / pre.std(0).min()) > 3
@@ -267,7 +273,7 @@ def test_planted_dictionary_stays_alive(loss: str) -> None:
     torch.set_num_threads(1)  # one reduction order: the same trajectory on any machine
     try:
         planted = make_planted(d_model=32, n_shared=48, n_base=12, n_chat=12, model_scale=(1.0, 10.0))
-        module = CrossCoderModule(d_model=32, n_latents=72, k=3, k_start=12, k_anneal_steps=200, lr=3e-3, loss=loss,
+        module = module_of(d_model=32, n_latents=72, k=3, k_start=12, k_anneal_steps=200, lr=3e-3, loss=loss,
                                   dead_after_tokens=20_000, scale_tokens=2048, threshold_decay=0.99)
         fit(module, planted.sample(60_000, active=3, seed=1), steps=1000)
     finally:
@@ -288,7 +294,7 @@ def test_planted_dictionary_stays_alive(loss: str) -> None:
 
 def test_planted_atoms_are_recovered_under_l2_too() -> None:
     planted = make_planted(d_model=32, n_shared=24, n_base=6, n_chat=6, model_scale=(1.0, 10.0))
-    module = CrossCoderModule(d_model=32, n_latents=72, k=3, k_start=12, k_anneal_steps=200, lr=3e-3, loss="l2",
+    module = module_of(d_model=32, n_latents=72, k=3, k_start=12, k_anneal_steps=200, lr=3e-3, loss="l2",
                               dead_after_tokens=20_000, scale_tokens=2048, threshold_decay=0.99)
     fit(module, planted.sample(60_000, active=3, seed=1), steps=1000)
     cc = module.crosscoder
@@ -308,7 +314,7 @@ def test_scales_equalise_the_chosen_spread(scale_by: str) -> None:
     # The chat model carries a large constant mean: mean norms and centred spreads disagree.
     torch.manual_seed(0)
     x = torch.randn(4000, 2, 16) * torch.tensor([2.0, 0.5])[:, None] + torch.tensor([0.0, 6.0])[:, None]
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=4000, lr=1e-9, scale_by=scale_by)
+    module = module_of(d_model=16, n_latents=64, k=4, scale_tokens=4000, lr=1e-9, scale_by=scale_by)
     fit(module, x, steps=1)
     xn = module.crosscoder.normalise(x)
     if scale_by == "mean_norm":
@@ -333,25 +339,25 @@ def attach(module: CrossCoderModule, world_size: int = 1, global_step: int = 0, 
 
 
 def test_defaults_are_the_documented_recipe() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4)
-    hp = module.hparams
+    module = module_of(d_model=16, n_latents=64, k=4)
+    hp = module.cfg
     assert (hp.lr, tuple(hp.betas), hp.lr_decay_frac, hp.aux_coef) == (1e-4, (0.9, 0.999), 0.2, 1 / 32)
     assert (hp.dead_after_tokens, hp.threshold_decay, hp.scale_tokens, hp.metrics_window_steps) == (
         10_000_000, 0.999, 8192, 50)
     assert (hp.scale_by, hp.b_dec_init, hp.b_enc_init, hp.enc_init, hp.loss) == (
         "mean_norm", "mean", "center", "transpose", "mse")
     assert hp.k_anneal_steps == 0 and hp.scales is None and hp.threshold_start_step is None
-    assert module.k_start == hp.k_start == 4 and module.k_aux == hp.k_aux == 8  # k_start = k; k_aux = d_model // 2
+    assert module.k_start == hp.start_k == 4 and module.k_aux == 8 and hp.k_aux is None  # k_start = k; k_aux = d_model // 2
     assert module.threshold_start_step == 0  # the end of (no) k annealing
     torch.testing.assert_close(module.crosscoder.decoder_norms(), torch.full((64, 2), 0.08))
     assert not module.data_init_done and module.skipped_rows == 0
     assert module.tokens_since_fired.tolist() == [0] * 64 and module.tokens_since_fired.dtype == torch.long
     assert float(module.threshold_ema) == 0.0 and module.threshold_ema.dtype == torch.float64
     assert int(module.threshold_updates) == 0 and module.threshold_updates.dtype == torch.long
-    other = CrossCoderModule(d_model=16, n_latents=6, k=2, k_start=5, k_anneal_steps=30, k_aux=100, dec_init_norm=0.5)
+    other = module_of(d_model=16, n_latents=6, k=2, k_start=5, k_anneal_steps=30, k_aux=100, dec_init_norm=0.5)
     assert other.k_start == 5 and other.k_aux == 6  # at most the dictionary
     assert other.threshold_start_step == 30
-    assert CrossCoderModule(d_model=16, n_latents=6, k=2, k_anneal_steps=30, threshold_start_step=7).threshold_start_step == 7
+    assert module_of(d_model=16, n_latents=6, k=2, k_anneal_steps=30, threshold_start_step=7).threshold_start_step == 7
     torch.testing.assert_close(other.crosscoder.decoder_norms(), torch.full((6, 2), 0.5))
 
 
@@ -369,7 +375,7 @@ def test_defaults_are_the_documented_recipe() -> None:
     ],
 )
 def test_data_init_runs_only_when_something_needs_the_data(kwargs, needs_data) -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, **kwargs)
+    module = module_of(d_model=16, n_latents=64, k=4, **kwargs)
     assert bool(module.data_init_done) is (not needs_data)
 
 
@@ -400,7 +406,7 @@ def test_data_init_runs_only_when_something_needs_the_data(kwargs, needs_data) -
 )
 def test_each_impossible_setting_is_refused_with_its_value(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        CrossCoderModule(d_model=16, n_latents=64, **{"k": 4, **kwargs})
+        module_of(d_model=16, n_latents=64, **{"k": 4, **kwargs})
 
 
 def test_limit_settings_are_accepted() -> None:
@@ -408,12 +414,12 @@ def test_limit_settings_are_accepted() -> None:
                    {"k": 4, "lr_decay_frac": 0.0}, {"k": 4, "lr_decay_frac": 1.0}, {"k": 4, "aux_coef": 0.0},
                    {"k": 4, "dead_after_tokens": 1}, {"k": 4, "loss": "l2"}, {"k": 4, "scale_by": "std"},
                    {"k": 4, "threshold_decay": 0.5}, {"k": 4, "lr": 1e-9, "dec_init_norm": 1e-9}):
-        hp = CrossCoderModule(d_model=16, n_latents=64, **kwargs).hparams
-        assert {name: hp[name] for name in kwargs} == kwargs  # accepted and kept as given
+        hp = module_of(d_model=16, n_latents=64, **kwargs).cfg
+        assert {name: getattr(hp, name) for name in kwargs} == kwargs  # accepted and kept as given
 
 
 def test_dead_counters_count_tokens_since_firing_on_any_rank() -> None:
-    module = attach(CrossCoderModule(d_model=16, n_latents=8, k=2))
+    module = attach(module_of(d_model=16, n_latents=8, k=2))
     module.tokens_since_fired.fill_(5)
     codes = torch.zeros(3, 8)
     codes[0, 1], codes[2, 4] = 0.5, 1.0
@@ -432,7 +438,7 @@ def test_dead_counters_count_tokens_since_firing_on_any_rank() -> None:
 
 
 def test_threshold_skips_batches_with_nothing_positive() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=8, k=2, threshold_decay=0.5, threshold_start_step=2)
+    module = module_of(d_model=16, n_latents=8, k=2, threshold_decay=0.5, threshold_start_step=2)
     theta = module.crosscoder.threshold
     attach(module, global_step=1)._update_threshold(torch.tensor(3.0))
     assert float(theta) == -1.0 and int(module.threshold_updates) == 0  # before the start step
@@ -459,7 +465,7 @@ def test_scales_come_from_the_first_scale_tokens_tokens() -> None:
     torch.manual_seed(0)
     a, b = torch.randn(100, 2, 16) + 1.0, torch.randn(100, 2, 16) * torch.tensor([3.0, 0.5])[:, None]
     c = torch.randn(100, 2, 16) * 50  # past scale_tokens: never read
-    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=150, center=False))
+    module = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=150, center=False))
     W_enc = module.crosscoder.W_enc.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 200 tokens read for 150 asked: enough, nothing to warn about
@@ -485,7 +491,7 @@ def test_scales_are_summed_over_ranks() -> None:
         ops.append(reduce_op)
         return tensor + their_sums[len(ops) - 1]
 
-    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=100, scale_by="std", center=False),
+    module = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=100, scale_by="std", center=False),
                     world_size=2, reduce=reduce)
     module.estimate_scales(_batches(mine))
     assert ops == ["sum"] * 3
@@ -499,7 +505,7 @@ def test_std_scales_of_small_activations() -> None:
     """``scale_by="std"`` on activations whose centred spread is far below 1 (no floor on the variance there)."""
     torch.manual_seed(0)
     x = torch.randn(500, 2, 16) * torch.tensor([1e-3, 1e-2])[:, None] + 0.5
-    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=500, scale_by="std"))
+    module = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=500, scale_by="std"))
     module.estimate_scales(_batches(x))
     xn = module.crosscoder.normalise(x.double())
     torch.testing.assert_close((xn - xn.mean(0)).pow(2).sum(-1).mean(0).sqrt(), torch.full((2,), 4.0, dtype=torch.float64),
@@ -509,7 +515,7 @@ def test_std_scales_of_small_activations() -> None:
 def test_scale_estimation_without_enough_tokens(caplog) -> None:
     import logging
 
-    exact = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=300))
+    exact = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=300))
     first, second = torch.randn(200, 2, 16), torch.randn(100, 2, 16) + 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exactly scale_tokens tokens: enough, and the next batch is not read
@@ -518,7 +524,7 @@ def test_scale_estimation_without_enough_tokens(caplog) -> None:
     expected = 4.0 / (seen - seen.mean(0)).norm(dim=-1).mean(0)  # centred: the mean norm of what the encoder reads
     torch.testing.assert_close(exact.crosscoder.scales, expected.float())
 
-    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=1000))
+    module = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=1000))
     with pytest.raises(ValueError, match="cannot estimate the per-model scales: the training data yielded no tokens"):
         module.estimate_scales([])
     nan = torch.full((10, 2, 16), float("nan"))
@@ -549,7 +555,7 @@ def test_preact_variance_by_chunks_matches_the_direct_quadratic_form() -> None:
 
 
 def test_clean_checks_the_batch_and_drops_non_finite_rows() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4)
+    module = module_of(d_model=16, n_latents=64, k=4)
     x = torch.randn(6, 2, 16, dtype=torch.float64)
     got = module._clean([x, torch.zeros(6)])  # (x,) or [x, ...] batches: the first element
     assert got.dtype == torch.float32 and torch.equal(got, x.float())
@@ -581,7 +587,7 @@ def test_clean_checks_the_batch_and_drops_non_finite_rows() -> None:
 def test_validation_metrics_match_a_direct_computation(loss: str) -> None:
     torch.manual_seed(0)
     spread = torch.tensor([2.0, 0.5])[:, None]
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=512, lr=1e-3, threshold_decay=0.5, loss=loss)
+    module = module_of(d_model=16, n_latents=64, k=4, scale_tokens=512, lr=1e-3, threshold_decay=0.5, loss=loss)
     trainer = fit(module, torch.randn(1024, 2, 16) * spread + 1, steps=4)
     val = torch.randn(700, 2, 16) * spread + 1
     with torch.no_grad():
@@ -623,7 +629,7 @@ class StepRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._read(trainer, pl_module)
-        hp = pl_module.hparams
+        hp = pl_module.cfg
         dead = pl_module.tokens_since_fired >= hp.dead_after_tokens
         k = k_at(trainer.global_step, hp.k, pl_module.k_start, hp.k_anneal_steps)
         with torch.no_grad():
@@ -649,7 +655,7 @@ def test_training_logs_match_a_direct_computation(monkeypatch) -> None:
     monkeypatch.setattr(module_file, "time", SimpleNamespace(perf_counter=lambda: next(clock) / 1000))
     torch.manual_seed(0)
     recorder = StepRecorder()
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, k_start=12, k_anneal_steps=3, lr=1e-2, scale_tokens=512,
+    module = module_of(d_model=16, n_latents=64, k=4, k_start=12, k_anneal_steps=3, lr=1e-2, scale_tokens=512,
                               dead_after_tokens=256, aux_coef=0.5, metrics_window_steps=3, threshold_decay=0.5,
                               b_enc_init="zeros")
     with torch.no_grad():
@@ -679,7 +685,7 @@ def test_training_logs_match_a_direct_computation(monkeypatch) -> None:
 def test_skipped_rows_are_logged() -> None:
     x = torch.randn(1024, 2, 16)
     x[::7, 0, 0] = float("nan")
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[1.0, 1.0], b_dec_init="zeros", b_enc_init="zeros",
+    module = module_of(d_model=16, n_latents=64, k=4, scales=[1.0, 1.0], b_dec_init="zeros", b_enc_init="zeros",
                               center=False)  # no data init: the rows are counted once, by the steps
     with pytest.warns(UserWarning, match="NaN/inf"):
         trainer = fit(module, x, steps=4)
@@ -688,11 +694,11 @@ def test_skipped_rows_are_logged() -> None:
 
 
 def test_optimiser_uses_the_given_betas_and_needs_a_finite_run() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=256, betas=(0.8, 0.95), lr=2e-3)
+    module = module_of(d_model=16, n_latents=64, k=4, scale_tokens=256, betas=(0.8, 0.95), lr=2e-3)
     trainer = fit(module, torch.randn(512, 2, 16), steps=1)
     group = trainer.optimizers[0].param_groups[0]
     assert group["betas"] == (0.8, 0.95) and group["initial_lr"] == 2e-3
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=256)
+    module = module_of(d_model=16, n_latents=64, k=4, scale_tokens=256)
     trainer = L.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1)
     with pytest.raises(ValueError, match=r"the lr schedule needs a finite run: set trainer.max_steps"):
@@ -710,7 +716,7 @@ def test_string_options_are_compared_by_value() -> None:
     modules = []
     for make in (str, fresh):
         torch.manual_seed(1)
-        module = CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=300, scale_by=make("mean_norm"),
+        module = module_of(d_model=16, n_latents=64, k=4, scale_tokens=300, scale_by=make("mean_norm"),
                                   b_dec_init=make("mean"), b_enc_init=make("center"), enc_init=make("equal_variance"))
         assert not module.data_init_done
         attach(module).estimate_scales(_batches(x))
@@ -720,9 +726,9 @@ def test_string_options_are_compared_by_value() -> None:
     for name in ("b_dec_init", "b_enc_init", "enc_init"):  # each alone is enough to need the data
         kwargs = {"scales": [1.0, 1.0], "b_dec_init": "zeros", "b_enc_init": "zeros", "enc_init": "transpose",
                   "center": False}
-        assert CrossCoderModule(d_model=16, n_latents=64, k=4, **kwargs).data_init_done
+        assert module_of(d_model=16, n_latents=64, k=4, **kwargs).data_init_done
         kwargs[name] = fresh({"b_dec_init": "mean", "b_enc_init": "center", "enc_init": "equal_variance"}[name])
-        assert not CrossCoderModule(d_model=16, n_latents=64, k=4, **kwargs).data_init_done
+        assert not module_of(d_model=16, n_latents=64, k=4, **kwargs).data_init_done
 
 
 def test_std_scale_of_a_constant_model_is_floored() -> None:
@@ -730,14 +736,14 @@ def test_std_scale_of_a_constant_model_is_floored() -> None:
     (variance 1e-12), so its scale is large but finite."""
     x = torch.randn(200, 2, 16)
     x[:, 1] = 0.0
-    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=200, scale_by="std"))
+    module = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=200, scale_by="std"))
     module.estimate_scales(_batches(x))
     assert float(module.crosscoder.scales[1]) == pytest.approx(4.0 / 1e-6)
     assert torch.isfinite(module.crosscoder.scales).all()
 
 
 def test_threshold_update_builds_no_autograd_graph() -> None:
-    module = attach(CrossCoderModule(d_model=16, n_latents=8, k=2, threshold_decay=0.5))
+    module = attach(module_of(d_model=16, n_latents=8, k=2, threshold_decay=0.5))
     module._update_threshold(torch.tensor(3.0, requires_grad=True))
     assert float(module.crosscoder.threshold) == 3.0
     assert not module.crosscoder.threshold.requires_grad and not module.threshold_ema.requires_grad
@@ -753,7 +759,7 @@ def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monk
     monkeypatch.setattr(module_file, "time", SimpleNamespace(perf_counter=lambda: next(clock) / 1000))
     x = torch.randn(100, 2, 16)
     for window, world_size in ((3, 2), (1, 1)):
-        module = CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=window)
+        module = module_of(d_model=16, n_latents=64, k=4, metrics_window_steps=window)
         logged: dict[int, dict[str, float]] = {}
         for step in range(6):
             attach(module, world_size=world_size, global_step=step)
@@ -777,7 +783,7 @@ def test_tokens_per_second_counts_every_rank_and_is_zero_on_an_empty_window(monk
 
 
 def test_step_metrics_are_logged_on_the_steps_the_logger_writes_and_the_last() -> None:
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=100)
+    module = module_of(d_model=16, n_latents=64, k=4, metrics_window_steps=100)
     x = torch.randn(64, 2, 16)
     logged: dict[int, set[str]] = {}
     for step in range(7):
@@ -802,7 +808,7 @@ def test_each_rank_reads_its_share_of_the_scale_tokens() -> None:
         seen.append(tensor.clone())
         return tensor * 2  # the other rank read as much
 
-    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4, scale_tokens=100), world_size=2, reduce=reduce)
+    module = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=100), world_size=2, reduce=reduce)
     module.estimate_scales(_batches(*x.split(10)))
     assert float(seen[2]) == 50.0  # the token count is the third sum, after the first moments
     torch.testing.assert_close(seen[0], x[:50].double().flatten(1).sum(0))
@@ -816,7 +822,7 @@ def test_the_step_gets_collectives_only_under_ddp(monkeypatch) -> None:
 
     made = []
     monkeypatch.setattr(module_file, "ProcessGroupReducer", lambda: made.append(object()) or made[-1])
-    module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4), world_size=1)
+    module = attach(module_of(d_model=16, n_latents=64, k=4), world_size=1)
     assert module._reducer() is None and made == []
     attach(module, world_size=2)
     first = module._reducer()
@@ -828,7 +834,7 @@ def test_training_l0_is_summed_over_ranks() -> None:
     over ranks (sync_dist, reduce_fx="sum") under DDP, and needs no sync on one process."""
     x = torch.randn(64, 2, 16)
     for world_size in (1, 2, 3):
-        module = attach(CrossCoderModule(d_model=16, n_latents=64, k=4), world_size=world_size)
+        module = attach(module_of(d_model=16, n_latents=64, k=4), world_size=world_size)
         calls = {}
         module.log_dict = lambda values, **kw: None
         module.log = lambda name, value, calls=calls, **kw: calls.__setitem__(name, (float(value), kw))
@@ -844,7 +850,7 @@ def test_training_l0_is_summed_over_ranks() -> None:
 def test_the_last_step_of_a_long_run_is_logged() -> None:
     """The run's last step is logged even off the logger's grid, at any step count (not only small ones); a run
     without max_steps (-1, Lightning's "no limit") logs on the grid only."""
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, metrics_window_steps=3000)
+    module = module_of(d_model=16, n_latents=64, k=4, metrics_window_steps=3000)
     x = torch.randn(64, 2, 16)
     for max_steps, want in ((int("1000"), {993, 999}), (-1, {993})):
         logged = set()
@@ -872,7 +878,7 @@ def _planted_offset_run(offset: bool, center: bool) -> tuple[float, float, float
         vec *= 10 * train.norm(dim=-1).mean(0)[:, None] / vec.norm(dim=-1, keepdim=True)
         train, held_out = train + vec, held_out + vec
     torch.manual_seed(0)  # the same initial dictionary in every run, whatever ran before
-    module = CrossCoderModule(d_model=32, n_latents=96, k=3, k_start=12, k_anneal_steps=200, lr=3e-3,
+    module = module_of(d_model=32, n_latents=96, k=3, k_start=12, k_anneal_steps=200, lr=3e-3,
                               dead_after_tokens=20_000, scale_tokens=2048, threshold_decay=0.99, center=center)
     metrics = fit(module, train, steps=1000, val=held_out).callback_metrics
     cc = module.crosscoder
@@ -922,7 +928,7 @@ def _revived(monkeypatch_relu_gradient: pytest.MonkeyPatch | None) -> torch.Tens
     planted = make_planted(d_model=32, n_shared=30, n_base=5, n_chat=5)
     train, held_out = planted.sample(40_000, active=3, seed=1), planted.sample(4000, active=3, seed=2)
     torch.manual_seed(0)
-    module = CrossCoderModule(d_model=32, n_latents=48, k=3, k_start=6, k_anneal_steps=100, lr=3e-3,
+    module = module_of(d_model=32, n_latents=48, k=3, k_start=6, k_anneal_steps=100, lr=3e-3,
                               dead_after_tokens=1024, scale_tokens=2048, threshold_decay=0.99)
     fit(module, train, steps=600, callbacks=[PushBelowZero(train, pushed)])
     with torch.no_grad():
@@ -941,11 +947,11 @@ def test_auxk_revives_latents_below_zero_on_every_token(monkeypatch) -> None:
 def test_a_checkpoint_from_before_centring_resumes_uncentred() -> None:
     """Checkpoints written before the means existed lack ``crosscoder.means``: they load with zero means, so the
     resumed run computes what the interrupted one did."""
-    module = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5])
+    module = module_of(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5])
     module.data_init_done.fill_(True)
     state = {name: t.clone() for name, t in module.state_dict().items() if name != "crosscoder.means"}
     checkpoint = {"state_dict": state}
-    fresh = CrossCoderModule(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5])
+    fresh = module_of(d_model=16, n_latents=64, k=4, scales=[2.0, 0.5])
     with torch.no_grad():
         fresh.crosscoder.means.fill_(3.0)
     fresh.on_load_checkpoint(checkpoint)

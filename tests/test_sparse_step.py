@@ -448,15 +448,14 @@ def test_threads_setting_is_applied_at_the_start_of_training(monkeypatch) -> Non
         seen.append(torch.get_num_threads())
         raise Stop
 
-    monkeypatch.setattr(training, "check_config", lambda cfg: None)
-    monkeypatch.setattr(training, "instantiate", first_build)
+    monkeypatch.setattr(training, "build_pair", first_build)
     try:
         with pytest.raises(Stop):
-            training.train(_compose(f"threads={want}", "output_dir=/tmp/x"))
+            training.train(training.RunConfig.from_hydra(_compose(f"threads={want}", "output_dir=/tmp/x")))
         assert seen == [want]
         torch.set_num_threads(before)
         with pytest.raises(Stop):
-            training.train(_compose("output_dir=/tmp/x"))  # null: torch's default left alone
+            training.train(training.RunConfig.from_hydra(_compose("output_dir=/tmp/x")))  # null: torch's default left alone
         assert seen == [want, before]
     finally:  # train() also sets the matmul precision before it builds anything
         torch.set_num_threads(before)

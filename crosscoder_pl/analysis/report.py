@@ -73,7 +73,7 @@ Step = Callable[[CrossCoder], dict[str, Any] | None]
 def check_settings(settings: Mapping[str, Any]) -> AnalysisConfig:
     """The typed analysis settings (`crosscoder_pl.config.AnalysisConfig`); a ConfigError (a ValueError) names
     every missing or unknown key, or the first impossible value."""
-    return AnalysisConfig.from_mapping(settings)
+    return AnalysisConfig.read(settings)
 
 
 def write_analyses(

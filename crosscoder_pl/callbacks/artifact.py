@@ -56,8 +56,8 @@ class WriteArtifact(L.Callback):
             )
         # The training-window dead fraction (the literature's), next to the held-out one of the card.
         pl_module.crosscoder.metadata["training_dead_fraction"] = {
-            "fraction": float((pl_module.tokens_since_fired >= pl_module.hparams.dead_after_tokens).float().mean()),
-            "window_tokens": int(pl_module.hparams.dead_after_tokens),
+            "fraction": float((pl_module.tokens_since_fired >= pl_module.cfg.dead_after_tokens).float().mean()),
+            "window_tokens": int(pl_module.cfg.dead_after_tokens),
             "step": trainer.global_step,
         }
         log.info("writing the artifact (weights, configuration, analyses) to %s", self.artifact_dir)

@@ -22,7 +22,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     artifact = Path(cfg.artifact)
     train_cfg = read_train_config(artifact)  # refuses what this project would not build, before anything loads
     settings = analysis_settings(cfg, train_cfg, overrides)
-    AnalysisConfig.from_mapping(settings)  # typed and checked before the models and the data load
+    AnalysisConfig.read(settings)  # typed and checked before the models and the data load
     loaded = rebuild(artifact, train_cfg, cfg.device)
     metrics = write_artifact(
         artifact, loaded.crosscoder, loaded.data, settings, train_cfg,

@@ -27,7 +27,6 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 import yaml
 
 from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
+from crosscoder_pl.config import DashboardSettings
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.examples import LatentExamples, Windows, example_windows, scan, turn_roles
 from crosscoder_pl.dashboard.logit_lens import LogitLens, logit_lens
@@ -68,69 +68,17 @@ COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class DashboardSettings:
-    """The offline part of ``conf/dashboard`` (its ``server`` node belongs to `crosscoder_pl.dashboard.server`).
-
-    Args:
-        enabled: write ``artifact/dashboard/`` with the analyses.
-        max_tokens: held-out tokens scanned (None: all of ``data.val_tokens``).
-        top_n: examples kept per latent and source (web, chat).
-        context_before, context_after: tokens shown around each example's token.
-        histogram_bins: bins of each latent's activation histogram (even).
-        logit_lens_tokens: promoted and suppressed tokens listed per model.
-        latents_per_shard: latents per data file.
-        chunk_tokens: held-out tokens encoded at a time (memory: chunk_tokens * n_latents floats).
-        tiny_dashboard_export: also write ``max_activation_examples.db``.
-    """
-
-    enabled: bool = True
-    max_tokens: int | None = None
-    top_n: int = 20
-    context_before: int = 24
-    context_after: int = 8
-    histogram_bins: int = 32
-    logit_lens_tokens: int = 10
-    latents_per_shard: int = 128
-    chunk_tokens: int = 4096
-    tiny_dashboard_export: bool = True
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"dashboard.{name}={getattr(self, name)} must be positive"
-            for name in ("top_n", "latents_per_shard", "chunk_tokens", "logit_lens_tokens")
-            if getattr(self, name) < 1
-        ]
-        problems += [f"dashboard.{name}={getattr(self, name)} must be >= 0"
-                     for name in ("context_before", "context_after") if getattr(self, name) < 0]
-        if self.max_tokens is not None and self.max_tokens < 1:
-            problems.append(f"dashboard.max_tokens={self.max_tokens} must be positive or null (all held-out tokens)")
-        if self.histogram_bins < 2 or self.histogram_bins % 2:
-            problems.append(f"dashboard.histogram_bins={self.histogram_bins} must be an even number >= 2")
-        if problems:
-            raise ValueError("invalid dashboard settings: " + "; ".join(problems))
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> DashboardSettings:
-        """From ``conf/dashboard`` (its ``server`` node ignored); unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - {"server"})
-        if unknown:
-            raise ValueError(f"unknown dashboard settings {unknown}; known: {sorted(known)} and server")
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
 def resolve_settings(given: Mapping[str, Any] | None, artifact_dir: str | Path) -> DashboardSettings:
     """The dashboard settings of an analysis run: ``given`` (``analyze.py``: conf/dashboard with the command
     line's overrides); else those recorded in the artifact's ``train_config.yaml`` (the end-of-training callback
     passes only conf/analysis, but the config of the run is saved just before); else the defaults."""
     if given is not None:
-        return DashboardSettings.from_mapping(given)
+        return DashboardSettings.read(given)
     recorded = Path(artifact_dir) / TRAIN_CONFIG
     if recorded.is_file():
         node = (yaml.safe_load(recorded.read_text()) or {}).get("dashboard")
         if node:
-            return DashboardSettings.from_mapping(node)
+            return DashboardSettings.read(node)
     return DashboardSettings()
 
 
@@ -391,7 +339,7 @@ def _meta(
         "heldout_tokens": n_heldout,
         "n_tokens": {name: int(n) for name, n in zip(SOURCES, result.n_tokens)},
         "shards": n_shards,
-        "settings": asdict(settings),
+        "settings": settings.model_dump(),
         "logit_lens_norm": dict(zip(MODELS, lens.norm)),
         "sources": list(SOURCES),
     }

@@ -26,50 +26,13 @@ import torch
 from jinja2 import TemplateError
 
 from crosscoder_pl.analysis.probes import final_hidden, head_logprobs, kl_per_position
+from crosscoder_pl.config import ServerSettings
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.activations import position_ids, token_mask
 from crosscoder_pl.hooks import residual_at
 from crosscoder_pl.names import MODELS
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """``conf/dashboard``'s ``server`` node: where the app listens and what a request may ask.
-
-    Args:
-        host: interface to bind (127.0.0.1: this machine only).
-        port: TCP port.
-        max_request_bytes: largest request body accepted (413 above).
-        max_text_chars: longest prompt text, all turns together, in characters.
-        max_messages: most chat turns.
-        max_prompt_tokens: longest prompt in tokens, BOS and chat template included.
-        max_chosen_latents: most latents shown in context per request.
-        top_latents: latents listed per token.
-        top_next_tokens: next tokens listed before / after an intervention.
-        max_factor: largest |factor| of a scaling intervention.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8765
-    max_request_bytes: int = 65536
-    max_text_chars: int = 20000
-    max_messages: int = 32
-    max_prompt_tokens: int = 512
-    max_chosen_latents: int = 16
-    top_latents: int = 8
-    top_next_tokens: int = 10
-    max_factor: float = 100.0
-
-    def __post_init__(self) -> None:
-        bad = [f"dashboard.server.{name}={getattr(self, name)}" for name in (
-            "max_request_bytes", "max_text_chars", "max_messages", "max_prompt_tokens", "max_chosen_latents",
-            "top_latents", "top_next_tokens", "max_factor") if getattr(self, name) <= 0]
-        if not 0 <= self.port < 65536:
-            bad.append(f"dashboard.server.port={self.port}")
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: must be positive (a port: 0-65535)")
 
 
 class PromptError(ValueError):

@@ -184,14 +184,14 @@ def serve_artifact(
     import uvicorn  # only the serve path needs it
 
     artifact = Path(artifact)
-    server = ServerSettings(**dict(dashboard.get("server") or {}))
+    server = DashboardSettings.server(dashboard)
     cc = crosscoder.eval()
     if not (artifact / DASHBOARD_DIR / "index.html").is_file():
         acts = heldout()
         tokens = token_table(acts)
         if tokens is None:
             raise ValueError("the held-out activations carry no token ids: cannot write the dashboard")
-        write_dashboard(cc, pair, acts, tokens, artifact, DashboardSettings.from_mapping(dashboard))
+        write_dashboard(cc, pair, acts, tokens, artifact, DashboardSettings.read(dashboard))
     torch.set_grad_enabled(False)
     info = {"base_model": getattr(pair, "base_id", "base"), "chat_model": getattr(pair, "chat_id", "chat")}
     app = create_app(OnlineSession(cc, pair, server), artifact / DASHBOARD_DIR, info)
