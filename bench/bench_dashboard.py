@@ -25,9 +25,10 @@ from types import SimpleNamespace
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
+from crosscoder_pl.config import DashboardSettings
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.examples import scan
-from crosscoder_pl.dashboard.offline import DashboardSettings, _windows, write_dashboard
+from crosscoder_pl.dashboard.offline import _windows, write_dashboard
 from crosscoder_pl.data.activations import TokenTable
 
 PAPERGRADE = {"latents": 73_728, "d_model": 2304, "tokens": 65_536, "vocab": 256_000}
@@ -68,7 +69,8 @@ def online_latency(artifact: Path, repeats: int = 3) -> None:
     """Encode and intervene on a chat prompt with the artifact's crosscoder and model pair (built or cached)."""
     from omegaconf import OmegaConf
 
-    from crosscoder_pl.dashboard.online import OnlineSession, Prompt, ServerSettings
+    from crosscoder_pl.config import ServerSettings
+    from crosscoder_pl.dashboard.online import OnlineSession, Prompt
     from crosscoder_pl.models.pair import load_model_pair
 
     cfg = OmegaConf.load(artifact / "train_config.yaml").model_pair

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from crosscoder_pl.config import target_parameters
+from crosscoder_pl.config_group import target_parameters
 from crosscoder_pl.names import MODELS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -26,8 +26,8 @@ from crosscoder_pl.config import (
     RunConfig,
     StreamDataConfig,
     TextSourceConfig,
-    thaw,
 )
+from crosscoder_pl.config_group import thaw
 from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
@@ -255,7 +255,10 @@ def build_source(group: TextSourceConfig | EmbeddedSourceConfig | Mapping[str, A
 
 def build_data(group: StreamDataConfig | CachedDataConfig | Mapping[str, Any], pair: Any) -> Any:
     """The data module of the ``data`` group on ``pair``."""
-    from crosscoder_pl.data.datamodule import ActivationDataModule, CachedActivationDataModule
+    from crosscoder_pl.data.datamodule import (
+        ActivationDataModule,
+        CachedActivationDataModule,
+    )
 
     if isinstance(group, StreamDataConfig):
         values = {k: thaw(v) for k, v in group.model_dump(exclude={"web", "chat"}).items()}

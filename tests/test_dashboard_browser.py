@@ -23,12 +23,13 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-
-from crosscoder_pl.dashboard.offline import read_data_file
-from crosscoder_pl.dashboard.online import Prompt, ServerSettings
-from crosscoder_pl.dashboard.server import create_app
 from test_dashboard_offline import IMAGE, SCRIPT, build
 from test_dashboard_server import online_session
+
+from crosscoder_pl.config import ServerSettings
+from crosscoder_pl.dashboard.offline import read_data_file
+from crosscoder_pl.dashboard.online import Prompt
+from crosscoder_pl.dashboard.server import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
 from crosscoder_pl.analysis.probes import kl_per_position, next_token_logprobs
+from crosscoder_pl.config import ServerSettings
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.dashboard.online import OnlineSession, ServerSettings
+from crosscoder_pl.dashboard.online import OnlineSession
 from crosscoder_pl.dashboard.server import create_app
 from crosscoder_pl.hooks import residual_at
 from crosscoder_pl.models.pair import load_model_pair

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from crosscoder_pl.config import target_parameters
+from crosscoder_pl.config_group import target_parameters
 from crosscoder_pl.recipes import (
     check_recipe,
     declared_options,

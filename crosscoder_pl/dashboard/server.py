@@ -20,9 +20,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from crosscoder_pl.config import DashboardSettings
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.dashboard.offline import DASHBOARD_DIR, DashboardSettings, write_dashboard
-from crosscoder_pl.dashboard.online import OnlineSession, Prompt, PromptError, ServerSettings
+from crosscoder_pl.dashboard.offline import DASHBOARD_DIR, write_dashboard
+from crosscoder_pl.dashboard.online import OnlineSession, Prompt, PromptError
 from crosscoder_pl.data.activations import token_table
 
 log = logging.getLogger(__name__)
