@@ -27,7 +27,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Gemma2ForCausalLM
@@ -35,10 +34,12 @@ from transformers import Gemma2ForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from crosscoder_pl.config import RunConfig
 from crosscoder_pl.data.activations import paired_activations
 from crosscoder_pl.data.sources import StreamStats, texts
 from crosscoder_pl.models.random_pair import gemma2_2b_config
-from crosscoder_pl.training import crosscoder_config
+from crosscoder_pl.module import CrossCoderModule
+from crosscoder_pl.training import build_data, build_pair
 
 TOKENS = 100_000_000
 PAPERGRADE_BATCH = 4096
@@ -100,10 +101,11 @@ def main() -> None:
     torch.set_num_threads(1 if cfg.get("threads") is None else cfg.threads)
     L.seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    pair = instantiate(cfg.model_pair)
+    run = RunConfig.from_hydra(cfg)
+    pair = build_pair(run.model_pair)
     t_build = time.perf_counter() - t0
-    datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(model_pair=pair)
-    module = instantiate(crosscoder_config(cfg, pair.d_model), d_model=pair.d_model, _convert_="all")
+    datamodule = build_data(run.data, pair)
+    module = CrossCoderModule(pair.d_model, run.crosscoder)
     assert pair.d_model == d_model and pair.base.config.vocab_size == 256_000
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.trainer.max_steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,

@@ -14,13 +14,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from crosscoder_pl.analysis.card import OUTLIERS
 from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.config import (
     CachedDataConfig,
-    CrossCoderConfig,
     EmbeddedSourceConfig,
     ModelPairConfig,
     RunConfig,
@@ -219,18 +218,6 @@ def set_threads(threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
         log.info("torch threads: %d", torch.get_num_threads())
-
-
-def crosscoder_config(cfg: DictConfig, d_model: int) -> DictConfig:
-    """``cfg.crosscoder`` with ``n_latents`` resolved from ``crosscoder.expansion`` (latents per d_model) when
-    that key is set, and the key removed: the group as a run records it once d_model is known."""
-    resolved = CrossCoderConfig.read(cfg.crosscoder).resolve(d_model)
-    node = cfg.crosscoder.copy()
-    if "expansion" in node:
-        with open_dict(node):
-            del node["expansion"]
-    node.n_latents = resolved.n_latents
-    return node
 
 
 def build_pair(group: ModelPairConfig | Mapping[str, Any]) -> Any:

@@ -12,6 +12,7 @@ from typing import get_args
 
 import lightning as L
 import pytest
+import torch
 from pydantic import ValidationError
 from test_app import EXPERIMENT_ARGS, EXPERIMENTS, compose_train
 
@@ -179,6 +180,28 @@ def test_the_module_is_checked_by_the_same_rules() -> None:
         CrossCoderModule(16, CrossCoderConfig(n_latents=64, k=True))
     module = CrossCoderModule(16, CrossCoderConfig(n_latents=64, k=4, betas=[0.8, 0.99], scales=[1.0, 2.0]))
     assert module.cfg.betas == (0.8, 0.99) and module.k_aux == 8  # the module keeps what it was given
+
+
+def test_the_module_trains_exactly_the_run_config_it_receives() -> None:
+    """One object from start-up to the step: the module holds the RunConfig's own group, not a rebuilt copy."""
+    run = typed("+experiment=tiny", "crosscoder.k=8", "crosscoder.lr=3e-4", "crosscoder.loss=l2")
+    module = CrossCoderModule(32, run.crosscoder)
+    assert module.cfg is run.crosscoder  # n_latents given: nothing to resolve, the same object
+    assert (module.crosscoder.k, module.crosscoder.n_latents) == (8, run.crosscoder.n_latents)
+
+
+def test_a_checkpoint_holds_plain_values_that_rebuild_the_same_config(tmp_path) -> None:
+    """``expansion`` resolved once (d_model 16 -> 64 latents); the hyperparameters load with ``weights_only``
+    (plain values only) and read back into an equal configuration."""
+    cfg = CrossCoderConfig(expansion=4, k=4, betas=[0.8, 0.99], scales=[1.0, 2.0], loss="l2")
+    module = CrossCoderModule(16, cfg)
+    assert module.cfg.n_latents == 64 and module.cfg.expansion is None
+    path = tmp_path / "module.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    loaded = CrossCoderModule.load_from_checkpoint(path, weights_only=True)
+    assert loaded.cfg == module.cfg and loaded.cfg.betas == (0.8, 0.99)
+    assert torch.equal(loaded.crosscoder.W_dec, module.crosscoder.W_dec)
 
 
 def test_analysis_settings_name_the_valid_keys() -> None:

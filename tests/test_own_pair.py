@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 from test_app import compose_train, run
 
 from crosscoder_pl.analysis.card import render_card
+from crosscoder_pl.config import RunConfig
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.training import check_config, crosscoder_config
+from crosscoder_pl.training import check_config
 
 TINY = ["model_pair.base=embedded-tiny:chat", "model_pair.chat=embedded-tiny:chat"]  # an identical pair
 SMALL = ["data.seq_len=64", "data.batch_size=256", "data.text_batch_size=16", "data.buffer_tokens=2048",
@@ -24,18 +24,20 @@ SMALL = ["data.seq_len=64", "data.batch_size=256", "data.text_batch_size=16", "d
 
 def test_expansion_gives_the_dictionary_size() -> None:
     cfg = compose_train("+experiment=own_pair", *TINY, "hydra.runtime.output_dir=/tmp/x")
-    node = crosscoder_config(cfg, d_model=640)
-    assert node.n_latents == 4 * 640 and "expansion" not in node
-    assert OmegaConf.select(cfg, "crosscoder.expansion") == 4  # the run's config keeps the recipe
-    assert crosscoder_config(compose_train(), d_model=640).n_latents == 1024  # no expansion: n_latents as given
+    run = RunConfig.from_hydra(cfg)
+    resolved = run.resolve(640).crosscoder
+    assert resolved.n_latents == 4 * 640 and resolved.expansion is None
+    assert run.crosscoder.expansion == 4  # the run's config keeps the recipe
+    plain = RunConfig.from_hydra(compose_train("hydra.runtime.output_dir=/tmp/x")).resolve(640)
+    assert plain.crosscoder.n_latents == 1024  # no expansion: n_latents as given
 
 
 def test_expansion_and_n_latents_that_disagree_fail_naming_both() -> None:
     cfg = compose_train("+experiment=own_pair", *TINY, "crosscoder.n_latents=100")
     with pytest.raises(ValueError, match=r"crosscoder.n_latents=100 and crosscoder.expansion=4 \(d_model 640: 2560"):
-        crosscoder_config(cfg, d_model=640)
+        RunConfig.from_hydra(cfg).resolve(640)
     with pytest.raises(ValueError, match=r"crosscoder.expansion=0 must be an integer >= 1 or null: latents per d_model dimension"):
-        crosscoder_config(compose_train("+experiment=own_pair", *TINY, "crosscoder.expansion=0"), d_model=640)
+        RunConfig.from_hydra(compose_train("+experiment=own_pair", *TINY, "crosscoder.expansion=0"))
 
 
 def test_own_pair_without_models_names_the_missing_key() -> None:
