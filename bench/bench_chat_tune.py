@@ -22,7 +22,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from crosscoder_pl.data.sharegpt import build_embedded_corpus
-from crosscoder_pl.models.chat_tune import RECIPE, ChatData, Recipe, chat_tokenizer, converted_base, prepare_data, tune
+from crosscoder_pl.models.chat_tune import (
+    RECIPE,
+    ChatData,
+    Recipe,
+    chat_tokenizer,
+    converted_base,
+    prepare_data,
+    tune,
+)
 from crosscoder_pl.models.finetune import IGNORE, causal_lm_loss, mean_losses
 
 CANDIDATES: dict[str, dict] = {

@@ -30,7 +30,12 @@ from torch import nn
 
 from crosscoder_pl.distributed import Reducer, distributed, keep_global_top
 from crosscoder_pl.files import write_whole
-from crosscoder_pl.sparse import SparseCodes, decode_sparse, pre_acts_at, select_batch_topk
+from crosscoder_pl.sparse import (
+    SparseCodes,
+    decode_sparse,
+    pre_acts_at,
+    select_batch_topk,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -569,7 +574,12 @@ def _from_hub(repo_id: str) -> Path:
     gives up after ``HF_HUB_ETAG_TIMEOUT`` s (huggingface_hub's own calls retry a silent hub for minutes)."""
     from huggingface_hub import model_info, snapshot_download
 
-    from crosscoder_pl.network import HubUnreachableError, ask_hub, hub_offline, hub_timeout
+    from crosscoder_pl.network import (
+        HubUnreachableError,
+        ask_hub,
+        hub_offline,
+        hub_timeout,
+    )
 
     files = [CONFIG_NAME, WEIGHTS_NAME]
     try:

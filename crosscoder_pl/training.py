@@ -303,7 +303,7 @@ def train(run: RunConfig) -> dict[str, float]:
     train_config["crosscoder"]["n_latents"] = module.cfg.n_latents  # resolved from the expansion, if any
     train_config["model_pair"]["layer"] = pair.layer  # resolved when null
     # The artifact is what train.py is for: its writer is not one of the optional callbacks of conf/callbacks.
-    artifact = WriteArtifact(cfg.artifact_dir, train_config["analysis"], train_config, train_config.get("dashboard"))
+    artifact = WriteArtifact(cfg.artifact_dir, run.analysis, train_config, run.dashboard)
     callbacks = [*(instantiate(c) for c in cfg.callbacks.values()), RecordDataMix(), artifact]
     loggers = [_instantiate_logger(c, cfg.output_dir) for c in cfg.logger.values()]
     trainer = L.Trainer(**run.trainer.arguments(), callbacks=callbacks, logger=loggers)

@@ -7,10 +7,21 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from crosscoder_pl.analysis.causal import CSV_COLUMNS, CausalResult, causal_validation, most_frequent, pearson
-from crosscoder_pl.analysis.probes import clean_run, content_mask, kl_per_position, next_token_logprobs
-from crosscoder_pl.analysis.splice import splice_evaluation
+from crosscoder_pl.analysis.causal import (
+    CSV_COLUMNS,
+    CausalResult,
+    causal_validation,
+    most_frequent,
+    pearson,
+)
 from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
+from crosscoder_pl.analysis.probes import (
+    clean_run,
+    content_mask,
+    kl_per_position,
+    next_token_logprobs,
+)
+from crosscoder_pl.analysis.splice import splice_evaluation
 from crosscoder_pl.crosscoder import CrossCoder
 
 D, VOCAB, LAYER, BOS, PAD = 32, 64, 1, 2, 0

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_analysis_causal import LAYER, VOCAB, D, tiny_pair
 
 from crosscoder_pl.artifact.writer import run_analyses
 from crosscoder_pl.callbacks.artifact import WriteArtifact
+from crosscoder_pl.config import AnalysisConfig
 from crosscoder_pl.crosscoder import CrossCoder
-from test_analysis_causal import D, LAYER, VOCAB, tiny_pair
 
 BOS = 2
 CONF = Path(__file__).parents[1] / "conf" / "analysis" / "default.yaml"
@@ -69,7 +70,7 @@ def test_run_analyses_writes_the_artifact(tmp_path: Path) -> None:
     pair = tiny_pair(identical=False)
     paired, ids, mask = inputs(pair)
     cc = crosscoder(paired)
-    metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, settings(), cc.metadata, "python train.py seed=1")
+    metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, AnalysisConfig.read(settings()), cc.metadata, "python train.py seed=1")
     for name in FILES:
         assert (tmp_path / name).stat().st_size > 0, name
     assert cc.training, "the caller's crosscoder keeps its mode"
@@ -99,16 +100,16 @@ def test_disabled_analyses_and_bad_settings(tmp_path: Path) -> None:
     cfg = settings()
     for group in ("scaling", "causal", "splice"):
         cfg[group]["enabled"] = False
-    metrics = run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, cfg, {}, "cmd")
+    metrics = run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, AnalysisConfig.read(cfg), {}, "cmd")
     assert not (tmp_path / "causal_validation.csv").exists() and "causal" not in metrics
     assert ",class,chat_specific" in (tmp_path / "latents.csv").read_text().splitlines()[0]
 
     bad = {**settings(), "extra": 1, "splice": {}}
     with pytest.raises(ValueError, match=r"unknown key analysis\.extra; missing key analysis\.splice\.enabled"):
-        run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, bad, {}, "cmd")
+        AnalysisConfig.read(bad)
     cfg["taxonomy"]["enabled"], cfg["causal"]["enabled"] = False, True
     with pytest.raises(ValueError, match="enable analysis.taxonomy"):
-        run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, cfg, {}, "cmd")
+        run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, AnalysisConfig.read(cfg), {}, "cmd")
 
 
 def test_callback_runs_on_rank_zero_only(tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_callback_runs_on_rank_zero_only(tmp_path: Path) -> None:
     module = SimpleNamespace(crosscoder=cc, tokens_since_fired=dead.long() * 200, cfg=SimpleNamespace(dead_after_tokens=100))
     cfg = settings()
     cfg["causal"]["enabled"] = False  # covered above; keeps the test short
-    callback = WriteArtifact(tmp_path / "artifact", cfg, {"seed": 0}, command="python train.py")
+    callback = WriteArtifact(tmp_path / "artifact", AnalysisConfig.read(cfg), {"seed": 0}, command="python train.py")
     callback.on_fit_end(SimpleNamespace(is_global_zero=False, datamodule=datamodule, global_step=9), module)
     assert not (tmp_path / "artifact").exists()
     callback.on_fit_end(SimpleNamespace(is_global_zero=True, datamodule=datamodule, global_step=9), module)

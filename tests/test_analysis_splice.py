@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_analysis_causal import LAYER, crosscoder, probes, tiny_pair
 
 from crosscoder_pl.analysis.splice import _fraction_recovered, splice_evaluation
 from crosscoder_pl.data.activations import content_mask, position_ids
 from crosscoder_pl.hooks import edit_residual
-from test_analysis_causal import LAYER, crosscoder, probes, tiny_pair
 
 
 @torch.inference_mode()

@@ -3,12 +3,13 @@
 from pathlib import Path
 
 import torch
-
-from crosscoder_pl.analysis.card import _cell, render_card
-from crosscoder_pl.artifact.writer import run_analyses
-from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from test_analysis_causal import LAYER, tiny_pair
 from test_analysis_report import crosscoder, inputs, settings
+
+from crosscoder_pl.analysis.card import _cell, render_card
+from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
+from crosscoder_pl.artifact.writer import run_analyses
+from crosscoder_pl.config import AnalysisConfig
 
 
 class CharTokenizer:
@@ -49,7 +50,7 @@ def test_card_lists_the_top_chat_specific_latents_with_their_tokens(tmp_path: Pa
     pair.tokenizer = CharTokenizer()
     paired, ids, mask = inputs(pair)
     cc = crosscoder(paired)
-    metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, settings(), cc.metadata, "python train.py")
+    metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, AnalysisConfig.read(settings()), cc.metadata, "python train.py")
     listed = metrics["chat_specific_latents"]
     assert listed, "the planted chat-only latents 0-3 have a defined nu"
     scores = [row["neg_log_nu_eps"] for row in listed]

@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
-
-from crosscoder_pl.commands.dispatch import analyze
-from crosscoder_pl.artifact.writer import write_artifact
-from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
 from test_analysis_causal import tiny_pair
 from test_analysis_report import crosscoder, inputs, settings
+
+from crosscoder_pl.artifact.writer import write_artifact
+from crosscoder_pl.commands.dispatch import analyze
+from crosscoder_pl.config import AnalysisConfig
+from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITTEN = {"config.json", "model.safetensors", "train_config.yaml", "taxonomy.json", "latents.csv",
@@ -42,7 +43,7 @@ def data() -> SimpleNamespace:
 def write(directory: Path, data: SimpleNamespace, seed: int = 0) -> dict:
     cc = crosscoder(data.heldout_activations())
     cc.metadata["seed"] = seed  # tells two writes apart (config.json)
-    return write_artifact(directory, cc, data, quick_settings(), {"seed": seed}, "python train.py")
+    return write_artifact(directory, cc, data, AnalysisConfig.read(quick_settings()), {"seed": seed}, "python train.py")
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

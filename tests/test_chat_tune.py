@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+)
 
 from crosscoder_pl.data.sharegpt import CorpusInfo
 from crosscoder_pl.data.sources import SourceConfig, source_rows

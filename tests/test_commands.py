@@ -7,7 +7,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from crosscoder_pl.artifact.reader import check_train_config
-from crosscoder_pl.commands import import_checkpoint, push, reanalyse, serve, sweep_summary
+from crosscoder_pl.commands import (
+    import_checkpoint,
+    push,
+    reanalyse,
+    serve,
+    sweep_summary,
+)
 from crosscoder_pl.commands.dispatch import choose
 
 KEYS = {"artifact": None, "sweep": None, "push_to_hub": None, "checkpoint": None, "serve": False}

@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from test_app import EXPERIMENT_ARGS, EXPERIMENTS, compose_train
 
 from crosscoder_pl import CrossCoderModule
-from crosscoder_pl.analysis.report import check_settings
 from crosscoder_pl.config import (
     MIX_SOURCES,
+    AnalysisConfig,
     CachedDataConfig,
     ConfigError,
     CrossCoderConfig,
@@ -210,7 +210,7 @@ def test_analysis_settings_name_the_valid_keys() -> None:
                 "scaling": {"enabled": False}, "causal": {"enabled": False, "max_latents": 1, "latents_per_batch": None},
                 "splice": {"enabled": False}}
     with pytest.raises(ConfigError) as err:
-        check_settings(settings)
+        AnalysisConfig.read(settings)
     message = str(err.value)
     assert "unknown key analysis.taxonomy.colour" in message and "missing key analysis.scaling.max_chat_only" in message
     assert "analysis.taxonomy takes: enabled, base_only_max, chat_only_min, shared_min, shared_max" in message

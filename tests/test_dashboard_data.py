@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data_datamodule import datamodule
+from test_data_helpers import sentence, tiny_pair
 
 from crosscoder_pl.data.activations import (
     TokenTable,
@@ -16,9 +18,10 @@ from crosscoder_pl.data.activations import (
     with_tokens,
 )
 from crosscoder_pl.data.cache import load_val, write_cache
-from crosscoder_pl.data.datamodule import CachedActivationDataModule, write_activation_cache
-from test_data_datamodule import datamodule
-from test_data_helpers import sentence, tiny_pair
+from crosscoder_pl.data.datamodule import (
+    CachedActivationDataModule,
+    write_activation_cache,
+)
 
 
 @pytest.mark.parametrize(("padding_side", "outlier_factor"), [("right", None), ("left", None), ("right", 1.05)])

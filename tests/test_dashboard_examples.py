@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.dashboard.examples import RunningTopN, example_windows, latent_codes, scan, turn_roles
+from crosscoder_pl.dashboard.examples import (
+    RunningTopN,
+    example_windows,
+    latent_codes,
+    scan,
+    turn_roles,
+)
 from crosscoder_pl.data.activations import TokenTable
 
 D, F, N_SEQ, SEQ = 8, 24, 30, 20

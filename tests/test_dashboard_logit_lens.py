@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_analysis_causal import VOCAB, D, tiny_pair
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.logit_lens import logit_lens, norm_gain
-from test_analysis_causal import D, VOCAB, tiny_pair
 
 
 def random_gains(model: torch.nn.Module) -> None:

@@ -13,8 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from test_data_helpers import conversation, sentence, tiny_pair
 
 from crosscoder_pl.artifact.writer import run_analyses
+from crosscoder_pl.config import AnalysisConfig
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.dashboard.examples import scan
 from crosscoder_pl.dashboard.offline import (
@@ -25,9 +27,12 @@ from crosscoder_pl.dashboard.offline import (
     resolve_settings,
     write_dashboard,
 )
-from crosscoder_pl.data.activations import TokenTable, paired_activations_with_tokens, with_tokens
+from crosscoder_pl.data.activations import (
+    TokenTable,
+    paired_activations_with_tokens,
+    with_tokens,
+)
 from crosscoder_pl.data.sources import chat_text
-from test_data_helpers import conversation, sentence, tiny_pair
 
 SCRIPT = "<script>window.__pwned = 1</script>"
 IMAGE = '<img src=x onerror="window.__pwned = 2">'
@@ -171,9 +176,10 @@ def test_settings_resolution_and_validation(tmp_path: Path) -> None:
     (tmp_path / "train_config.yaml").write_text(yaml.safe_dump({"dashboard": {"enabled": False, "top_n": 3,
                                                                                "server": {"port": 1}}}))
     assert resolve_settings(None, tmp_path) == DashboardSettings(enabled=False, top_n=3)
-    assert resolve_settings({"top_n": 7}, tmp_path).top_n == 7
+    given = DashboardSettings.read({"top_n": 7})  # the command's settings, read once, win over the recorded ones
+    assert resolve_settings(given, tmp_path) is given
     with pytest.raises(ValueError, match="unknown dashboard settings"):
-        resolve_settings({"topn": 7}, tmp_path)
+        DashboardSettings.read({"topn": 7})
     with pytest.raises(ValueError, match="histogram_bins=3 must be an even number"):
         DashboardSettings(histogram_bins=3)
 
@@ -189,16 +195,16 @@ def test_run_analyses_writes_the_dashboard_unless_disabled(tmp_path: Path) -> No
                        torch.arange(1, 12).repeat(6))
     cfg = settings()
     cfg["causal"]["enabled"] = False
-    metrics = run_analyses(crosscoder(paired), pair, with_tokens(paired, table), ids, mask, tmp_path, cfg, {}, "cmd")
+    metrics = run_analyses(crosscoder(paired), pair, with_tokens(paired, table), ids, mask, tmp_path, AnalysisConfig.read(cfg), {}, "cmd")
     assert (tmp_path / "dashboard" / "index.html").is_file() and "dashboard" in metrics["timings_s"]
     assert metrics["dashboard"]["n_tokens"] == {"web": 33, "chat": 33}
     assert metrics["dashboard"]["path"] == "dashboard/index.html"  # relative: the artifact dir is renamed when done
     off = tmp_path / "off"
-    metrics = run_analyses(crosscoder(paired), pair, with_tokens(paired.clone(), table), ids, mask, off, cfg, {}, "cmd",
-                           dashboard={"enabled": False})
+    metrics = run_analyses(crosscoder(paired), pair, with_tokens(paired.clone(), table), ids, mask, off, AnalysisConfig.read(cfg), {}, "cmd",
+                           dashboard=DashboardSettings(enabled=False))
     assert not (off / "dashboard").exists() and "dashboard" not in metrics
     # Without token ids (e.g. an older cache) there is no dashboard, and the other analyses still run.
-    metrics = run_analyses(crosscoder(paired), pair, paired.clone(), ids, mask, tmp_path / "plain", cfg, {}, "cmd")
+    metrics = run_analyses(crosscoder(paired), pair, paired.clone(), ids, mask, tmp_path / "plain", AnalysisConfig.read(cfg), {}, "cmd")
     assert not (tmp_path / "plain" / "dashboard").exists() and "validation" in metrics
 
 

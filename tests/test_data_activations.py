@@ -2,9 +2,9 @@ import random
 
 import pytest
 import torch
+from test_data_helpers import sentence, tiny_pair
 
 from crosscoder_pl.data.activations import outlier_mask, paired_activations, tokenize
-from test_data_helpers import sentence, tiny_pair
 
 TEXTS = [sentence(random.Random(i), 1, 15) for i in range(6)]
 

@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from crosscoder_pl.data.cache import CachedActivations, load_tensor, load_val, read_meta, write_cache
+from crosscoder_pl.data.cache import (
+    CachedActivations,
+    load_tensor,
+    load_val,
+    read_meta,
+    write_cache,
+)
 
 
 def numbered(n: int, d_model: int = 8) -> torch.Tensor:

@@ -4,6 +4,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_data_helpers import tiny_pair, write_corpus
 
 from crosscoder_pl.data.cache import CachedActivations, read_meta
 from crosscoder_pl.data.datamodule import (
@@ -12,7 +13,6 @@ from crosscoder_pl.data.datamodule import (
     Endless,
     write_activation_cache,
 )
-from test_data_helpers import tiny_pair, write_corpus
 
 
 def datamodule(root: Path, **overrides) -> ActivationDataModule:

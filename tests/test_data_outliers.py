@@ -13,10 +13,13 @@ from test_data_datamodule import datamodule
 from test_resume import weights_only_roundtrip
 
 from crosscoder_pl.artifact.writer import run_analyses
-from crosscoder_pl.config import ConfigError
+from crosscoder_pl.config import AnalysisConfig, ConfigError
 from crosscoder_pl.data import datamodule as datamodule_module
 from crosscoder_pl.data.cache import read_meta, write_cache
-from crosscoder_pl.data.datamodule import CachedActivationDataModule, write_activation_cache
+from crosscoder_pl.data.datamodule import (
+    CachedActivationDataModule,
+    write_activation_cache,
+)
 from crosscoder_pl.data.outliers import OutlierCounts, outlier_flags, screen, upgraded
 
 PLANTED = 3  # chat outliers planted in every group of texts, at 10x the median norm
@@ -261,7 +264,7 @@ def test_the_card_and_metrics_state_the_counts(tmp_path: Path) -> None:
         cfg[group]["enabled"] = False
     cc = crosscoder(paired)
     cc.metadata["outliers"] = {"training": training, "heldout": {"stale": True}}  # recorded at the end of training
-    metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, cfg, cc.metadata, "cmd", outliers={"heldout": heldout})
+    metrics = run_analyses(cc, pair, paired, ids, mask, tmp_path, AnalysisConfig.read(cfg), cc.metadata, "cmd", outliers={"heldout": heldout})
 
     assert expected[1] >= 3 and [counts.base, counts.chat] == expected
     saved = json.loads((tmp_path / "metrics.json").read_text())

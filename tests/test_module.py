@@ -8,14 +8,14 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from planted import make_planted
 from torch.utils.data import DataLoader, TensorDataset
 
 from crosscoder_pl import CrossCoder, CrossCoderModule
-from crosscoder_pl.config import CrossCoderConfig
 from crosscoder_pl.analysis.decoder_norms import delta_norm
+from crosscoder_pl.config import CrossCoderConfig
 from crosscoder_pl.metrics import VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
-from planted import make_planted
 
 
 class Recorder(L.Callback):

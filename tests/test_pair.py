@@ -5,10 +5,20 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from crosscoder_pl.models import pair as pair_module
-from crosscoder_pl.models.pair import check_pair, load_model_pair, resolve_device, resolve_dtype
+from crosscoder_pl.models.pair import (
+    check_pair,
+    load_model_pair,
+    resolve_device,
+    resolve_dtype,
+)
 
 WORDS = ["<pad>", "<eos>", "<bos>", "the", "cat", "sat"]
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

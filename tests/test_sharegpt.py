@@ -3,7 +3,11 @@ import re
 
 import pytest
 
-from crosscoder_pl.data.sharegpt import build_embedded_corpus, parse_truncated_json_list, write_shards
+from crosscoder_pl.data.sharegpt import (
+    build_embedded_corpus,
+    parse_truncated_json_list,
+    write_shards,
+)
 
 TRICKY = [
     {"id": "a_0", "conversations": [{"from": "human", "value": 'say "}]" and {"x": [1, 2]}'}]},

@@ -73,7 +73,9 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
 def _front_matter(metrics: Mapping[str, Any]) -> str:
     """huggingface_hub's ``ModelCardData`` (license, tags, both models as ``base_model``, the validation figures as
     evaluation results), as YAML between ``---`` lines."""
-    from crosscoder_pl.analysis.card_metadata import card_data  # huggingface_hub only when a card is written
+    from crosscoder_pl.analysis.card_metadata import (
+        card_data,  # huggingface_hub only when a card is written
+    )
 
     return f"---\n{card_data(metrics, hub_ids_only=False).to_yaml()}\n---"
 

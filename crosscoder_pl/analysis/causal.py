@@ -30,9 +30,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.analysis.probes import (
-    check_probes,
     check_head,
+    check_probes,
     clean_run,
     compare_positions,
     content_mask,
@@ -44,8 +46,6 @@ from crosscoder_pl.analysis.probes import (
     positions_per_chunk,
     rows_per_chunk,
 )
-from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
-from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.crosscoder import CrossCoder
 

@@ -1,7 +1,7 @@
 """Run the enabled analyses of a trained crosscoder into an artifact directory (no Lightning needed).
 
-``settings`` mirrors ``conf/analysis`` (its keys: `crosscoder_pl.config.AnalysisConfig`); every key must be
-given. Files written into ``out_dir`` (the artifact directory): ``taxonomy.json``, ``latents.csv``,
+``settings`` is the typed ``conf/analysis`` group (`crosscoder_pl.config.AnalysisConfig`), checked once by whoever
+read it. Files written into ``out_dir`` (the artifact directory): ``taxonomy.json``, ``latents.csv``,
 ``delta_norm_histogram.png`` (taxonomy); ``causal_validation.csv``, ``cosine_vs_causal.png`` (causal); what the
 caller's further steps write (the artifact writer's: ``dashboard/``, `crosscoder_pl.artifact.writer.run_analyses`);
 ``metrics.json`` and ``README.md`` always. Weights and ``config.json`` are written by whoever saves the crosscoder.
@@ -46,7 +46,7 @@ from crosscoder_pl.analysis.taxonomy import (
     plot_delta_histogram,
 )
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
-from crosscoder_pl.config import AnalysisConfig
+from crosscoder_pl.config import AnalysisConfig, CausalSettings, ScalingSettings
 from crosscoder_pl.crosscoder import CrossCoder
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,6 @@ HISTOGRAM = "delta_norm_histogram.png"
 Step = Callable[[CrossCoder], dict[str, Any] | None]
 
 
-def check_settings(settings: Mapping[str, Any]) -> AnalysisConfig:
-    """The typed analysis settings (`crosscoder_pl.config.AnalysisConfig`); a ConfigError (a ValueError) names
-    every missing or unknown key, or the first impossible value."""
-    return AnalysisConfig.read(settings)
-
-
 def write_analyses(
     crosscoder: CrossCoder,
     pair: Any,
@@ -83,7 +77,7 @@ def write_analyses(
     probe_ids: torch.Tensor,
     probe_mask: torch.Tensor,
     out_dir: str | Path,
-    settings: Mapping[str, Any],
+    settings: AnalysisConfig,
     recipe: Mapping[str, Any],
     command: str,
     outliers: Mapping[str, Mapping[str, Any]] | None = None,
@@ -96,7 +90,7 @@ def write_analyses(
         pair: the models, duck-typed: ``base``, ``chat``, ``layer``, ``base_id``, ``chat_id``.
         activations: raw held-out paired activations ``[tokens, 2, d_model]`` (no BOS, no padding).
         probe_ids, probe_mask: probe batch ``[n_probes, seq]``, BOS first, padding allowed.
-        settings: the ``conf/analysis`` group (`crosscoder_pl.config.AnalysisConfig`).
+        settings: the ``analysis`` group, typed and checked once at start-up (`RunConfig.analysis`).
         recipe: training facts for the card's recipe section (e.g. the crosscoder's metadata).
         command: the exact command that reproduces the artifact.
         outliers: the data module's ``outlier_report()`` (``training``, ``heldout``, ...: each an
@@ -105,11 +99,10 @@ def write_analyses(
         steps: further steps by name, run in order after the analyses on the folded eval-mode copy, each timed
             and its result stored under its name in the metrics (a step that returns None: neither).
     """
-    check_settings(settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cc = crosscoder.fold().eval()  # a copy: the caller's module keeps its mode and weights
-    chunk = settings["chunk_tokens"]
+    chunk = settings.chunk_tokens
     timings: dict[str, float] = {}
     metrics: dict[str, Any] = {"artifact": _artifact(cc, pair)}
 
@@ -120,37 +113,37 @@ def write_analyses(
     if report:
         metrics["outliers"] = report
 
-    if settings["taxonomy"]["enabled"]:
+    if settings.taxonomy.enabled:
         with _timed("taxonomy", timings):
-            thresholds = Thresholds(**{k: v for k, v in settings["taxonomy"].items() if k != "enabled"})
+            thresholds = Thresholds(**settings.taxonomy.model_dump(exclude={"enabled"}))
             taxonomy = build_taxonomy(cc, stats, thresholds)
             (out / "taxonomy.json").write_text(json.dumps(taxonomy.counts(), indent=2) + "\n")
             plot_delta_histogram(taxonomy, thresholds, out / HISTOGRAM)
         metrics["taxonomy"] = {"counts": taxonomy.counts(), "thresholds": asdict(thresholds)}
 
-        cfg = settings["scaling"]
-        rule = ChatSpecificRule(thresholds.chat_only_min, cfg["nu_eps_max"], cfg["nu_r_max"])
+        cfg = settings.scaling
+        rule = ChatSpecificRule(thresholds.chat_only_min, cfg.nu_eps_max, cfg.nu_r_max)
         scaling = None
-        if cfg["enabled"]:
+        if cfg.enabled:
             with _timed("scaling", timings):
                 scaling, metrics["scaling"] = _scaling(cc, activations, taxonomy, cfg, rule, chunk)
         _write_latents(taxonomy, scaling, rule, out / "latents.csv")
-        if scaling is not None and cfg["top_latents"] > 0:
+        if scaling is not None and cfg.top_latents > 0:
             with _timed("chat_specific_tokens", timings):
                 metrics["chat_specific_latents"] = _chat_specific_latents(
                     cc, pair, probe_ids, probe_mask, taxonomy, scaling, rule, cfg
                 )
 
-    if settings["causal"]["enabled"]:
+    if settings.causal.enabled:
         with _timed("causal", timings):
             metrics["causal"] = _causal(
-                cc, pair, probe_ids, probe_mask, taxonomy, settings["causal"], settings["memory_budget_mb"], out
+                cc, pair, probe_ids, probe_mask, taxonomy, settings.causal, settings.memory_budget_mb, out
             )
 
-    if settings["splice"]["enabled"]:
+    if settings.splice.enabled:
         with _timed("splice", timings):
             metrics["splice"] = {
-                **splice_evaluation(cc, pair, probe_ids, probe_mask, settings["memory_budget_mb"]),
+                **splice_evaluation(cc, pair, probe_ids, probe_mask, settings.memory_budget_mb),
                 "n_probes": probe_ids.shape[0],
                 "n_tokens": int(content_mask(probe_mask).sum()),
             }
@@ -206,15 +199,15 @@ def _scaling(
     cc: CrossCoder,
     activations: torch.Tensor,
     taxonomy: Taxonomy,
-    cfg: Mapping[str, Any],
+    cfg: ScalingSettings,
     rule: ChatSpecificRule,
     chunk: int,
 ) -> tuple[LatentScaling, dict[str, Any]]:
     """Latent scaling of the chat-only latents and a seeded sample of shared ones, plus its summary."""
-    generator = torch.Generator().manual_seed(cfg["seed"])
+    generator = torch.Generator().manual_seed(cfg.seed)
     groups = {
-        "chat_only": sample_latents(taxonomy, "chat_only", cfg["max_chat_only"], generator),
-        "shared": sample_latents(taxonomy, "shared", cfg["max_shared"], generator),
+        "chat_only": sample_latents(taxonomy, "chat_only", cfg.max_chat_only, generator),
+        "shared": sample_latents(taxonomy, "shared", cfg.max_shared, generator),
     }
     result = latent_scaling(cc, activations, torch.cat(list(groups.values())), chunk)
     group_of = torch.cat([torch.full((len(ids),), i) for i, ids in enumerate(groups.values())])
@@ -230,7 +223,7 @@ def _scaling(
             "n_nu_undefined": int((result.nu_r[rows].isnan() | result.nu_eps[rows].isnan()).sum()),
         }
     n_specific = int(result.chat_specific(taxonomy.delta_norm, rule).sum())
-    return result, {"groups": summary, "n_chat_specific": n_specific, "rule": asdict(rule), "seed": cfg["seed"]}
+    return result, {"groups": summary, "n_chat_specific": n_specific, "rule": asdict(rule), "seed": cfg.seed}
 
 
 def _chat_specific_latents(
@@ -241,19 +234,19 @@ def _chat_specific_latents(
     taxonomy: Taxonomy,
     scaling: LatentScaling,
     rule: ChatSpecificRule,
-    cfg: Mapping[str, Any],
+    cfg: ScalingSettings,
 ) -> list[dict[str, Any]]:
     """The ``top_latents`` chat-only latents with the highest base uselessness (−log ν_ε, seed 002), each
     with the tokens it fires on most in the probes. Latents whose ν_ε is undefined are left out."""
     chat_only = taxonomy.delta_norm[scaling.latents] >= rule.chat_only_min
     score = scaling.neg_log_nu_eps
     ranked = [i for i in score.argsort(descending=True).tolist() if chat_only[i] and score[i].isfinite()]
-    chosen = ranked[: cfg["top_latents"]]
+    chosen = ranked[: cfg.top_latents]
     if not chosen:
         return []
     latents = scaling.latents[chosen]
     acts = latent_activations(cc, pair, probe_ids, probe_mask, latents)
-    tokens = top_tokens(acts, probe_ids, getattr(pair, "tokenizer", None), cfg["top_tokens"])
+    tokens = top_tokens(acts, probe_ids, getattr(pair, "tokenizer", None), cfg.top_tokens)
     specific = scaling.chat_specific(taxonomy.delta_norm, rule)
     return [
         {
@@ -313,18 +306,18 @@ def _causal(
     probe_ids: torch.Tensor,
     probe_mask: torch.Tensor,
     taxonomy: Taxonomy,
-    cfg: Mapping[str, Any],
+    cfg: CausalSettings,
     memory_budget_mb: float | None,
     out: Path,
 ) -> dict[str, Any]:
     """Causal validation of the most frequent shared latents; writes its CSV and figure."""
     shared = taxonomy.members("shared")
-    latents = most_frequent(shared, taxonomy.firing_frequency, cfg["max_latents"])
-    result = causal_validation(cc, pair, probe_ids, probe_mask, latents, cfg["latents_per_batch"], memory_budget_mb)
+    latents = most_frequent(shared, taxonomy.firing_frequency, cfg.max_latents)
+    result = causal_validation(cc, pair, probe_ids, probe_mask, latents, cfg.latents_per_batch, memory_budget_mb)
     write_csv(result, out / "causal_validation.csv")
     plot_cosine_vs_causal(result, out / "cosine_vs_causal.png")
     selection = (
         f"{latents.numel()} most frequent shared latents on the held-out tokens "
-        f"(of {shared.numel()} shared; cap {cfg['max_latents']})"
+        f"(of {shared.numel()} shared; cap {cfg.max_latents})"
     )
     return {**result.summary(), "n_probes": probe_ids.shape[0], "selection": selection}

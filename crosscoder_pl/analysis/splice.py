@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.analysis.probes import (
     check_head,
     check_probes,
@@ -32,7 +33,6 @@ from crosscoder_pl.analysis.probes import (
     positions_per_chunk,
     rows_per_chunk,
 )
-from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.crosscoder import MODEL_ORDER, CrossCoder
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.analysis.probes import content_mask, pair_models
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.hooks import residual_at
 
 CONTEXT_TOKENS = 6  # tokens shown before the firing token

@@ -28,6 +28,7 @@ import yaml
 
 from crosscoder_pl.analysis.report import Step, write_analyses
 from crosscoder_pl.artifact.layout import TRAIN_CONFIG
+from crosscoder_pl.config import AnalysisConfig, DashboardSettings
 from crosscoder_pl.crosscoder import INCOMPLETE, CrossCoder
 from crosscoder_pl.dashboard.offline import resolve_settings, write_dashboard
 from crosscoder_pl.data.activations import token_table
@@ -52,20 +53,20 @@ def write_artifact(
     directory: str | Path,
     crosscoder: CrossCoder,
     data: AnalysisData,
-    settings: Mapping[str, Any],
+    settings: AnalysisConfig,
     train_config: Mapping[str, Any],
     command: str,
-    dashboard: Mapping[str, Any] | None = None,
+    dashboard: DashboardSettings | None = None,
 ) -> dict[str, Any]:
     """Write the whole artifact at ``directory``, replacing any previous one atomically; return the metrics.
 
     Args:
         crosscoder: the trained crosscoder (folded or not: saved folded, analysed as a folded eval-mode copy).
         data: the model pair, held-out activations and probe batch the analyses run on.
-        settings: the ``conf/analysis`` group (`crosscoder_pl.config.AnalysisConfig`).
+        settings: the ``analysis`` group, typed and checked once by the caller (`RunConfig.analysis`).
         train_config: the run's resolved configuration, plain containers (written as ``train_config.yaml``).
         command: the command that reproduces the artifact (for the card).
-        dashboard: the ``conf/dashboard`` group; None: the one in ``train_config`` (see `run_analyses`).
+        dashboard: the ``dashboard`` group, typed; None: the one in ``train_config`` (see `run_analyses`).
     """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -102,10 +103,10 @@ def run_analyses(
     probe_ids: torch.Tensor,
     probe_mask: torch.Tensor,
     out_dir: str | Path,
-    settings: Mapping[str, Any],
+    settings: AnalysisConfig,
     recipe: Mapping[str, Any],
     command: str,
-    dashboard: Mapping[str, Any] | None = None,
+    dashboard: DashboardSettings | None = None,
     outliers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every analysis file of an artifact, ``metrics.json`` and ``README.md`` into ``out_dir``: the enabled analyses
@@ -115,7 +116,7 @@ def run_analyses(
         activations: raw held-out paired activations ``[tokens, 2, d_model]``; the dashboard needs them carrying
             their token ids (``data.activations.token_table``), else it is skipped with a warning.
         probe_ids, probe_mask: probe batch ``[n_probes, seq]``, BOS first, padding allowed.
-        dashboard: the ``conf/dashboard`` group; None: the one recorded in ``out_dir/train_config.yaml``, else
+        dashboard: the ``dashboard`` group, typed; None: the one recorded in ``out_dir/train_config.yaml``, else
             the defaults (on).
     """
     steps: dict[str, Step] = {"dashboard": _dashboard_step(pair, activations, out_dir, dashboard)}
@@ -124,7 +125,7 @@ def run_analyses(
 
 
 def _dashboard_step(pair: Any, activations: torch.Tensor, out_dir: str | Path,
-                    given: Mapping[str, Any] | None) -> Step:
+                    given: DashboardSettings | None) -> Step:
     """The dashboard as a step of `write_analyses`: written when enabled and the activations carry token ids."""
 
     def step(crosscoder: CrossCoder) -> dict[str, Any] | None:

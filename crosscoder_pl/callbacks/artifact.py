@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 
 from crosscoder_pl.artifact.writer import write_artifact
+from crosscoder_pl.config import AnalysisConfig, DashboardSettings
 from crosscoder_pl.loggers import log_artifact_to_wandb
 
 log = logging.getLogger(__name__)
@@ -26,18 +27,18 @@ class WriteArtifact(L.Callback):
 
     Args:
         artifact_dir: where the artifact goes (replaced atomically if it exists).
-        analysis: the ``conf/analysis`` group.
+        analysis: the ``analysis`` group, typed (`RunConfig.analysis`).
         train_config: the run's resolved configuration, plain containers (``train_config.yaml``).
-        dashboard: the ``conf/dashboard`` group; None: the one in ``train_config``.
+        dashboard: the ``dashboard`` group, typed (`RunConfig.dashboard`); None: the one in ``train_config``.
         command: the command recorded in the card's "Reproduce" section (default: this process's argv).
     """
 
     def __init__(
         self,
         artifact_dir: str | Path,
-        analysis: Mapping[str, Any],
+        analysis: AnalysisConfig,
         train_config: Mapping[str, Any],
-        dashboard: Mapping[str, Any] | None = None,
+        dashboard: DashboardSettings | None = None,
         command: str | None = None,
     ) -> None:
         super().__init__()

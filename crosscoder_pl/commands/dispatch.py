@@ -9,7 +9,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from crosscoder_pl.commands import import_checkpoint, push, reanalyse, serve, sweep_summary
+from crosscoder_pl.commands import (
+    import_checkpoint,
+    push,
+    reanalyse,
+    serve,
+    sweep_summary,
+)
 
 Run = Callable[[DictConfig, list[str]], dict[str, Any]]
 

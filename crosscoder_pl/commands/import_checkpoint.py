@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from crosscoder_pl.artifact.reader import check_train_config, rebuild_data, rebuild_pair
 from crosscoder_pl.artifact.writer import write_artifact
+from crosscoder_pl.config import AnalysisConfig, DashboardSettings
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.interop.dictionary_learning import load_dictionary_learning
 
@@ -42,6 +43,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             "analyse it with, e.g. model_pair=gemma2_2b data=papergrade, or model_pair=embedded data=embedded "
             "(then model_pair.base=..., model_pair.chat=..., model_pair.layer=... as trained)"
         )
+    # Typed and checked once, before anything loads.
+    analysis = AnalysisConfig.read(cfg.analysis)
+    dashboard = DashboardSettings.read(cfg.dashboard)
     artifact = Path(cfg.artifact)
     if artifact.exists():
         raise FileExistsError(f"artifact={artifact} exists: an import writes a new artifact; choose a new directory")
@@ -65,7 +69,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     crosscoder.metadata.update(base_model=pair.base_id, chat_model=pair.chat_id, layer=pair.layer, command=command)
     datamodule = rebuild_data(train_config["data"], pair)
     device = next(pair.base.parameters()).device
-    metrics = write_artifact(artifact, crosscoder.to(device), datamodule, train_config["analysis"], train_config,
-                             command=command, dashboard=train_config["dashboard"])
+    metrics = write_artifact(artifact, crosscoder.to(device), datamodule, analysis, train_config, command=command,
+                             dashboard=dashboard)
     print(f"\nimported {cfg.checkpoint} into {artifact.resolve()}")
     return metrics

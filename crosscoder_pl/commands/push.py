@@ -15,7 +15,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     given, then push; return the import's metrics (empty without one)."""
     from huggingface_hub import HfApi
 
-    from crosscoder_pl import hub  # huggingface_hub only when pushing; hub's names looked up when called
+    from crosscoder_pl import (
+        hub,  # huggingface_hub only when pushing; hub's names looked up when called
+    )
 
     api = HfApi(token=hub.check_hub_access(cfg.push_to_hub))
     metrics = import_checkpoint.run(cfg, overrides) if cfg.get("checkpoint") else {}

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from crosscoder_pl.artifact.reader import read_train_config, rebuild
 from crosscoder_pl.artifact.writer import write_artifact
 from crosscoder_pl.commands.settings import analysis_settings, dashboard_settings
-from crosscoder_pl.config import AnalysisConfig
+from crosscoder_pl.config import AnalysisConfig, DashboardSettings
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -21,13 +21,14 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     the metrics."""
     artifact = Path(cfg.artifact)
     train_cfg = read_train_config(artifact)  # refuses what this project would not build, before anything loads
-    settings = analysis_settings(cfg, train_cfg, overrides)
-    AnalysisConfig.read(settings)  # typed and checked before the models and the data load
+    # Typed and checked once, before the models and the data load.
+    settings = AnalysisConfig.read(analysis_settings(cfg, train_cfg, overrides))
+    dashboard = DashboardSettings.read(dashboard_settings(cfg, train_cfg, overrides))
     loaded = rebuild(artifact, train_cfg, cfg.device)
     metrics = write_artifact(
         artifact, loaded.crosscoder, loaded.data, settings, train_cfg,
         command=loaded.crosscoder.metadata.get("command", "python train.py"),
-        dashboard=dashboard_settings(cfg, train_cfg, overrides),
+        dashboard=dashboard,
     )
     print(f"\nanalyses rewritten in {artifact.resolve()}")
     return metrics

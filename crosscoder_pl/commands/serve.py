@@ -15,7 +15,9 @@ from crosscoder_pl.commands.settings import dashboard_settings
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Serve until interrupted, with the artifact's recorded dashboard settings under ``overrides``; return {}."""
-    from crosscoder_pl.dashboard.server import serve_artifact  # the web stack only when serving
+    from crosscoder_pl.dashboard.server import (
+        serve_artifact,  # the web stack only when serving
+    )
 
     artifact = Path(cfg.artifact)
     train_cfg = read_train_config(artifact)  # refuses what this project would not build, before anything loads

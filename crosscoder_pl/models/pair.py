@@ -40,7 +40,8 @@ from transformers import (
 )
 
 from crosscoder_pl.hooks import check_layer
-from crosscoder_pl.models.chat_tune import NAME as CHAT_TUNED, ensure_chat_pair
+from crosscoder_pl.models.chat_tune import NAME as CHAT_TUNED
+from crosscoder_pl.models.chat_tune import ensure_chat_pair
 from crosscoder_pl.models.embedded import ensure_embedded_pair
 from crosscoder_pl.names import MODELS
 from crosscoder_pl.network import ask_hub, hub_offline, timeout_advice
