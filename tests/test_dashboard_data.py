@@ -16,7 +16,8 @@ from crosscoder_pl.data.activations import (
     with_tokens,
 )
 from crosscoder_pl.data.cache import load_val, write_cache
-from crosscoder_pl.data.datamodule import CachedActivationDataModule, write_activation_cache
+from crosscoder_pl.data.cached import CachedActivationDataModule
+from crosscoder_pl.data.datamodule import write_activation_cache
 from test_data_datamodule import datamodule
 from test_data_helpers import sentence, tiny_pair
 

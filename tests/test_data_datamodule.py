@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from crosscoder_pl.data.cache import CachedActivations, read_meta
-from crosscoder_pl.data.datamodule import (
-    ActivationDataModule,
-    CachedActivationDataModule,
-    Endless,
-    write_activation_cache,
-)
+from crosscoder_pl.data.cached import CachedActivationDataModule
+from crosscoder_pl.data.datamodule import ActivationDataModule, write_activation_cache
+from crosscoder_pl.data.resume import Endless
 from test_data_helpers import tiny_pair, write_corpus
 
 
