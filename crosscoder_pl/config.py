@@ -256,10 +256,10 @@ class StreamDataConfig(Group):
 
 
 class CachedDataConfig(Group):
-    """``data=cached``: `crosscoder_pl.data.datamodule.CachedActivationDataModule`."""
+    """``data=cached``: `crosscoder_pl.data.cached.CachedActivationDataModule`."""
 
     KEY: ClassVar[str] = "data"
-    TARGET: ClassVar[str] = "crosscoder_pl.data.datamodule.CachedActivationDataModule"
+    TARGET: ClassVar[str] = "crosscoder_pl.data.cached.CachedActivationDataModule"
 
     path: Str = Field(description="the activation cache written by python cache_activations.py out=DIR")
     batch_size: Int = Field(4096, ge=1, description="tokens per crosscoder step")

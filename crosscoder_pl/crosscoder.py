@@ -10,6 +10,10 @@ normalised space and ``encode``/``decode`` convert from/to raw activations. ``fo
 into the weights and biases, so a saved crosscoder takes and returns raw activations with no extra step;
 ``decoder_norms()`` always answers in the normalised space, where comparing a latent's two decoder norms is
 meaningful.
+
+Here: the parameters, encoding and decoding, folding, saving and loading. The training step (``step``, its sparse
+and dense variants, AuxK) is in `crosscoder_pl.step`; a hub id given to ``from_pretrained`` is downloaded by
+`crosscoder_pl.hub_download`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ import copy
 import json
 import math
 import warnings
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,65 +30,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from crosscoder_pl.distributed import Reducer, distributed, keep_global_top
+from crosscoder_pl.distributed import Reducer
 from crosscoder_pl.files import write_whole
-from crosscoder_pl.sparse import (
-    SparseCodes,
-    decode_sparse,
-    pre_acts_at,
-    select_batch_topk,
-)
+from crosscoder_pl.hub_download import from_hub
+from crosscoder_pl.names import MODELS
+from crosscoder_pl.step import StepOutput, training_step
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Present while a directory is being written (crosscoder_pl.artifact); removed last. Readers refuse it.
 INCOMPLETE = "INCOMPLETE"
-MODEL_ORDER = ("base", "chat")
-LOSSES = ("mse", "l2")
-STEP_IMPLS = ("sparse", "dense")
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """Everything one training step computes and reports, in the normalised (training) space.
-
-    ``loss = recon + aux_coef * aux * unit`` (docs/method.md, "Loss"): ``recon`` is the reconstruction
-    term under the loss option, ``aux`` the AuxK error normalised by its target's (dimensionless: 1 = the
-    dead latents explain none of the residual, 0 when no latent is dead), ``unit`` the loss of predicting
-    the batch mean, which puts AuxK in the reconstruction term's units under either loss option.
-    Under DDP (a reducer spanning several ranks) ``loss``, ``recon``, ``aux``, ``unit``, ``min_kept`` and ``n_tokens`` hold the
-    global batch's values on every rank, while ``loss``'s gradient is this rank's share (DDP's average over ranks
-    is the global batch's gradient); ``active``, ``x`` and ``x_hat`` are this rank's tokens.
-    The codes come in coordinate form (``active``: what the training loop reads, without a ``[batch, F]``
-    pass); ``codes`` makes the dense ``[batch, F]`` tensor on first use.
-    """
-
-    loss: torch.Tensor  # [] what the optimiser minimises
-    recon: torch.Tensor  # []
-    aux: torch.Tensor  # []
-    unit: torch.Tensor  # [] detached
-    active: SparseCodes  # the kept BatchTopK entries (unscaled f), shape (batch, F)
-    x: torch.Tensor  # [batch, n_models, d_model] normalised input
-    x_hat: torch.Tensor  # [batch, n_models, d_model] its reconstruction
-    min_kept: torch.Tensor  # [] smallest positive kept score (inf if none): what the threshold tracks
-    n_tokens: int  # tokens of the (global) batch: batch on one process, summed over ranks under DDP
-
-    @cached_property
-    def codes(self) -> torch.Tensor:
-        """``[batch, F]`` BatchTopK codes (unscaled f of the kept entries, 0 elsewhere)."""
-        return self.active.to_dense()
-
-
-def token_loss(err: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-token error of ``err [batch, n_models, d_model]`` under a loss option: ``[batch]``.
-
-    ``mse``: squared norm summed over models; ``l2``: unsquared norm per model, summed over models
-    (the crosscoder paper's code). The one place where the loss option is interpreted.
-    """
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
-    sq = err.pow(2).sum(-1)  # [batch, n_models]
-    return (sq if loss == "mse" else sq.sqrt()).sum(-1)
 
 
 class CrossCoder(nn.Module):
@@ -201,22 +154,6 @@ class CrossCoder(nn.Module):
         codes = torch.zeros_like(flat_f).scatter(0, idx, flat_f.gather(0, idx))
         return codes.view_as(f), min_kept.detach()
 
-    def _batch_topk_global(self, f: torch.Tensor, group: Reducer, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`batch_topk` of the global batch under DDP, ``f [batch, F]`` being this rank's pre-activations: the
-        codes of this rank's entries among the ``n_keep`` highest scores over all ranks, and the global
-        ``min_kept``. Candidates: this rank's positive (or NaN) scores among its own top ``n_keep``, in flat order
-        (:func:`crosscoder_pl.distributed.keep_global_top` says why they suffice)."""
-        flat_f = f.reshape(-1)
-        values, idx = self.scores(f).reshape(-1).topk(min(n_keep, flat_f.numel()), sorted=False)
-        candidate = (values > 0) | values.isnan()
-        idx, values = idx[candidate], values[candidate]
-        order = idx.argsort()
-        idx, values = idx[order], values[order]
-        keep, min_kept = keep_global_top(values, n_keep, group)
-        idx = idx[keep]
-        codes = torch.zeros_like(flat_f).scatter(0, idx, flat_f.gather(0, idx))
-        return codes.view_as(f), min_kept.detach()
-
     def threshold_codes(self, f: torch.Tensor) -> torch.Tensor:
         """Inference encoding: keep every entry whose score exceeds ``threshold``; ``[..., F]``."""
         return f * (self.scores(f) > self.threshold)
@@ -272,137 +209,10 @@ class CrossCoder(nn.Module):
         impl: str = "sparse",
         reducer: Reducer | None = None,
     ) -> StepOutput:
-        """One training step's loss and everything reported about it (docs/method.md, "Loss").
-
-        Args:
-            x: raw activations ``[batch, n_models, d_model]``.
-            k: BatchTopK's k for this step (``k * batch`` entries kept over the whole batch).
-            dead: ``[F]`` bool, latents that had not fired for the dead-latent window before this step
-                (None or all False: no AuxK).
-            loss: ``"mse"`` or ``"l2"`` (:func:`token_loss`); AuxK uses the same per-token error.
-            aux_coef: AuxK weight relative to the reconstruction term (Gao et al. 2024: 1/32).
-            k_aux: dead latents AuxK may use per token.
-            impl: ``"sparse"`` computes from the kept entries only (:mod:`crosscoder_pl.sparse`: exact two-stage
-                selection, decoder rows gathered, gradients of the active entries only); ``"dense"`` multiplies
-                all F latents (the reference). Both keep the same entries and give the same loss and
-                gradients up to float summation order (docs/method.md, "Sparse step").
-            reducer: the collectives of data-parallel training (:mod:`crosscoder_pl.distributed`), ``x`` being this
-                rank's slice of the global batch: BatchTopK keeps the ``k * B_global`` highest scores of the global
-                batch and every mean over the batch is the global one, so that the ranks together compute the
-                single-process step on the global batch (docs/method.md, "Data parallelism"). None, or a world of
-                one: the single-process step, without any collective.
-        """
-        if self.folded:
-            raise RuntimeError("a folded crosscoder is for inference; train the unfolded one (CrossCoder.fold copies)")
-        if impl not in STEP_IMPLS:
-            raise ValueError(f"impl={impl!r} is not one of {STEP_IMPLS}")
-        self._check_input(x)
-        x_n = self.normalise(x.to(self.W_enc.dtype))  # [batch, n_models, d_model], the training space
-        # One host sync; healthy runs skip AuxK's work.
-        dead_idx = dead.nonzero().squeeze(1) if dead is not None and aux_coef > 0 else None
-        if dead_idx is not None and dead_idx.numel() == 0:
-            dead_idx = None
-        forward = self._forward_sparse if impl == "sparse" else self._forward_dense
-        group = distributed(reducer)
-        n_global = x_n.shape[0]
-        if group is None:
-            active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux)
-            recon = token_loss(x_n - x_hat, loss).mean()
-            unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
-            aux = recon.new_zeros(()) if e_hat is None else self.aux_error((x_n - x_hat).detach(), e_hat, loss)
-        else:
-            # One collective for the global batch size (a host int: the selection's size) and the inputs' mean.
-            sums = group.all_reduce(torch.cat([x_n.new_full((1,), x_n.shape[0]), x_n.sum(0).flatten()]).double())
-            n_global = int(sums[0].item())
-            x_mean = (sums[1:] / n_global).to(x_n.dtype).view_as(x_n[0])
-            n_keep = min(k * n_global, n_global * self.n_latents)
-            active, min_kept, x_hat, e_hat = forward(x_n, k, dead_idx, k_aux, (group, n_keep))
-            recon, aux, unit = _global_terms(x_n, x_hat, e_hat, x_mean, n_global, loss, group)
-        total = recon + aux_coef * aux * unit
-        return StepOutput(total, recon, aux, unit, active, x_n, x_hat, min_kept, n_global)
-
-    def _forward_dense(
-        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int,
-        ranks: tuple[Reducer, int] | None = None,
-    ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The reference: all F latents through the decoder. Returns the kept entries, ``min_kept``, the
-        reconstruction ``x_hat`` and AuxK's reconstruction of the residual ``e_hat`` (None without dead latents),
-        both ``[batch, n_models, d_model]``. ``ranks``: the reducer and the number of entries the global BatchTopK
-        keeps, under DDP."""
-        pre = self._encoder_affine(x_n)  # [batch, F], before the ReLU
-        f = F.relu(pre)
-        codes, min_kept = self.batch_topk(f, k) if ranks is None else self._batch_topk_global(f, *ranks)
-        x_hat = self.decode(codes, normalised=True)
-        e_hat = None
-        if dead_idx is not None:
-            aux_codes = self.aux_topk(pre, dead_idx, k_aux)  # [batch, n_dead]
-            e_hat = self._aux_decode(aux_codes, dead_idx).view_as(x_n)
-        return SparseCodes.from_dense(codes), min_kept, x_hat, e_hat
-
-    def _forward_sparse(
-        self, x_n: torch.Tensor, k: int, dead_idx: torch.Tensor | None, k_aux: int,
-        ranks: tuple[Reducer, int] | None = None,
-    ) -> tuple[SparseCodes, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`_forward_dense` computed from the kept entries: the encoder's matmul is the only ``[batch, F]``
-        product; selection, decoding and the backward touch the kept entries (and AuxK's dead columns) only."""
-        n_tokens = x_n.shape[0]
-        x_flat = x_n.reshape(n_tokens, -1)
-        W_enc = self.W_enc.reshape(-1, self.n_latents)
-        with torch.no_grad():
-            pre = self._encoder_affine(x_n)  # [batch, F], before the ReLU; no autograd graph
-            weight = self.decoder_norms().sum(-1)  # [F] the score weight, as in scores()
-            if ranks is None:
-                flat, _, min_kept = select_batch_topk(pre, weight, k)
-            else:  # this rank's top k * B_global, then the global cut among all ranks' candidates
-                group, n_keep = ranks
-                flat, scores, _ = select_batch_topk(pre, weight, k, n_keep=n_keep)
-                keep, min_kept = keep_global_top(scores, n_keep, group)
-                flat = flat[keep]
-            rows, cols = flat.div(self.n_latents, rounding_mode="floor"), flat.remainder(self.n_latents)
-        dead_cols = torch.zeros(0, dtype=torch.long, device=pre.device) if dead_idx is None else dead_idx
-        values, pre_dead = pre_acts_at(x_flat, W_enc, self.b_enc, pre, rows, cols, dead_cols)
-        active = SparseCodes(rows, cols, values, (n_tokens, self.n_latents))
-        W_dec = self.W_dec.reshape(self.n_latents, -1)
-        x_hat = decode_sparse(W_dec, values, rows, cols, n_tokens).view_as(x_n) + self.b_dec
-        e_hat = None
-        if dead_idx is not None:  # AuxK as in the dense step, on the dead columns only
-            aux_codes = self._aux_codes(pre_dead, weight[dead_idx], k_aux)
-            e_hat = self._aux_decode(aux_codes, dead_idx).view_as(x_n)
-        return active, min_kept, x_hat, e_hat
-
-    def aux_topk(self, pre: torch.Tensor, dead_idx: torch.Tensor, k_aux: int) -> torch.Tensor:
-        """AuxK's selection, the per-token twin of :meth:`batch_topk`: among the dead latents ``dead_idx [n_dead]``,
-        keep each token's ``k_aux`` highest scores. ``pre``: pre-activations before the ReLU ``[batch, F]``.
-        Returns codes ``[batch, n_dead]``: the ReLU'd values, with a straight-through gradient (:meth:`_aux_codes`)."""
-        return self._aux_codes(pre[:, dead_idx], self.decoder_norms()[dead_idx].sum(-1), k_aux)
-
-    @staticmethod
-    def _aux_codes(pre_dead: torch.Tensor, weight_dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-        """:meth:`aux_topk` from the dead latents' pre-activations before the ReLU ``[batch, n_dead]`` and score
-        weights ``[n_dead]``.
-
-        The kept values are ``relu(pre)`` (the references' AuxK: a dead latent below zero adds nothing to the
-        reconstruction), but the gradient passes through the ReLU as if it were the identity. With the ReLU's own
-        gradient a latent whose pre-activation is below zero on every token gets none, and AuxK cannot bring it
-        back; straight through, its encoder learns to raise the pre-activation on the tokens whose residual its
-        decoder direction would reduce (docs/method.md, "AuxK")."""
-        scores = pre_dead * weight_dead
-        idx = scores.topk(min(k_aux, pre_dead.shape[-1]), dim=-1, sorted=False).indices
-        kept = pre_dead.gather(-1, idx)
-        kept = kept + (kept.clamp_min(0) - kept).detach()
-        return torch.zeros_like(pre_dead).scatter(-1, idx, kept)
-
-    def _aux_decode(self, aux_codes: torch.Tensor, dead_idx: torch.Tensor) -> torch.Tensor:
-        """AuxK's reconstruction ``[batch, n_models * d_model]`` from codes over the dead latents: decoder, no bias."""
-        return aux_codes @ self.W_dec[dead_idx].reshape(dead_idx.numel(), -1)
-
-    @staticmethod
-    def aux_error(residual: torch.Tensor, e_hat: torch.Tensor, loss: str) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the error of the dead latents' reconstruction ``e_hat`` (decoder, no bias) of
-        the detached residual ``[batch, n_models, d_model]``, normalised by the error of predicting the
-        residual's mean (both under ``loss``)."""
-        baseline = token_loss(residual - residual.mean(0), loss).mean().clamp_min(1e-12)
-        return token_loss(residual - e_hat, loss).mean() / baseline
+        """One training step's loss and everything reported about it (docs/method.md, "Loss"), from raw activations
+        ``x [batch, n_models, d_model]`` with BatchTopK's ``k``: `crosscoder_pl.step.training_step`, where the
+        arguments are documented (``impl``: the sparse or the dense step; ``reducer``: under DDP)."""
+        return training_step(self, x, k, dead, loss=loss, aux_coef=aux_coef, k_aux=k_aux, impl=impl, reducer=reducer)
 
     # ----------------------------------------------------------------------------------- folding / io
     def fold(self) -> CrossCoder:
@@ -429,7 +239,7 @@ class CrossCoder(nn.Module):
             "n_latents": self.n_latents,
             "k": self.k,
             "n_models": self.n_models,
-            "model_order": list(MODEL_ORDER[: self.n_models]),
+            "model_order": list(MODELS[: self.n_models]),
             "scales": [float(s) for s in self.scales],
             "centred": bool(self.means.any()),
             "threshold": float(self.threshold),
@@ -488,45 +298,6 @@ class CrossCoder(nn.Module):
             raise ValueError(f"CrossCoder expects activations [..., {want[0]}, {want[1]}], got shape {tuple(x.shape)}")
 
 
-def _global_terms(
-    x_n: torch.Tensor, x_hat: torch.Tensor, e_hat: torch.Tensor | None, x_mean: torch.Tensor, n_global: int,
-    loss: str, group: Reducer,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``recon``, ``aux``, ``unit`` of the global batch from this rank's tokens (the single-process formulas of
-    :meth:`CrossCoder.step` and :meth:`CrossCoder.aux_error` with every mean over the batch taken over all ranks).
-
-    Each value is the global one; each gradient is this rank's share, ``world / B_global`` times the sum over its
-    tokens, so that DDP's mean of the ranks' gradients is the gradient of the mean over the global batch (even
-    when the ranks hold unequal numbers of tokens, as after dropping non-finite rows). Collectives: one of
-    ``2 + n_models * d_model`` sums (reconstruction and unit error sums, and the residual's sum when AuxK acts), and
-    one of 2 sums (AuxK's error and baseline) when AuxK acts.
-    """
-    share = group.world_size / n_global
-    residual = (x_n - x_hat).detach()
-    per_token = token_loss(x_n - x_hat, loss)  # [batch]
-    unit_sum = token_loss(x_n - x_mean, loss).sum()
-    parts = [per_token.detach().sum()[None], unit_sum[None]]
-    if e_hat is not None:
-        parts.append(residual.sum(0).flatten())
-    sums = group.all_reduce(torch.cat(parts).double())
-    recon = _valued(per_token.sum() * share, sums[0] / n_global)
-    unit = (sums[1] / n_global).to(x_n.dtype)
-    if e_hat is None:
-        return recon, recon.new_zeros(()), unit
-    residual_mean = (sums[2:] / n_global).to(residual.dtype).view_as(residual[0])
-    aux_per_token = token_loss(residual - e_hat, loss)  # [batch]
-    base_sum = token_loss(residual - residual_mean, loss).sum()
-    aux_sums = group.all_reduce(torch.stack([aux_per_token.detach().sum(), base_sum]).double())
-    baseline = (aux_sums[1] / n_global).clamp_min(1e-12)
-    aux = _valued(aux_per_token.sum() * share / baseline.to(x_n.dtype), aux_sums[0] / n_global / baseline)
-    return recon, aux, unit
-
-
-def _valued(local: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A tensor with ``local``'s gradient and ``value``'s value (the global one, computed without autograd)."""
-    return local + (value.to(local.dtype) - local).detach()
-
-
 def _check_sizes(d_model: int, n_latents: int, k: int, n_models: int) -> None:
     for name, value in (("d_model", d_model), ("n_latents", n_latents), ("k", k), ("n_models", n_models)):
         if not isinstance(value, int) or value < 1:
@@ -563,46 +334,8 @@ def _resolve(directory: str | Path) -> Path:
     if path.is_dir():
         return path
     if isinstance(directory, str) and directory.count("/") == 1 and not path.exists():
-        return _from_hub(directory)
+        return from_hub(directory, [CONFIG_NAME, WEIGHTS_NAME])
     aside = sorted(path.parent.glob(f".{path.name}.replaced-*"))
     hint = f"; a complete copy set aside by an interrupted rewrite is at {aside[-1]}: rename it to {path}" if aside else ""
     raise FileNotFoundError(f"no crosscoder at {directory!s}: expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
 
-
-def _from_hub(repo_id: str) -> Path:
-    """The hub repo's two files: from the local cache if there, else downloaded after one probe request that
-    gives up after ``HF_HUB_ETAG_TIMEOUT`` s (huggingface_hub's own calls retry a silent hub for minutes)."""
-    from huggingface_hub import model_info, snapshot_download
-
-    from crosscoder_pl.network import (
-        HubUnreachableError,
-        ask_hub,
-        hub_offline,
-        hub_timeout,
-    )
-
-    files = [CONFIG_NAME, WEIGHTS_NAME]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=True))
-    except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not in the cache
-        pass
-    if hub_offline():
-        raise FileNotFoundError(_hub_failure(repo_id, "offline mode is on (HF_HUB_OFFLINE) and it is not in the cache"))
-    try:
-        ask_hub(lambda timeout: model_info(repo_id, timeout=timeout))
-    except HubUnreachableError as err:
-        raise ConnectionError(_hub_failure(repo_id, str(err))) from err
-    except Exception as err:  # the hub answered with an error (not found, gated, no access)
-        raise ConnectionError(_hub_failure(repo_id, f"{type(err).__name__}: {err}")) from err
-    return Path(snapshot_download(repo_id, allow_patterns=files, etag_timeout=hub_timeout()))
-
-
-def _hub_failure(repo_id: str, reason: str) -> str:
-    from huggingface_hub import constants
-
-    return (
-        f"could not load the crosscoder {repo_id!r}: it is not a local directory, so it was looked up on the "
-        f"Hugging Face hub ({constants.ENDPOINT}): {reason}. To run offline, pass the artifact's local directory, or "
-        f"download it once where the hub is reachable (hf download {repo_id}) and set HF_HUB_OFFLINE=1 to use that "
-        "cached copy; on a slow network raise HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT (seconds)."
-    )

@@ -25,11 +25,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from crosscoder_pl.config import CrossCoderConfig
-from crosscoder_pl.crosscoder import CrossCoder, StepOutput, token_loss
+from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.distributed import ProcessGroupReducer, Reducer
 from crosscoder_pl.metrics import FiringCounts, VarianceExplained
 from crosscoder_pl.schedules import k_at, lr_factor
 from crosscoder_pl.sparse import SparseCodes
+from crosscoder_pl.step import StepOutput, token_loss
 
 log = logging.getLogger(__name__)
 

@@ -242,10 +242,8 @@ def build_source(group: TextSourceConfig | EmbeddedSourceConfig | Mapping[str, A
 
 def build_data(group: StreamDataConfig | CachedDataConfig | Mapping[str, Any], pair: Any) -> Any:
     """The data module of the ``data`` group on ``pair``."""
-    from crosscoder_pl.data.datamodule import (
-        ActivationDataModule,
-        CachedActivationDataModule,
-    )
+    from crosscoder_pl.data.cached import CachedActivationDataModule
+    from crosscoder_pl.data.datamodule import ActivationDataModule
 
     if isinstance(group, StreamDataConfig):
         values = {k: thaw(v) for k, v in group.model_dump(exclude={"web", "chat"}).items()}

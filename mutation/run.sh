@@ -12,7 +12,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ $# -gt 0 ]; then modules=("$@"); else modules=(crosscoder sparse distributed module metrics schedules taxonomy scaling causal splice); fi
+if [ $# -gt 0 ]; then modules=("$@"); else modules=(crosscoder step sparse distributed module metrics schedules taxonomy scaling causal splice); fi
 for m in "${modules[@]}"; do
   [ -f "$repo/mutation/$m.toml" ] || { echo "no mutation/$m.toml" >&2; exit 2; }
 done

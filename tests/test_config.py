@@ -30,14 +30,12 @@ from crosscoder_pl.config import (
     TextSourceConfig,
     TrainerConfig,
 )
-from crosscoder_pl.crosscoder import LOSSES, STEP_IMPLS
-from crosscoder_pl.data.datamodule import (
-    RANK_SPLITS,
-    ActivationDataModule,
-    CachedActivationDataModule,
-)
+from crosscoder_pl.data.cached import CachedActivationDataModule
+from crosscoder_pl.data.datamodule import ActivationDataModule
+from crosscoder_pl.data.loaders import RANK_SPLITS
 from crosscoder_pl.data.sources import SOURCES, SourceConfig
 from crosscoder_pl.models.pair import DTYPES, load_model_pair
+from crosscoder_pl.step import LOSSES, STEP_IMPLS
 
 OUT = "hydra.runtime.output_dir=/tmp/x"
 

@@ -18,10 +18,8 @@ from crosscoder_pl.data.activations import (
     with_tokens,
 )
 from crosscoder_pl.data.cache import load_val, write_cache
-from crosscoder_pl.data.datamodule import (
-    CachedActivationDataModule,
-    write_activation_cache,
-)
+from crosscoder_pl.data.cached import CachedActivationDataModule
+from crosscoder_pl.data.datamodule import write_activation_cache
 
 
 @pytest.mark.parametrize(("padding_side", "outlier_factor"), [("right", None), ("left", None), ("right", 1.05)])

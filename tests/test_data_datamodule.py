@@ -7,12 +7,9 @@ import torch
 from test_data_helpers import tiny_pair, write_corpus
 
 from crosscoder_pl.data.cache import CachedActivations, read_meta
-from crosscoder_pl.data.datamodule import (
-    ActivationDataModule,
-    CachedActivationDataModule,
-    Endless,
-    write_activation_cache,
-)
+from crosscoder_pl.data.cached import CachedActivationDataModule
+from crosscoder_pl.data.datamodule import ActivationDataModule, write_activation_cache
+from crosscoder_pl.data.resume import Endless
 
 
 def datamodule(root: Path, **overrides) -> ActivationDataModule:

@@ -16,10 +16,8 @@ from crosscoder_pl.artifact.writer import run_analyses
 from crosscoder_pl.config import AnalysisConfig, ConfigError
 from crosscoder_pl.data import datamodule as datamodule_module
 from crosscoder_pl.data.cache import read_meta, write_cache
-from crosscoder_pl.data.datamodule import (
-    CachedActivationDataModule,
-    write_activation_cache,
-)
+from crosscoder_pl.data.cached import CachedActivationDataModule
+from crosscoder_pl.data.datamodule import write_activation_cache
 from crosscoder_pl.data.outliers import OutlierCounts, outlier_flags, screen, upgraded
 
 PLANTED = 3  # chat outliers planted in every group of texts, at 10x the median norm

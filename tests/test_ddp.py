@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from test_data_datamodule import datamodule
 
-from crosscoder_pl.data.datamodule import RankSlice
+from crosscoder_pl.data.loaders import RankSlice
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 256

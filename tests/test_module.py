@@ -11,6 +11,7 @@ import torch
 from planted import make_planted
 from torch.utils.data import DataLoader, TensorDataset
 
+import crosscoder_pl.step as step_impls
 from crosscoder_pl import CrossCoder, CrossCoderModule
 from crosscoder_pl.analysis.decoder_norms import delta_norm
 from crosscoder_pl.config import CrossCoderConfig
@@ -921,9 +922,9 @@ class PushBelowZero(L.Callback):
 def _revived(monkeypatch_relu_gradient: pytest.MonkeyPatch | None) -> torch.Tensor:
     """Fraction of held-out tokens on which each of 8 latents pushed below zero everywhere fires after 600 steps."""
     if monkeypatch_relu_gradient is not None:  # the references' AuxK: the ReLU's own gradient
-        original = CrossCoder._aux_codes
-        monkeypatch_relu_gradient.setattr(CrossCoder, "_aux_codes",
-                                          staticmethod(lambda pre, weight, k_aux: original(pre.relu(), weight, k_aux)))
+        original = step_impls._aux_codes
+        monkeypatch_relu_gradient.setattr(step_impls, "_aux_codes",
+                                          lambda pre, weight, k_aux: original(pre.relu(), weight, k_aux))
     pushed = torch.arange(0, 48, 6)
     planted = make_planted(d_model=32, n_shared=30, n_base=5, n_chat=5)
     train, held_out = planted.sample(40_000, active=3, seed=1), planted.sample(4000, active=3, seed=2)

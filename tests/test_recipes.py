@@ -85,7 +85,7 @@ def test_own_pair_with_cached_data_trains_on_the_cache_at_the_recipes_batch() ->
     cached data module gets only keys it takes, and the recipe's batch of 1,024 tokens."""
     cfg = compose_train("+experiment=own_pair", "data=cached", "data.path=/tmp/acts")
     check_recipe(cfg)
-    assert cfg.data._target_ == "crosscoder_pl.data.datamodule.CachedActivationDataModule"
+    assert cfg.data._target_ == "crosscoder_pl.data.cached.CachedActivationDataModule"
     assert set(cfg.data) - {"_target_"} <= parameters(cfg.data._target_)
     assert cfg.data.batch_size == 1024
 

@@ -20,11 +20,8 @@ from test_app import compose_train
 from test_data_datamodule import datamodule
 
 from crosscoder_pl.data.cache import write_cache
-from crosscoder_pl.data.datamodule import (
-    ActivationStream,
-    CachedActivationDataModule,
-    CachePasses,
-)
+from crosscoder_pl.data.cached import CachedActivationDataModule, CachePasses
+from crosscoder_pl.data.datamodule import ActivationStream
 from crosscoder_pl.training import (
     _instantiate_logger,
     resume_checkpoint,

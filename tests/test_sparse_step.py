@@ -16,9 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import crosscoder_pl.sparse as sparse
+import crosscoder_pl.step as step_impls
 from crosscoder_pl import CrossCoder, CrossCoderModule
-from crosscoder_pl.crosscoder import LOSSES
 from crosscoder_pl.sparse import SparseCodes, select_batch_topk
+from crosscoder_pl.step import LOSSES
 
 D, F, B = 8, 48, 40
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
@@ -115,9 +116,8 @@ def test_impl_option_is_compared_by_value(monkeypatch) -> None:
     necessarily the same object."""
     calls = []
     for name in ("_forward_sparse", "_forward_dense"):
-        forward = getattr(CrossCoder, name)
-        monkeypatch.setattr(CrossCoder, name,
-                            lambda self, *a, name=name, forward=forward: calls.append(name) or forward(self, *a))
+        forward = getattr(step_impls, name)
+        monkeypatch.setattr(step_impls, name, lambda cc, *a, name=name, forward=forward: calls.append(name) or forward(cc, *a))
     for impl in ("sparse", "dense"):
         _cc().step(torch.randn(4, 2, D), 3, impl="".join(list(impl)))
     assert calls == ["_forward_sparse", "_forward_dense"]

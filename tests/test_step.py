@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crosscoder_pl import CrossCoder
-from crosscoder_pl.crosscoder import token_loss
+from crosscoder_pl.step import token_loss
 
 D, F, K = 8, 32, 3
 

@@ -33,7 +33,8 @@ from crosscoder_pl.analysis.probes import (
     positions_per_chunk,
     rows_per_chunk,
 )
-from crosscoder_pl.crosscoder import MODEL_ORDER, CrossCoder
+from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.names import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def splice_evaluation(
     clean = clean_run(pair, input_ids, attention_mask, rows)
     recon = crosscoder(clean.residual.to(crosscoder.W_dec))  # [P, S, 2, d]
     results = {}
-    for m, (name, model) in enumerate(zip(MODEL_ORDER, models)):
+    for m, (name, model) in enumerate(zip(MODELS, models)):
         chunk = positions_per_chunk(budget, model.config.get_text_config().vocab_size)
         kl = torch.zeros(content.shape)  # [P, S]: KL(clean || spliced)
         nll = torch.zeros(3, *content.shape)  # [clean / splice / zero, P, S]

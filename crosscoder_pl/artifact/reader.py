@@ -19,10 +19,8 @@ import yaml
 
 from crosscoder_pl.artifact.layout import TRAIN_CONFIG
 from crosscoder_pl.crosscoder import CrossCoder, check_complete
-from crosscoder_pl.data.datamodule import (
-    ActivationDataModule,
-    CachedActivationDataModule,
-)
+from crosscoder_pl.data.cached import CachedActivationDataModule
+from crosscoder_pl.data.datamodule import ActivationDataModule
 from crosscoder_pl.data.outliers import upgraded
 from crosscoder_pl.data.sources import SourceConfig, embedded_source
 from crosscoder_pl.models.pair import ModelPair, load_model_pair

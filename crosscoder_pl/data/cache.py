@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 TENSOR = "activations"
 FORMAT = 2
 META = "meta.json"
+PROBES = "probes.safetensors"  # the probe batch of the end-of-training analyses (written with the cache)
 REBUILD = ("rebuild it: python cache_activations.py out={path} (with the overrides it was written with; they are "
            "in its meta.json \"source\"), or point data.path at another cache")
 

@@ -1,10 +1,10 @@
-"""LightningDataModules serving paired activations ``[batch, 2, d_model]`` to the crosscoder.
+"""`ActivationDataModule`: paired activations ``[batch, 2, d_model]`` computed on the fly for the crosscoder.
 
-`ActivationDataModule` computes them on the fly: mixed web/chat text -> both language models (truncated
-forward) -> shuffle buffer. Training batches stay on the language models' device (the buffer lives there;
-Lightning's transfer is then a no-op), so extraction runs in the main process by default
-(``num_workers=0``); workers only make sense for CPU models. `CachedActivationDataModule` reads a cache
-written by `write_activation_cache`.
+Mixed web/chat text -> both language models (truncated forward) -> shuffle buffer. Training batches stay on the
+language models' device (the buffer lives there; Lightning's transfer is then a no-op), so extraction runs in the
+main process by default (``num_workers=0``); workers only make sense for CPU models. `write_activation_cache`
+writes its stream to a cache that `crosscoder_pl.data.cached.CachedActivationDataModule` reads. Both resume
+exactly through `crosscoder_pl.data.resume`.
 
 Validation: a fixed held-out set of ``val_tokens`` tokens (documents selected by hash, disjoint from
 training, see `crosscoder_pl.data.sources`), computed once, kept on the CPU; under DDP Lightning splits
@@ -13,9 +13,8 @@ positions, web/chat source of every row; `crosscoder_pl.data.activations.token_t
 
 Outlier tokens (`crosscoder_pl.data.outliers`): each group of texts read together is screened (the median per
 model over the group) before the shuffle buffer, in the training stream (`StreamStats.outliers`, kept in
-checkpoints) and in the held-out set; the tokens are dropped only with ``drop_outliers``. `CachePasses` counts
-the batches the trainer takes from a cache. ``stats()`` holds the running totals for the logger,
-``outlier_report()`` what the model card states.
+checkpoints) and in the held-out set; the tokens are dropped only with ``drop_outliers``. ``stats()`` holds the
+running totals for the logger, ``outlier_report()`` what the model card states.
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ from typing import Any
 import lightning as L
 import torch
 from datasets import IterableDataset as RowStream
-from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from crosscoder_pl.config import check_mix, check_outliers
 from crosscoder_pl.data.activations import (
@@ -47,47 +45,15 @@ from crosscoder_pl.data.activations import (
     with_tokens,
 )
 from crosscoder_pl.data.buffer import ShuffleBuffer
-from crosscoder_pl.data.cache import (
-    CachedActivations,
-    load_checked,
-    load_val,
-    read_meta,
-    write_cache,
-)
+from crosscoder_pl.data.cache import PROBES, write_cache
+from crosscoder_pl.data.loaders import RankSlice, batches_of, check_rank_split, rank_of, training_loader
 from crosscoder_pl.data.memo import GIB, ActivationMemo, per_document
 from crosscoder_pl.data.outliers import OutlierCounts, screen, upgraded
-from crosscoder_pl.data.sources import (
-    SOURCES,
-    SourceConfig,
-    StreamStats,
-    mixed_rows,
-    read_rows,
-    texts,
-)
+from crosscoder_pl.data.resume import Endless, ResumableData, TrackedPasses, check_pass
+from crosscoder_pl.data.sources import SourceConfig, StreamStats, mixed_rows, read_rows, texts
+from crosscoder_pl.names import SOURCES
 
 log = logging.getLogger(__name__)
-PROBES = "probes.safetensors"
-
-
-class _Listed(IterableDataset):
-    """Iterable over a list of batches: Lightning injects no distributed sampler into an iterable's loader."""
-
-    def __init__(self, batches: list[torch.Tensor]):
-        self.batches = batches
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self.batches)
-
-
-def _batches_of(tensor: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A DataLoader over ``tensor``'s consecutive slices (not token by token, as ``DataLoader(tensor)`` would);
-    rank ``r`` of ``world_size`` gets slices ``r, r + world_size, ...``: every held-out token is read by exactly
-    one rank (Lightning's distributed sampler would repeat batches to even out the ranks, counting them twice)."""
-    return DataLoader(_Listed(list(tensor.split(batch_size))[rank::world_size]), batch_size=None)
-
-
-def _rank(trainer: L.Trainer | None) -> tuple[int, int]:
-    return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
 
 def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -102,59 +68,14 @@ def _labelled_texts(rows: RowStream, stats: StreamStats) -> Iterator[tuple[str, 
             yield text, row["source"]
 
 
-class Endless(IterableDataset):
-    """Pass after pass over an iterable dataset, so training is bounded by ``max_steps`` alone.
-
-    Per-rank streams and cache shards differ in length; with epochs, one DDP rank would end its pass
-    while the others wait in a collective for ever.
-    """
-
-    def __init__(self, dataset: IterableDataset):
-        self.dataset = dataset
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            served = 0
-            for batch in self.dataset:
-                served += 1
-                yield batch
-            if not served:
-                raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
-
-
-RANK_SPLITS = ("batch", "documents")
-
-
-class RankSlice(IterableDataset):
-    """This rank's rows of each global batch: ``[world_size * b, ...]`` in, rows ``rank * b : (rank + 1) * b`` out.
-
-    Every rank reads the same global stream, so the ranks' batches are disjoint and together are exactly the
-    batches a single process with ``batch_size = world_size * b`` trains on (``rank_split="batch"``).
-    """
-
-    def __init__(self, dataset: IterableDataset, rank: int, world_size: int):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in self.dataset:
-            yield batch.tensor_split(self.world_size)[self.rank]
-
-
-def check_rank_split(rank_split: str) -> None:
-    if rank_split not in RANK_SPLITS:
-        raise ValueError(f"rank_split={rank_split!r} is not one of {RANK_SPLITS}")
-
-
-class ActivationStream(IterableDataset):
+class ActivationStream(TrackedPasses):
     """Endless training batches ``[batch_size, 2, d_model]``: text rows -> paired activations -> shuffle buffer.
 
     Pass after pass over the rows (``make_rows()`` gives a fresh row stream per pass), re-mixed and reshuffled
     per pass (pass ``p``: ``rows.set_epoch(p)``, buffer seed ``seed + p``). The first iterator made is the
-    trainer's: its position is tracked and `state_dict` returns it, so a resumed run serves the very batches
-    the interrupted one would have (`load_state_dict` before that first iterator is made). Later iterators
-    (e.g. the scale estimate's look at the data) are side passes: untracked, counted in a throw-away
+    trainer's (`TrackedPasses`): its position is tracked and `state_dict` returns it, so a resumed run serves the
+    very batches the interrupted one would have (`load_state_dict` before that first iterator is made). Later
+    iterators (e.g. the scale estimate's look at the data) are side passes: untracked, counted in a throw-away
     `StreamStats`. ``stats`` counts the trainer's documents (in this process: DataLoader workers keep theirs),
     and its outlier tokens: each group's tokens above ``outlier_factor`` times the group's median norm, per
     model (None: none counted); they are dropped when ``drop_outliers``.
@@ -164,9 +85,12 @@ class ActivationStream(IterableDataset):
     replays the first pass's groups (``memo_groups`` of them, from the state) to refill the memo first.
     """
 
+    ITERATED = "the stream"
+
     def __init__(self, pair: PairLike, make_rows: Callable[[], RowStream], *, seq_len: int, text_batch_size: int,
                  batch_size: int, buffer_tokens: int, seed: int, padding_side: PaddingSide,
                  outlier_factor: float | None, drop_outliers: bool = False, memo_bytes: int = 0):
+        super().__init__()
         self.model_pair = pair
         self.make_rows = make_rows
         self.seq_len = seq_len
@@ -178,7 +102,6 @@ class ActivationStream(IterableDataset):
         self.outlier_factor = outlier_factor
         self.drop_outliers = drop_outliers
         self.stats = StreamStats()
-        self.passes = 0
         self._tracked: _Position | None = None
         self._resume: dict[str, Any] | None = None
         self.memo = ActivationMemo(memo_bytes) if memo_bytes > 0 else None
@@ -232,9 +155,9 @@ class ActivationStream(IterableDataset):
             return acts, row_source
         return acts[keep], row_source[keep.cpu()]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def _start(self, tracked: bool) -> Iterator[torch.Tensor]:
         position = _Position()
-        if self._tracked is not None:
+        if not tracked:
             return self._serve(position, StreamStats(), None)
         self._tracked, resume, self._resume = position, self._resume, None
         return self._serve(position, self.stats, resume)
@@ -248,7 +171,7 @@ class ActivationStream(IterableDataset):
             self._refill_memo(resume)
         while True:
             if resume is None:
-                at.pass_index, self.passes = self.passes, self.passes + 1
+                at.pass_index = self.next_pass()
             else:
                 at.pass_index = int(resume["pass"])
             memo = self.memo if tracked else None  # side passes neither read nor fill it
@@ -263,16 +186,17 @@ class ActivationStream(IterableDataset):
                 at.buffer.load_state_dict(resume["buffer"])
             served = 0
             while at.unserved:  # batches the interrupted run had drawn but not trained on (prefetched)
-                at.queue.append(at.unserved.popleft())
-                served += 1
-                yield at.queue[-1]
-            chunks = self.chunks(at.rows, stats, memo, fill)
-            for batch in at.buffer.batches(self._counted(chunks) if fill else chunks):
-                at.queue.append(batch)
+                batch = at.unserved.popleft()
+                self.note(batch)  # only the tracked iterator has any
                 served += 1
                 yield batch
-            if not served and resume is None:
-                raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
+            chunks = self.chunks(at.rows, stats, memo, fill)
+            for batch in at.buffer.batches(self._counted(chunks) if fill else chunks):
+                if tracked:
+                    self.note(batch)
+                served += 1
+                yield batch
+            check_pass(served, excused=resume is not None)
             resume = None
 
     def _counted(self, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -293,11 +217,6 @@ class ActivationStream(IterableDataset):
         for _ in islice(self.chunks(rows, StreamStats(), self.memo, fill=True), self._memo_groups):
             pass
 
-    def consumed(self) -> None:
-        """The trainer took the oldest batch the tracked iterator served (called once per training batch)."""
-        if self._tracked is not None and self._tracked.queue:
-            self._tracked.queue.popleft()
-
     def state_dict(self) -> dict[str, Any]:
         """Where the trainer's iterator stands: pass, row stream, buffer, counts, and the batches served but not
         yet trained on (the trainer prefetches one). Tensors and plain values (``weights_only`` checkpoints)."""
@@ -307,35 +226,26 @@ class ActivationStream(IterableDataset):
         return {
             "passes": self.passes, "pass": at.pass_index, "rows": at.rows.state_dict(),
             "buffer": at.buffer.state_dict(), "stats": self.stats.state_dict(),
-            "pending": [batch.cpu().clone() for batch in (*at.queue, *at.unserved)],
+            "pending": [batch.cpu().clone() for batch in (*self._served, *at.unserved)],
             "memo_pass": self._memo_pass, "memo_groups": self._memo_groups,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state`` (a `state_dict`) at the next iterator made; before any is made."""
-        if self._tracked is not None:
-            raise RuntimeError("load_state_dict must come before the stream is iterated")
+    def _restore(self, state: Mapping[str, Any]) -> None:
         self._resume = dict(state) if state else None
-
-
-MAX_PREFETCH = 8  # batches a consumer may draw ahead of what it trains on (Lightning: 1)
 
 
 @dataclass
 class _Position:
-    """The tracked iterator's position: its pass, row stream and buffer; ``queue``: batches served and not yet
-    consumed; ``unserved``: restored batches still to serve."""
+    """An iterator's position: its pass, row stream and buffer; ``unserved``: restored batches still to serve (the
+    batches served and not yet consumed are the `TrackedPasses` notes)."""
 
     pass_index: int = 0
     rows: RowStream | None = None
     buffer: ShuffleBuffer | None = None
-    # Bounded: a consumer that never reports (write_activation_cache, a side pass) must not keep every batch alive;
-    # the trainer is at most one batch behind (its prefetch).
-    queue: deque[torch.Tensor] = field(default_factory=lambda: deque(maxlen=MAX_PREFETCH))
     unserved: deque[torch.Tensor] = field(default_factory=deque)
 
 
-class ActivationDataModule(L.LightningDataModule):
+class ActivationDataModule(ResumableData, L.LightningDataModule):
     """Paired activations of ``model_pair`` on a seeded web/chat mix, computed on the fly.
 
     ``web`` / ``chat``: a `SourceConfig` (e.g. ``embedded_source("web")``) or its fields (``path``, ``field``,
@@ -354,6 +264,12 @@ class ActivationDataModule(L.LightningDataModule):
     ``memo_gb``: activations of the first training pass kept in memory (GiB, on the models' device) and served
     again in later passes without running the models (`crosscoder_pl.data.memo`); 0: every pass runs them.
     """
+
+    POSITION = "stream"
+    WHAT = "data stream"
+    RESTARTS = "the data stream"
+    WORKERS_LOSE = ("data.num_workers > 0: the workers' stream positions are not in the checkpoint; a resumed run "
+                    "restarts the data stream (use num_workers=0 for an exact resume)")
 
     def __init__(
         self,
@@ -389,7 +305,6 @@ class ActivationDataModule(L.LightningDataModule):
         self.val_acts: torch.Tensor | None = None
         self.heldout_counts = OutlierCounts()  # of the groups read to build the held-out set
         self.stream: ActivationStream | None = None
-        self._stream_state: dict[str, Any] | None = None  # from a checkpoint, applied in train_dataloader
 
     def _rows(self, heldout: bool, rank: int = 0, world_size: int = 1) -> RowStream:
         h = self.hparams
@@ -449,7 +364,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        rank, world_size = _rank(self.trainer)
+        rank, world_size = rank_of(self.trainer)
         by_batch = h.rank_split == "batch"
         # "batch": the global stream on every rank (same rows, seed, batch size), sliced below.
         shard, shards, reader_seed = (0, 1, h.seed) if by_batch else (rank, world_size, h.seed + rank)
@@ -459,17 +374,14 @@ class ActivationDataModule(L.LightningDataModule):
             seed=reader_seed, padding_side=h.padding_side, outlier_factor=h.outlier_factor,
             drop_outliers=h.drop_outliers, memo_bytes=int(h.memo_gb * GIB),
         )
-        if self._stream_state is not None:
-            self._restore(self._stream_state, rank, world_size)
-            self._stream_state = None
+        self._resume_position(world_size)
         dataset = RankSlice(self.stream, rank, world_size) if by_batch else self.stream
-        workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
-        return DataLoader(Endless(dataset), batch_size=None, **workers)
+        return training_loader(Endless(dataset), h.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_acts is None:
             self.setup("validate")
-        return _batches_of(self.val_acts, self.hparams.batch_size, *_rank(self.trainer))
+        return batches_of(self.val_acts, self.hparams.batch_size, *rank_of(self.trainer))
 
     def stats(self) -> dict[str, float]:
         """Realised mix, skipped rows and outlier tokens of the training stream so far (this process; under
@@ -490,60 +402,17 @@ class ActivationDataModule(L.LightningDataModule):
             report["heldout"] = self.heldout_counts.summary(h.outlier_factor, h.drop_outliers, median_over)
         return report
 
-    # Resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() before train_dataloader().
-    def state_dict(self) -> dict[str, Any]:
-        """The training stream's exact position (`ActivationStream.state_dict`), for the checkpoint."""
-        if self.stream is None:
-            return {}
-        if self.hparams.num_workers > 0:
-            rank_zero_warn("data.num_workers > 0: the workers' stream positions are not in the checkpoint; a resumed "
-                           "run restarts the data stream (use num_workers=0 for an exact resume)")
-            return {}
-        world_size = self.trainer.world_size if self.trainer else 1
-        return {"stream": self.stream.state_dict(), "world_size": world_size, "rank_split": self.hparams.rank_split,
-                "settings": self._stream_settings()}
-
-    def _stream_settings(self) -> dict[str, Any]:
+    # Resume (`ResumableData`): the stream's exact position (`ActivationStream.state_dict`) under the key "stream".
+    def _settings(self) -> dict[str, Any]:
         """What the stream's position means: a position is only continued under the same settings."""
         h = self.hparams
         keys = ("seed", "seq_len", "batch_size", "text_batch_size", "buffer_tokens", "heldout_fraction", "outlier_factor",
                 "drop_outliers", "padding_side", "memo_gb")
         return {**{key: h[key] for key in keys}, "mix": list(self.mix), "web": asdict(self.web), "chat": asdict(self.chat)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._stream_state = state_dict or None
-
-    def _restore(self, state: Mapping[str, Any], rank: int, world_size: int) -> None:
-        settings = self._stream_settings()
-        state = {**state, "settings": upgraded(state.get("settings", settings))}  # older checkpoints: what they meant
-        reason = why_not_continued(state, world_size, self.hparams.rank_split, settings)
-        if reason is not None:
-            rank_zero_warn(f"the checkpoint's data stream {reason}: the data stream starts afresh instead of "
-                           "continuing exactly")
-        elif state.get("stream"):
-            self.stream.load_state_dict(state["stream"])
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Called once per batch the trainer takes, after its one-batch prefetch: what the checkpoint must replay.
-        if self.trainer is not None and self.trainer.training and self.stream is not None:
-            self.stream.consumed()
-        return batch
-
-
-def why_not_continued(state: Mapping[str, Any], world_size: int, rank_split: str,
-                      settings: Mapping[str, Any]) -> str | None:
-    """Why a data position saved in a checkpoint (``world_size``, ``rank_split``, ``settings`` of the run that wrote
-    it) cannot be continued exactly by this run, or None when it can."""
-    saved = (state.get("world_size", 1), state.get("rank_split"))
-    if saved != (world_size, rank_split):
-        return (f"was written with world_size={saved[0]}, rank_split={saved[1]} (this run: world_size={world_size}, "
-                f"rank_split={rank_split})")
-    if world_size > 1 and rank_split == "documents":
-        # The checkpoint holds rank 0's position only; with "batch" every rank's position is rank 0's.
-        return "holds rank 0's position only under rank_split=documents (rank_split=batch resumes exactly)"
-    written = state.get("settings") or {}
-    changed = sorted(key for key, value in settings.items() if written.get(key) != value)
-    return f"had other settings ({', '.join(changed)})" if changed else None
+    def _checkpointed(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        settings = self._settings()
+        return {**state, "settings": upgraded(state.get("settings", settings))}  # older checkpoints: what they meant
 
 
 def write_activation_cache(
@@ -571,236 +440,3 @@ def write_activation_cache(
                        stats=lambda: {"outliers": datamodule.outlier_report()})
     log.info("Cache stream stats: %s", datamodule.stats())
     return path
-
-
-class CachePasses(IterableDataset):
-    """Endless batches of a cache reader, pass after pass (pass ``p``: the reader's shuffle with seed ``seed + p``),
-    with the trainer's position kept for the checkpoint.
-
-    As with `ActivationStream`: the first iterator made is the trainer's; each batch it serves is noted as
-    ``(pass, batch number)``, and `consumed` drops the oldest note once the trainer has taken that batch, so
-    `state_dict` says where to continue: at the oldest batch served and not yet trained on (the trainer
-    prefetches one). A pass is a pure function of its number, so a resumed iterator re-reads that pass and skips
-    what was trained on instead of keeping batches in the checkpoint. Later iterators (the scale estimate's look
-    at the data) are side passes: untracked, but their pass numbers are drawn from the same count, as before.
-
-    ``outlier_factor``: ``outliers`` counts the outlier tokens of the batches the trainer took, each batch
-    screened against its own median norm per model (None: none counted); kept in `state_dict`. ``drop_outliers``:
-    they are also removed from the batches served (a batch then holds fewer rows).
-    """
-
-    def __init__(self, reader: CachedActivations, outlier_factor: float | None = None, drop_outliers: bool = False):
-        self.reader = reader
-        self.outlier_factor, self.drop_outliers = outlier_factor, drop_outliers
-        self.outliers = OutlierCounts()  # of the batches consumed
-        self.passes = 0  # pass numbers handed out so far, to the trainer's iterator and to side passes
-        self._served: deque[tuple[int, int]] | None = None  # the trainer's iterator: served, not yet consumed
-        self._counts: deque[OutlierCounts] = deque(maxlen=MAX_PREFETCH)  # the outliers of each batch in _served
-        self._next = (0, 0)  # the trainer's iterator: (pass, batch number) of the batch it would serve next
-        self._plan: list[tuple[int, int]] = []  # from a checkpoint: (pass, batches to skip) to serve first
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        if self._served is not None:
-            return self._serve([], tracked=False)
-        self._served = deque(maxlen=MAX_PREFETCH)
-        plan, self._plan = self._plan, []
-        return self._serve(plan, tracked=True)
-
-    def _serve(self, plan: list[tuple[int, int]], tracked: bool) -> Iterator[torch.Tensor]:
-        while True:
-            if plan:
-                index, skip = plan.pop(0)
-            else:
-                index, skip, self.passes = self.passes, 0, self.passes + 1
-            served = 0
-            for number, batch in enumerate(self._pass(index)):
-                if number < skip:
-                    continue
-                counts = OutlierCounts()
-                keep = screen(batch, self.outlier_factor, self.drop_outliers, counts)
-                if tracked:
-                    self._served.append((index, number))
-                    self._counts.append(counts)
-                    self._next = (index, number + 1)
-                served += 1
-                yield batch if keep is None else batch[keep]
-            if not served and not skip:
-                raise ValueError("a whole pass over the training data gave no full batch: add data or lower batch_size")
-
-    def _pass(self, index: int) -> Iterator[torch.Tensor]:
-        # The reader seeds a pass with its own counter when the pass starts (its first batch, drawn right here).
-        self.reader.passes = index
-        yield from self.reader
-
-    def consumed(self) -> None:
-        """The trainer took the oldest batch the tracked iterator served (called once per training batch)."""
-        if self._served:
-            self._served.popleft()
-            self.outliers.add(self._counts.popleft())
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain values: the pass count and where the trainer's iterator continues, ``[[pass, batch], ...]`` (the
-        batches served but not trained on, then the next one), and the outlier counts of the batches trained on
-        (with an ``outlier_factor``); empty before the trainer's first batch."""
-        if self._served is None or self._next == (0, 0):
-            return {}
-        state = {"passes": self.passes, "continue_at": [list(at) for at in (*self._served, self._next)]}
-        if self.outlier_factor is not None:  # the batches served but not trained on are counted again on resume
-            state["outliers"] = self.outliers.state_dict()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state`` (a `state_dict`) at the next iterator made; before any is made."""
-        if self._served is not None:
-            raise RuntimeError("load_state_dict must come before the cache is iterated")
-        if not state:
-            return
-        self.outliers.load_state_dict(state.get("outliers", {}))
-        self.passes = int(state["passes"])
-        plan: list[tuple[int, int]] = []
-        for index, number in state["continue_at"]:  # consecutive batches: the first of each pass is where it resumes
-            if not plan or plan[-1][0] != index:
-                plan.append((int(index), int(number)))
-        self._plan = plan
-
-
-class CachedActivationDataModule(L.LightningDataModule):
-    """Paired activations read from a cache written by `write_activation_cache` (``data=cached``).
-
-    Validation reads the cache's held-out set. Given a ``model_pair``, the cache must come from the same
-    models and layer. Training batches are float32 on the CPU (Lightning moves them). ``rank_split`` (DDP):
-    ``"batch"``: every rank reads every shard and keeps its slice of each global batch (`RankSlice`), exactly
-    the single-process batches; ``"documents"``: each rank reads its own shards. A checkpoint holds the reader's
-    position (`CachePasses`), so a resumed run trains on the very batches the interrupted one would have.
-
-    Outliers: with ``outlier_factor`` (None: the factor the cache was written with, its manifest's ``source``), the
-    batches trained on are screened again, each against its own median (``stats()``); with ``drop_outliers`` their
-    outliers are removed from them, and those of the held-out set (screened by batches of ``batch_size``) from it,
-    so that one cache serves runs with and without. Rows the writer dropped are not in the cache. The writer's
-    own counts come from the manifest's ``stats``.
-    """
-
-    def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
-                 model_pair: Any | None = None, rank_split: str = "batch", outlier_factor: float | None = None,
-                 drop_outliers: bool = False):
-        super().__init__()
-        check_rank_split(rank_split)
-        self.save_hyperparameters(ignore=["model_pair"])
-        self.meta = read_meta(path)
-        self.written_with = upgraded(self.meta.get("source") or {})  # outlier settings: before drop_outliers existed
-        self.outlier_factor = self.written_with.get("outlier_factor") if outlier_factor is None else outlier_factor
-        check_outliers(self.outlier_factor, drop_outliers)
-        self.model_pair = model_pair
-        if model_pair is not None:
-            self._check_pair(model_pair)
-        self.reader: CachePasses | None = None
-        self._reader_state: dict[str, Any] | None = None  # from a checkpoint, applied in train_dataloader
-
-    def _check_pair(self, pair: Any) -> None:
-        expected = {"base_id": pair.base_id, "chat_id": pair.chat_id, "layer": pair.layer}
-        found = {key: self.meta["source"].get(key) for key in expected}
-        if found != expected or self.meta["d_model"] != pair.d_model:
-            raise ValueError(
-                f"The activation cache at {self.hparams.path} was written for {found} "
-                f"(d_model={self.meta['d_model']}), not for the configured pair {expected} (d_model={pair.d_model}); "
-                "rewrite the cache or change data.path"
-            )
-
-    def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        by_batch = h.rank_split == "batch"
-        screening = (self.outlier_factor, h.drop_outliers)
-        if by_batch:
-            self.reader = CachePasses(CachedActivations(h.path, h.batch_size * world_size, h.seed), *screening)
-        else:
-            self.reader = CachePasses(CachedActivations(h.path, h.batch_size, h.seed, rank, world_size), *screening)
-        if self._reader_state is not None:
-            self._restore(self._reader_state, world_size)
-            self._reader_state = None
-        dataset = RankSlice(self.reader, rank, world_size) if by_batch else self.reader
-        workers = {"num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}
-        return DataLoader(dataset, batch_size=None, **workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return _batches_of(self.heldout_activations(), self.hparams.batch_size, *_rank(self.trainer))
-
-    def stats(self) -> dict[str, float]:
-        """The outlier tokens of the batches trained on so far (this process), as floats for a logger."""
-        return self.reader.outliers.as_dict() if self.reader else {}
-
-    def outlier_report(self) -> dict[str, dict[str, Any]]:
-        """The outlier tokens the model card states: ``training`` (the batches trained on so far, each against its
-        own median), and the writer's counts of its stream (``cache_training``) and held-out set (``heldout``)
-        when the manifest has them; empty for a cache written without an ``outlier_factor``."""
-        factor = self.outlier_factor
-        if factor is None:
-            return {}
-        written = (self.meta.get("stats") or {}).get("outliers") or {}
-        report = {f"cache_{key}" if key == "training" else key: value for key, value in written.items()}
-        if self.reader is not None:  # trained on as read: never dropped here, whatever the writer dropped before
-            over = f"each batch of {self.reader.reader.batch_size} tokens read from the cache"
-            if self.written_with.get("drop_outliers"):
-                over += " (its writer had dropped the outliers of its own groups)"
-            report["training"] = self.reader.outliers.summary(factor, self.hparams.drop_outliers, over)
-        return report
-
-    # Resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() before train_dataloader().
-    def state_dict(self) -> dict[str, Any]:
-        """The reader's position (`CachePasses.state_dict`) and what it means, for the checkpoint."""
-        if self.reader is None:
-            return {}
-        if self.hparams.num_workers > 0:
-            rank_zero_warn("data.num_workers > 0: the workers' positions in the cache are not in the checkpoint; a "
-                           "resumed run restarts its pass (use num_workers=0 for an exact resume)")
-            return {}
-        world_size = self.trainer.world_size if self.trainer else 1
-        return {"reader": self.reader.state_dict(), "world_size": world_size, "rank_split": self.hparams.rank_split,
-                "settings": self._reader_settings()}
-
-    def _reader_settings(self) -> dict[str, Any]:
-        """What a position means: the same batches of the same cache (its shards, by checksum), in the same order."""
-        shards = [[shard["file"], shard.get("sha256")] for shard in self.meta["shards"]]
-        return {"batch_size": self.hparams.batch_size, "seed": self.hparams.seed, "shards": shards}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._reader_state = state_dict or None
-
-    def _restore(self, state: Mapping[str, Any], world_size: int) -> None:
-        if "reader" not in state:  # a checkpoint of an earlier version
-            rank_zero_warn("data=cached: the checkpoint does not hold the cache reader's position; the resumed run "
-                           "reads the cache from the start of a pass")
-        elif (reason := why_not_continued(state, world_size, self.hparams.rank_split, self._reader_settings())):
-            rank_zero_warn(f"the checkpoint's cache reader {reason}: the reader starts afresh instead of continuing "
-                           "exactly")
-        else:
-            self.reader.load_state_dict(state["reader"])
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Called once per batch the trainer takes, after its one-batch prefetch: what the checkpoint must replay.
-        if self.trainer is not None and self.trainer.training and self.reader is not None:
-            self.reader.consumed()
-        return batch
-
-    def heldout_activations(self) -> torch.Tensor:
-        """The cache's held-out tokens ``[n, 2, d_model]``, with their `TokenTable` when the cache stores one;
-        without the outliers of each ``batch_size`` rows with ``drop_outliers``."""
-        val = load_val(self.hparams.path)
-        if not self.hparams.drop_outliers:
-            return val
-        keep = torch.cat([screen(part, self.outlier_factor, True, OutlierCounts())
-                          for part in val.split(self.hparams.batch_size)])
-        tokens = token_table(val)
-        return val[keep] if tokens is None else with_tokens(val[keep], tokens.rows(keep))
-
-    def heldout_tokens(self) -> TokenTable | None:
-        """Where each held-out row was read (None for caches written before token ids were kept)."""
-        return token_table(self.heldout_activations())
-
-    def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The probe batch stored with the cache (``input_ids``, ``attention_mask``)."""
-        path = Path(self.hparams.path) / PROBES
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: rewrite the cache with write_activation_cache")
-        probes = load_checked(self.hparams.path, PROBES, self.meta)
-        return probes["input_ids"], probes["attention_mask"]
