@@ -20,7 +20,7 @@ when its output already exists (delete the directory to redo it):
    their context, the share of those that are chat-template tokens (turn tags, or the role name or newline right
    after a turn tag) and the latent's dashboard page.
 
-The README's "A real base/chat pair" section shows the latest figures.
+The README's "The first real diff" section shows the latest figures (all of them: docs/benchmarks.md).
 """
 
 from __future__ import annotations

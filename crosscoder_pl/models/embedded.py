@@ -89,7 +89,7 @@ SIZES = {
         # seq_len 128: the crosscoder's stream reads 128-token sequences (conf/data/embedded.yaml), and half the
         # tokens per step halve the build at the same number of steps (held-out losses within 0.05 nats of 256).
         # d_model 64: the demo's whole cost (this build, extraction, the crosscoder step) scales with it; at 128
-        # the first run took 9.1 min, at 64 about 3 (README "How the demo's recipe was chosen").
+        # the first run took 9.1 min, at 64 about 3 (docs/benchmarks.md, "How the demo's recipe was chosen").
         vocab_size=4096, hidden_size=64, intermediate_size=256, n_heads=4, head_dim=16, seq_len=128,
         web_docs=5000, chat_conversations=2000, tokenizer_chars=6_000_000,
         # Chat-only latents need a chat model that computes what its base does not. Measured on the demo
