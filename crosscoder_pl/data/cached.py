@@ -127,8 +127,8 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
     POSITION = "reader"
     WHAT = "cache reader"
     RESTARTS = "the reader"
-    WORKERS_LOSE = ("data.num_workers > 0: the workers' positions in the cache are not in the checkpoint; a resumed run "
-                    "restarts its pass (use num_workers=0 for an exact resume)")
+    WORKERS_LOSE = ("data.num_workers > 0: the workers' positions in the cache are not in the checkpoint; a resumed "
+                    "run restarts its pass (use num_workers=0 for an exact resume)")
 
     def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
                  model_pair: Any | None = None, rank_split: str = "batch", outlier_factor: float | None = None,
