@@ -16,7 +16,12 @@ def from_hub(repo_id: str, files: Sequence[str]) -> Path:
     gives up after ``HF_HUB_ETAG_TIMEOUT`` s (huggingface_hub's own calls retry a silent hub for minutes)."""
     from huggingface_hub import model_info, snapshot_download
 
-    from crosscoder_pl.network import HubUnreachableError, ask_hub, hub_offline, hub_timeout
+    from crosscoder_pl.network import (
+        HubUnreachableError,
+        ask_hub,
+        hub_offline,
+        hub_timeout,
+    )
 
     files = list(files)
     try:

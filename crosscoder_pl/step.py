@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from crosscoder_pl.distributed import Reducer, distributed, keep_global_top
-from crosscoder_pl.sparse import SparseCodes, decode_sparse, pre_acts_at, select_batch_topk
+from crosscoder_pl.sparse import (
+    SparseCodes,
+    decode_sparse,
+    pre_acts_at,
+    select_batch_topk,
+)
 
 LOSSES = ("mse", "l2")
 STEP_IMPLS = ("sparse", "dense")

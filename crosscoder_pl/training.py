@@ -20,13 +20,11 @@ from crosscoder_pl.analysis.card import OUTLIERS
 from crosscoder_pl.callbacks.artifact import WriteArtifact
 from crosscoder_pl.config import (
     CachedDataConfig,
-    EmbeddedSourceConfig,
     ModelPairConfig,
     RunConfig,
-    StreamDataConfig,
-    TextSourceConfig,
 )
 from crosscoder_pl.config_group import thaw
+from crosscoder_pl.data.build import build_data
 from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
@@ -227,31 +225,6 @@ def build_pair(group: ModelPairConfig | Mapping[str, Any]) -> Any:
 
         return load_model_pair(**group.model_dump())
     return instantiate(thaw(group))
-
-
-def build_source(group: TextSourceConfig | EmbeddedSourceConfig | Mapping[str, Any]) -> Any:
-    """A ``data.web`` / ``data.chat`` source (`crosscoder_pl.data.sources.SourceConfig`)."""
-    from crosscoder_pl.data.sources import SourceConfig, embedded_source
-
-    if isinstance(group, EmbeddedSourceConfig):
-        return embedded_source(group.source)
-    if isinstance(group, TextSourceConfig):
-        return SourceConfig(**thaw(group.model_dump()))
-    return instantiate(thaw(group), _convert_="all")
-
-
-def build_data(group: StreamDataConfig | CachedDataConfig | Mapping[str, Any], pair: Any) -> Any:
-    """The data module of the ``data`` group on ``pair``."""
-    from crosscoder_pl.data.cached import CachedActivationDataModule
-    from crosscoder_pl.data.datamodule import ActivationDataModule
-
-    if isinstance(group, StreamDataConfig):
-        values = {k: thaw(v) for k, v in group.model_dump(exclude={"web", "chat"}).items()}
-        return ActivationDataModule(pair, build_source(group.web), build_source(group.chat), **values)
-    if isinstance(group, CachedDataConfig):
-        return CachedActivationDataModule(model_pair=pair, **group.model_dump())
-    # Passed after instantiation: Hydra would turn the ModelPair dataclass into a config node.
-    return instantiate(thaw(group), _partial_=True, _convert_="all")(model_pair=pair)
 
 
 def normalisation(center: bool, scale_by: str) -> str:

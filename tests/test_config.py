@@ -30,8 +30,6 @@ from crosscoder_pl.config import (
     TextSourceConfig,
     TrainerConfig,
 )
-from crosscoder_pl.data.cached import CachedActivationDataModule
-from crosscoder_pl.data.datamodule import ActivationDataModule
 from crosscoder_pl.data.loaders import RANK_SPLITS
 from crosscoder_pl.data.sources import SOURCES, SourceConfig
 from crosscoder_pl.models.pair import DTYPES, load_model_pair
@@ -121,8 +119,6 @@ def _params(fn) -> dict[str, inspect.Parameter]:
 
 
 @pytest.mark.parametrize(("group", "target", "own"), [
-    (StreamDataConfig, ActivationDataModule, {"model_pair"}),
-    (CachedDataConfig, CachedActivationDataModule, {"model_pair"}),
     (ModelPairConfig, load_model_pair, set()),
 ])
 def test_each_group_takes_the_arguments_of_its_target_with_their_defaults(group, target, own) -> None:

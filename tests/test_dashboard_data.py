@@ -10,6 +10,7 @@ import torch
 from test_data_datamodule import datamodule
 from test_data_helpers import sentence, tiny_pair
 
+from crosscoder_pl.config import CachedDataConfig
 from crosscoder_pl.data.activations import (
     TokenTable,
     paired_activations,
@@ -72,7 +73,7 @@ def test_heldout_set_and_cache_keep_token_ids(tmp_path: Path) -> None:
     assert set(tokens.row_source().tolist()) == {0, 1}  # web and chat both held out
     assert bool((tokens.input_ids[tokens.seq, tokens.pos] != dm.model_pair.tokenizer.bos_token_id).all())
     write_activation_cache(dm, tmp_path / "cache", n_tokens=64, tokens_per_shard=32)
-    cached = CachedActivationDataModule(tmp_path / "cache", batch_size=32).heldout_activations()
+    cached = CachedActivationDataModule(CachedDataConfig(path=str(tmp_path / "cache"), batch_size=32)).heldout_activations()
     assert torch.equal(cached, acts)
     for name, value in token_table(cached).tensors().items():
         assert torch.equal(value, tokens.tensors()[name]), name

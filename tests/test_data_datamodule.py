@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_data_helpers import tiny_pair, write_corpus
 
+from crosscoder_pl.config import CachedDataConfig, StreamDataConfig
 from crosscoder_pl.data.cache import CachedActivations, read_meta
 from crosscoder_pl.data.cached import CachedActivationDataModule
 from crosscoder_pl.data.datamodule import ActivationDataModule, write_activation_cache
@@ -20,7 +21,7 @@ def datamodule(root: Path, **overrides) -> ActivationDataModule:
         mix={"web": 0.5, "chat": 0.5}, seed=0, seq_len=32, batch_size=32, text_batch_size=4, buffer_tokens=256,
         val_tokens=64, heldout_fraction=0.2,
     )
-    return ActivationDataModule(tiny_pair(layer=1), **(settings | overrides))
+    return ActivationDataModule(tiny_pair(layer=1), StreamDataConfig(**(settings | overrides)))
 
 
 def test_serves_training_and_heldout_batches_and_stats(tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def test_written_cache_serves_the_same_data(tmp_path: Path) -> None:
     assert [s["n_tokens"] for s in meta["shards"]] == [64, 64, 64, 8]
     assert meta["source"]["layer"] == 1 and meta["source"]["mix"] == [0.5, 0.5]
 
-    cached = CachedActivationDataModule(path, batch_size=16, model_pair=dm.model_pair)
+    cached = CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=16), model_pair=dm.model_pair)
     assert torch.equal(torch.cat(list(cached.val_dataloader())), dm.val_acts)
     assert all(torch.equal(a, b) for a, b in zip(cached.probe_batch(), dm.probe_batch()))
     assert sum(len(b) for b in CachedActivations(path, batch_size=16)) == 192  # one pass: full batches of 16 only
@@ -85,7 +86,7 @@ def test_written_cache_serves_the_same_data(tmp_path: Path) -> None:
 
     other = tiny_pair(layer=2)
     with pytest.raises(ValueError, match="'layer': 1.*'layer': 2"):
-        CachedActivationDataModule(path, batch_size=16, model_pair=other)
+        CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=16), model_pair=other)
 
 
 def test_probe_batch_is_heldout_text_with_one_bos_per_row(tmp_path: Path) -> None:

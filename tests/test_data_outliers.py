@@ -13,7 +13,7 @@ from test_data_datamodule import datamodule
 from test_resume import weights_only_roundtrip
 
 from crosscoder_pl.artifact.writer import run_analyses
-from crosscoder_pl.config import AnalysisConfig, ConfigError
+from crosscoder_pl.config import AnalysisConfig, CachedDataConfig, ConfigError
 from crosscoder_pl.data import datamodule as datamodule_module
 from crosscoder_pl.data.cache import read_meta, write_cache
 from crosscoder_pl.data.cached import CachedActivationDataModule
@@ -178,7 +178,7 @@ def test_the_cache_records_the_settings_and_the_writers_counts(tmp_path: Path, g
     written = meta["stats"]["outliers"]
     assert written["training"]["counts"]["base"] == 0 and written["training"]["counts"]["chat"] > 0
     assert written["training"]["dropped"] is True and written["heldout"]["counts"]["base"] == 0
-    cached = CachedActivationDataModule(path, batch_size=32)
+    cached = CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=32))
     assert cached.outlier_report() == {"cache_training": written["training"], "heldout": written["heldout"]}
 
 
@@ -186,7 +186,7 @@ def cached_module(tmp_path: Path, **source) -> CachedActivationDataModule:
     """A cache of 300 planted tokens (chat outliers at rows 0, 10, ..., 290) written with ``source``."""
     acts = planted(300, rows=tuple(range(0, 300, 10)))
     path = write_cache(tmp_path / "acts", [acts], 300, tokens_per_shard=100, val=acts[:10], source=source)
-    return CachedActivationDataModule(path, batch_size=32, seed=3)
+    return CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=32, seed=3))
 
 
 def test_the_cached_module_counts_the_batches_trained_on_and_resumes_them(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_a_cached_run_may_drop_the_outliers_of_a_cache_that_kept_them(tmp_path: 
     leaves the training batches and the held-out set, and nothing else does; without a factor it is refused."""
     acts = planted(300, rows=tuple(range(0, 300, 10)))
     path = write_cache(tmp_path / "acts", [acts], 300, tokens_per_shard=100, val=acts[:40], source={"layer": 1})
-    dm = CachedActivationDataModule(path, batch_size=32, seed=3, outlier_factor=3.0, drop_outliers=True)
+    dm = CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=32, seed=3, outlier_factor=3.0, drop_outliers=True))
     dm.train_dataloader()
     batches = []
     for batch in islice(iter(dm.reader), 9):  # one pass: 9 full batches of 32, each trained on as served
@@ -240,7 +240,7 @@ def test_a_cached_run_may_drop_the_outliers_of_a_cache_that_kept_them(tmp_path: 
     assert torch.equal(held_out, acts[:40][acts[:40, 1].norm(dim=-1) < 5])  # rows 0, 10, 20, 30 dropped
     assert dm.outlier_report()["training"]["dropped"] is True
     with pytest.raises(ConfigError, match="drop_outliers=true but data.outlier_factor=null"):
-        CachedActivationDataModule(path, batch_size=32, drop_outliers=True)
+        CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=32, drop_outliers=True))
 
 
 # ------------------------------------------------------------------------------------------- the card

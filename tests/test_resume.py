@@ -19,6 +19,7 @@ from omegaconf import open_dict
 from test_app import compose_train
 from test_data_datamodule import datamodule
 
+from crosscoder_pl.config import CachedDataConfig
 from crosscoder_pl.data.cache import write_cache
 from crosscoder_pl.data.cached import CachedActivationDataModule, CachePasses
 from crosscoder_pl.data.datamodule import ActivationStream
@@ -201,7 +202,7 @@ def cache(tmp_path: Path) -> Path:
 
 
 def cache_module(path: Path, **overrides) -> CachedActivationDataModule:
-    return CachedActivationDataModule(path, **({"batch_size": 32, "seed": 3} | overrides))
+    return CachedActivationDataModule(CachedDataConfig(**({"path": str(path), "batch_size": 32, "seed": 3} | overrides)))
 
 
 def trainer_order(dm: CachedActivationDataModule) -> tuple[CachePasses, list[torch.Tensor], Iterator[torch.Tensor]]:

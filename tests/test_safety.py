@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from crosscoder_pl.artifact.reader import check_train_config
 from crosscoder_pl.commands.dispatch import analyze
+from crosscoder_pl.config import RunConfig
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.training import check_checkpoint, train
 
@@ -158,7 +159,7 @@ def test_train_resumes_through_the_weights_only_unpickler(tmp_path: Path, monkey
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=tiny", f"output_dir={tmp_path}", f"ckpt_path={checkpoint}"])
     with pytest.raises(FitCalled):
-        train(cfg)
+        train(RunConfig.from_hydra(cfg))
     assert calls[0]["weights_only"] is True and calls[0]["ckpt_path"] == str(checkpoint)
 
 

@@ -18,24 +18,31 @@ import torch
 import yaml
 
 from crosscoder_pl.artifact.layout import TRAIN_CONFIG
+from crosscoder_pl.config import (
+    CachedDataConfig,
+    EmbeddedSourceConfig,
+    StreamDataConfig,
+    TextSourceConfig,
+)
+from crosscoder_pl.config_group import Group
 from crosscoder_pl.crosscoder import CrossCoder, check_complete
-from crosscoder_pl.data.cached import CachedActivationDataModule
-from crosscoder_pl.data.datamodule import ActivationDataModule
+from crosscoder_pl.data.build import build_data
 from crosscoder_pl.data.outliers import upgraded
-from crosscoder_pl.data.sources import SourceConfig, embedded_source
 from crosscoder_pl.models.pair import ModelPair, load_model_pair
 from crosscoder_pl.names import SOURCES
 
 TARGET = "_target_"
 # What a recorded `_target_` may name, by its place in train_config.yaml (the targets of conf/).
 PAIR_BUILDERS: dict[str, Callable[..., Any]] = {"crosscoder_pl.models.pair.load_model_pair": load_model_pair}
-DATA_BUILDERS: dict[str, Callable[..., Any]] = {
-    "crosscoder_pl.data.datamodule.ActivationDataModule": ActivationDataModule,
-    "crosscoder_pl.data.datamodule.CachedActivationDataModule": CachedActivationDataModule,
+# The data module and its sources are built from their typed groups (`crosscoder_pl.config`): a recorded node
+# may hold the group's fields only.
+DATA_BUILDERS: dict[str, type[Group]] = {
+    "crosscoder_pl.data.datamodule.ActivationDataModule": StreamDataConfig,
+    "crosscoder_pl.data.datamodule.CachedActivationDataModule": CachedDataConfig,
     # The class's address once it lives in its own module; the one above stays for the artifacts that record it.
-    "crosscoder_pl.data.cached.CachedActivationDataModule": CachedActivationDataModule,
+    "crosscoder_pl.data.cached.CachedActivationDataModule": CachedDataConfig,
 }
-SOURCE_BUILDERS: dict[str, Callable[..., Any]] = {"crosscoder_pl.data.sources.embedded_source": embedded_source}
+SOURCE_BUILDERS: dict[str, type[Group]] = {"crosscoder_pl.data.sources.embedded_source": EmbeddedSourceConfig}
 # The groups analyze.py reads; interpolations (``${...}``) are refused in them, as resolvers could read the
 # environment. train.py writes the file resolved, so its own artifacts never hold one.
 READ_GROUPS = ("model_pair", "data", "analysis", "dashboard")
@@ -88,12 +95,8 @@ def rebuild_pair(node: Mapping[str, Any], device: str | None = None) -> ModelPai
 def rebuild_data(node: Mapping[str, Any], pair: ModelPair) -> Any:
     """The data module of a checked ``data`` node, on ``pair``; a node written before ``drop_outliers`` existed
     keeps its meaning (a non-null ``outlier_factor`` dropped), so its held-out set is the one trained with."""
-    values = upgraded(_arguments(node))
-    for role in SOURCES:
-        source = values.get(role)
-        if isinstance(source, dict) and TARGET in source:
-            values[role] = SOURCE_BUILDERS[source[TARGET]](**_arguments(source))
-    return DATA_BUILDERS[node.get(TARGET, next(iter(DATA_BUILDERS)))](model_pair=pair, **values)
+    group = DATA_BUILDERS[node.get(TARGET, next(iter(DATA_BUILDERS)))]
+    return build_data(group.read(upgraded(_arguments(node))), pair)
 
 
 Builders = Mapping[str, Callable[..., Any]]
@@ -106,7 +109,7 @@ def _builder_places(config: Mapping[str, Any]) -> dict[str, tuple[Mapping[str, A
     places = {"model_pair": (config["model_pair"], PAIR_BUILDERS, ()), "data": (data, DATA_BUILDERS, ("model_pair",))}
     for role in SOURCES:
         if isinstance(data.get(role), dict):
-            builders = SOURCE_BUILDERS if TARGET in data[role] else {"SourceConfig": SourceConfig}
+            builders = SOURCE_BUILDERS if TARGET in data[role] else {"SourceConfig": TextSourceConfig}
             places[f"data.{role}"] = (data[role], builders, ())
     return places
 
@@ -116,7 +119,9 @@ def _check_builder(key: str, node: Mapping[str, Any], builders: Builders, ours: 
     target = node.get(TARGET, next(iter(builders)))
     if not isinstance(target, str) or target not in builders:
         return [f"{key}.{TARGET}={target!r} is not one of this project's builders for {key} ({', '.join(builders)})"]
-    params = inspect.signature(builders[target]).parameters
+    builder = builders[target]
+    typed = isinstance(builder, type) and issubclass(builder, Group)
+    params = builder.model_fields if typed else inspect.signature(builder).parameters
     return [f"{key}.{arg} is not an argument of {target}" for arg in node if arg != TARGET and arg not in params] + [
         f"{key}.{arg} is analyze.py's to set, not the artifact's" for arg in node if arg in ours]
 

@@ -19,10 +19,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from crosscoder_pl.config import check_outliers
+from crosscoder_pl.config import CachedDataConfig, check_outliers
 from crosscoder_pl.data.activations import TokenTable, token_table, with_tokens
-from crosscoder_pl.data.cache import PROBES, CachedActivations, load_checked, load_val, read_meta
-from crosscoder_pl.data.loaders import RankSlice, batches_of, check_rank_split, rank_of, training_loader
+from crosscoder_pl.data.cache import (
+    PROBES,
+    CachedActivations,
+    load_checked,
+    load_val,
+    read_meta,
+)
+from crosscoder_pl.data.loaders import (
+    RankSlice,
+    batches_of,
+    rank_of,
+    training_loader,
+)
 from crosscoder_pl.data.outliers import OutlierCounts, screen, upgraded
 from crosscoder_pl.data.resume import ResumableData, TrackedPasses, check_pass
 
@@ -130,12 +141,12 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
     WORKERS_LOSE = ("data.num_workers > 0: the workers' positions in the cache are not in the checkpoint; a resumed "
                     "run restarts its pass (use num_workers=0 for an exact resume)")
 
-    def __init__(self, path: str | Path, batch_size: int = 4096, seed: int = 0, num_workers: int = 0,
-                 model_pair: Any | None = None, rank_split: str = "batch", outlier_factor: float | None = None,
-                 drop_outliers: bool = False):
+    def __init__(self, cfg: CachedDataConfig, model_pair: Any | None = None) -> None:
         super().__init__()
-        check_rank_split(rank_split)
-        self.save_hyperparameters(ignore=["model_pair"])
+        # The group as plain values in the checkpoint; the typed group itself is what the module reads.
+        self.save_hyperparameters({"data": cfg.model_dump(mode="json")})  # "data": not the module's "cfg" (merged)
+        self.cfg = cfg
+        path, outlier_factor, drop_outliers = cfg.path, cfg.outlier_factor, cfg.drop_outliers
         self.meta = read_meta(path)
         self.written_with = upgraded(self.meta.get("source") or {})  # outlier settings: before drop_outliers existed
         self.outlier_factor = self.written_with.get("outlier_factor") if outlier_factor is None else outlier_factor
@@ -150,13 +161,13 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
         found = {key: self.meta["source"].get(key) for key in expected}
         if found != expected or self.meta["d_model"] != pair.d_model:
             raise ValueError(
-                f"The activation cache at {self.hparams.path} was written for {found} "
+                f"The activation cache at {self.cfg.path} was written for {found} "
                 f"(d_model={self.meta['d_model']}), not for the configured pair {expected} (d_model={pair.d_model}); "
                 "rewrite the cache or change data.path"
             )
 
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams
+        h = self.cfg
         rank, world_size = rank_of(self.trainer)
         by_batch = h.rank_split == "batch"
         screening = (self.outlier_factor, h.drop_outliers)
@@ -169,7 +180,7 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
         return training_loader(dataset, h.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return batches_of(self.heldout_activations(), self.hparams.batch_size, *rank_of(self.trainer))
+        return batches_of(self.heldout_activations(), self.cfg.batch_size, *rank_of(self.trainer))
 
     def stats(self) -> dict[str, float]:
         """The outlier tokens of the batches trained on so far (this process), as floats for a logger."""
@@ -188,14 +199,14 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
             over = f"each batch of {self.reader.reader.batch_size} tokens read from the cache"
             if self.written_with.get("drop_outliers"):
                 over += " (its writer had dropped the outliers of its own groups)"
-            report["training"] = self.reader.outliers.summary(factor, self.hparams.drop_outliers, over)
+            report["training"] = self.reader.outliers.summary(factor, self.cfg.drop_outliers, over)
         return report
 
     # Resume (`ResumableData`): the reader's position (`CachePasses.state_dict`) under the key "reader".
     def _settings(self) -> dict[str, Any]:
         """What a position means: the same batches of the same cache (its shards, by checksum), in the same order."""
         shards = [[shard["file"], shard.get("sha256")] for shard in self.meta["shards"]]
-        return {"batch_size": self.hparams.batch_size, "seed": self.hparams.seed, "shards": shards}
+        return {"batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "shards": shards}
 
     def _checkpointed(self, state: Mapping[str, Any]) -> Mapping[str, Any] | None:
         if "reader" not in state:  # a checkpoint of an earlier version
@@ -207,11 +218,11 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
     def heldout_activations(self) -> torch.Tensor:
         """The cache's held-out tokens ``[n, 2, d_model]``, with their `TokenTable` when the cache stores one;
         without the outliers of each ``batch_size`` rows with ``drop_outliers``."""
-        val = load_val(self.hparams.path)
-        if not self.hparams.drop_outliers:
+        val = load_val(self.cfg.path)
+        if not self.cfg.drop_outliers:
             return val
         keep = torch.cat([screen(part, self.outlier_factor, True, OutlierCounts())
-                          for part in val.split(self.hparams.batch_size)])
+                          for part in val.split(self.cfg.batch_size)])
         tokens = token_table(val)
         return val[keep] if tokens is None else with_tokens(val[keep], tokens.rows(keep))
 
@@ -221,8 +232,8 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
 
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The probe batch stored with the cache (``input_ids``, ``attention_mask``)."""
-        path = Path(self.hparams.path) / PROBES
+        path = Path(self.cfg.path) / PROBES
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: rewrite the cache with write_activation_cache")
-        probes = load_checked(self.hparams.path, PROBES, self.meta)
+        probes = load_checked(self.cfg.path, PROBES, self.meta)
         return probes["input_ids"], probes["attention_mask"]

@@ -33,7 +33,7 @@ import torch
 from datasets import IterableDataset as RowStream
 from torch.utils.data import DataLoader
 
-from crosscoder_pl.config import check_mix, check_outliers
+from crosscoder_pl.config import StreamDataConfig
 from crosscoder_pl.data.activations import (
     SOURCE_CODES,
     PaddingSide,
@@ -46,11 +46,22 @@ from crosscoder_pl.data.activations import (
 )
 from crosscoder_pl.data.buffer import ShuffleBuffer
 from crosscoder_pl.data.cache import PROBES, write_cache
-from crosscoder_pl.data.loaders import RankSlice, batches_of, check_rank_split, rank_of, training_loader
+from crosscoder_pl.data.loaders import (
+    RankSlice,
+    batches_of,
+    rank_of,
+    training_loader,
+)
 from crosscoder_pl.data.memo import GIB, ActivationMemo, per_document
 from crosscoder_pl.data.outliers import OutlierCounts, screen, upgraded
 from crosscoder_pl.data.resume import Endless, ResumableData, TrackedPasses, check_pass
-from crosscoder_pl.data.sources import SourceConfig, StreamStats, mixed_rows, read_rows, texts
+from crosscoder_pl.data.sources import (
+    StreamStats,
+    build_source,
+    mixed_rows,
+    read_rows,
+    texts,
+)
 from crosscoder_pl.names import SOURCES
 
 log = logging.getLogger(__name__)
@@ -246,10 +257,11 @@ class _Position:
 
 
 class ActivationDataModule(ResumableData, L.LightningDataModule):
-    """Paired activations of ``model_pair`` on a seeded web/chat mix, computed on the fly.
+    """Paired activations of ``model_pair`` on a seeded web/chat mix, computed on the fly, as ``cfg`` (the typed
+    ``data`` group, `crosscoder_pl.config.StreamDataConfig`) says:
 
-    ``web`` / ``chat``: a `SourceConfig` (e.g. ``embedded_source("web")``) or its fields (``path``, ``field``,
-    ``name``, ``split``, ``data_files``).
+    ``web`` / ``chat``: a dataset's text (``path``, ``field``, ``name``, ``split``, ``data_files``) or a half of
+    the embedded corpus (`crosscoder_pl.data.sources.build_source`).
     ``mix``: ``{"web": p, "chat": p}`` or ``[p_web, p_chat]``, summing to 1. ``batch_size``: tokens per
     crosscoder batch; ``text_batch_size``: sequences per language-model forward; ``buffer_tokens``: shuffle
     buffer size; ``val_tokens``: size of the held-out set, drawn from the ``heldout_fraction`` of documents
@@ -271,43 +283,20 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
     WORKERS_LOSE = ("data.num_workers > 0: the workers' stream positions are not in the checkpoint; a resumed run "
                     "restarts the data stream (use num_workers=0 for an exact resume)")
 
-    def __init__(
-        self,
-        model_pair: PairLike,
-        web: SourceConfig | Mapping[str, Any],
-        chat: SourceConfig | Mapping[str, Any],
-        mix: Mapping[str, float] | Sequence[float] = (0.5, 0.5),
-        seed: int = 0,
-        seq_len: int = 1024,
-        batch_size: int = 4096,
-        text_batch_size: int = 16,
-        buffer_tokens: int = 2**18,
-        val_tokens: int = 8192,
-        heldout_fraction: float = 0.01,
-        outlier_factor: float | None = 3.0,
-        drop_outliers: bool = False,
-        padding_side: PaddingSide = "right",
-        num_workers: int = 0,
-        n_probes: int = 32,
-        probe_len: int = 64,
-        rank_split: str = "batch",
-        memo_gb: float = 0.0,
-    ):
+    def __init__(self, model_pair: PairLike, cfg: StreamDataConfig) -> None:
         super().__init__()
-        check_rank_split(rank_split)
-        if isinstance(memo_gb, bool) or not isinstance(memo_gb, (int, float)) or not memo_gb >= 0:
-            raise ValueError(f"data.memo_gb={memo_gb!r} must be a number of GiB >= 0 (0: no activation memo)")
-        check_outliers(outlier_factor, drop_outliers)
-        self.save_hyperparameters(ignore=["model_pair", "web", "chat"])  # sources: frozen dataclasses, logged via stats()
+        # The group as plain values in the checkpoint; the typed group itself is what the module reads.
+        self.save_hyperparameters({"data": cfg.model_dump(mode="json")})  # "data": not the module's "cfg" (merged)
+        self.cfg = cfg
         self.model_pair = model_pair
-        self.web, self.chat = (c if isinstance(c, SourceConfig) else SourceConfig(**c) for c in (web, chat))
-        self.mix = check_mix(mix)
+        self.web, self.chat = build_source(cfg.web), build_source(cfg.chat)
+        self.mix = cfg.mix_pair
         self.val_acts: torch.Tensor | None = None
         self.heldout_counts = OutlierCounts()  # of the groups read to build the held-out set
         self.stream: ActivationStream | None = None
 
     def _rows(self, heldout: bool, rank: int = 0, world_size: int = 1) -> RowStream:
-        h = self.hparams
+        h = self.cfg
         return mixed_rows(self.web, self.chat, self.model_pair.tokenizer, self.mix, h.seed, heldout, h.heldout_fraction,
                           rank, world_size)
 
@@ -328,7 +317,7 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``n_probes`` held-out texts (web and chat, as mixed by the seed), tokenised:
         ``input_ids`` and ``attention_mask`` ``[n_probes, <= probe_len]``, one BOS each."""
-        h = self.hparams
+        h = self.cfg
         probes = list(islice(texts(self._rows(heldout=True), StreamStats()), h.n_probes))
         if not probes:
             raise ValueError(f"no held-out text for the probes (heldout_fraction={h.heldout_fraction}); raise it")
@@ -339,7 +328,7 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
         """The first ``val_tokens`` held-out tokens, float32 ``[n, 2, d_model]`` on the CPU (same on every rank),
         with their `TokenTable` attached; the outliers of the groups read are counted in ``heldout_counts`` (and
         dropped when ``drop_outliers``), as in the training stream."""
-        h = self.hparams
+        h = self.cfg
         parts, tables, n = [], [], 0
         self.heldout_counts = OutlierCounts()
         for group in _batched(_labelled_texts(self._rows(heldout=True), StreamStats()), h.text_batch_size):
@@ -363,7 +352,7 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
         return with_tokens(torch.cat(parts)[: h.val_tokens], TokenTable.concat(tables, pad).head(h.val_tokens))
 
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams
+        h = self.cfg
         rank, world_size = rank_of(self.trainer)
         by_batch = h.rank_split == "batch"
         # "batch": the global stream on every rank (same rows, seed, batch size), sliced below.
@@ -381,7 +370,7 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_acts is None:
             self.setup("validate")
-        return batches_of(self.val_acts, self.hparams.batch_size, *rank_of(self.trainer))
+        return batches_of(self.val_acts, self.cfg.batch_size, *rank_of(self.trainer))
 
     def stats(self) -> dict[str, float]:
         """Realised mix, skipped rows and outlier tokens of the training stream so far (this process; under
@@ -391,7 +380,7 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
     def outlier_report(self) -> dict[str, dict[str, Any]]:
         """The outlier tokens the model card states (`OutlierCounts.summary`): ``training`` (the stream so far, when
         it has started) and ``heldout`` (once built); empty when ``outlier_factor`` is None."""
-        h = self.hparams
+        h = self.cfg
         if h.outlier_factor is None:
             return {}
         report = {}
@@ -405,10 +394,10 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
     # Resume (`ResumableData`): the stream's exact position (`ActivationStream.state_dict`) under the key "stream".
     def _settings(self) -> dict[str, Any]:
         """What the stream's position means: a position is only continued under the same settings."""
-        h = self.hparams
+        h = self.cfg
         keys = ("seed", "seq_len", "batch_size", "text_batch_size", "buffer_tokens", "heldout_fraction", "outlier_factor",
                 "drop_outliers", "padding_side", "memo_gb")
-        return {**{key: h[key] for key in keys}, "mix": list(self.mix), "web": asdict(self.web), "chat": asdict(self.chat)}
+        return {**{key: getattr(h, key) for key in keys}, "mix": list(self.mix), "web": asdict(self.web), "chat": asdict(self.chat)}
 
     def _checkpointed(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
         settings = self._settings()
@@ -425,11 +414,11 @@ def write_activation_cache(
     (`ActivationDataModule.outlier_report`: ``training``, over every token its stream screened, shuffle buffer's
     surplus included; ``heldout``)."""
     datamodule.setup("fit")
-    h = datamodule.hparams
+    h = datamodule.cfg
     source = {
         "base_id": datamodule.model_pair.base_id, "chat_id": datamodule.model_pair.chat_id, "layer": datamodule.model_pair.layer,
         "web": asdict(datamodule.web), "chat": asdict(datamodule.chat), "mix": list(datamodule.mix),
-        **{key: h[key] for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "drop_outliers",
+        **{key: getattr(h, key) for key in ("seed", "seq_len", "heldout_fraction", "outlier_factor", "drop_outliers",
                                    "padding_side")},
     }
     input_ids, attention_mask = datamodule.probe_batch()

@@ -145,11 +145,11 @@ class ResumableData:
         passes = self._passes()
         if passes is None:
             return {}
-        if self.hparams.num_workers > 0:
+        if self.cfg.num_workers > 0:
             rank_zero_warn(self.WORKERS_LOSE)
             return {}
         world_size = self.trainer.world_size if self.trainer else 1
-        return {self.POSITION: passes.state_dict(), "world_size": world_size, "rank_split": self.hparams.rank_split,
+        return {self.POSITION: passes.state_dict(), "world_size": world_size, "rank_split": self.cfg.rank_split,
                 "settings": self._settings()}
 
     def _settings(self) -> dict[str, Any]:
@@ -165,7 +165,7 @@ class ResumableData:
         state, self._saved_position = self._checkpointed(self._saved_position), None
         if state is None:
             return
-        reason = why_not_continued(state, world_size, self.hparams.rank_split, self._settings())
+        reason = why_not_continued(state, world_size, self.cfg.rank_split, self._settings())
         if reason is not None:
             rank_zero_warn(f"the checkpoint's {self.WHAT} {reason}: {self.RESTARTS} starts afresh instead of "
                            "continuing exactly")

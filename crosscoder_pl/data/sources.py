@@ -40,10 +40,12 @@ from datasets import config as datasets_config
 from datasets.distributed import split_dataset_by_node
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
+from hydra.utils import instantiate
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from crosscoder_pl.config import check_mix
+from crosscoder_pl.config import EmbeddedSourceConfig, TextSourceConfig, check_mix
+from crosscoder_pl.config_group import thaw
 from crosscoder_pl.data.outliers import OutlierCounts
 from crosscoder_pl.data.sharegpt import build_embedded_corpus
 from crosscoder_pl.network import (
@@ -335,3 +337,13 @@ def texts(rows: Iterable[dict], stats: StreamStats) -> Iterator[str]:
             yield row["text"]
             continue
         stats.skip(row["source"], row["skip"])
+
+
+def build_source(group: TextSourceConfig | EmbeddedSourceConfig | Mapping[str, Any]) -> SourceConfig:
+    """The source of a typed ``data.web`` / ``data.chat`` group: text read from a dataset, a half of the embedded
+    corpus, or a ``_target_`` of the user's own (built by Hydra)."""
+    if isinstance(group, EmbeddedSourceConfig):
+        return embedded_source(group.source)
+    if isinstance(group, TextSourceConfig):
+        return SourceConfig(**thaw(group.model_dump()))
+    return instantiate(thaw(group), _convert_="all")
