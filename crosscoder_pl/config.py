@@ -100,9 +100,9 @@ class CrossCoderConfig(Group):
     b_enc_init: Literal["center", "zeros"] = Field("center", description="the encoder bias's start")
     enc_init: Literal["equal_variance", "transpose"] = Field("transpose", description="the encoder's start")
     dec_init_norm: Float = Field(0.08, gt=0, description="the norm of each decoder row at init, e.g. 0.08")
-    loss: Literal["mse", "l2"] = Field("mse", description="the reconstruction loss (crosscoder_pl.crosscoder.LOSSES)")
+    loss: Literal["mse", "l2"] = Field("mse", description="the reconstruction loss (crosscoder_pl.step.LOSSES)")
     step_impl: Literal["sparse", "dense"] = Field(
-        "sparse", description="the training step (crosscoder_pl.crosscoder.STEP_IMPLS)")
+        "sparse", description="the training step (crosscoder_pl.step.STEP_IMPLS)")
     metrics_window_steps: Int = Field(
         50, ge=1, description="the steps pooled by the training variance explained and tokens/s (e.g. 50)")
 
