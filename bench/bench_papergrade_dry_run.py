@@ -123,8 +123,8 @@ def main() -> None:
     lm_per_token = lm_flops / len(kept[0])
     x = next(iter(datamodule.train_dataloader()))
     cc = module.crosscoder.train()
-    cc_flops = count_flops(lambda: cc.step(x, module.hparams.k, loss=module.hparams.loss,
-                                           impl=module.hparams.step_impl).loss.backward())
+    cc_flops = count_flops(lambda: cc.step(x, module.cfg.k, loss=module.cfg.loss,
+                                           impl=module.cfg.step_impl).loss.backward())
     cc_per_token = cc_flops / len(x)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -139,7 +139,7 @@ def main() -> None:
     print(f"\nmachine: {torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
     print(f"dry run: d_model {pair.d_model}, vocab {pair.base.config.vocab_size}, blocks built "
           f"{pair.base.config.num_hidden_layers} (hooked after {pair.layer}), {cc.n_latents} latents, k {cc.k}, "
-          f"batch {cfg.data.batch_size} tokens, {trainer.global_step} steps, step_impl {module.hparams.step_impl}")
+          f"batch {cfg.data.batch_size} tokens, {trainer.global_step} steps, step_impl {module.cfg.step_impl}")
     print(f"wall: build pair {t_build:.0f} s, fit (incl. extraction, scales, validation) {t_fit:.0f} s")
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "train/l"))}
     print("metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

@@ -127,7 +127,7 @@ def test_unknown_impl_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"impl='fast' is not one of \('sparse', 'dense'\)"):
         _cc().step(torch.randn(4, 2, D), 3, impl="fast")
     with pytest.raises(ValueError, match="crosscoder.step_impl='fast' must be one of 'sparse', 'dense'"):
-        CrossCoderModule(d_model=D, n_latents=F, k=3, step_impl="fast")
+        CrossCoderModule(D, {"n_latents": F, "k": 3, "step_impl": "fast"})
 
 
 def test_pre_acts_at_matches_autograd_of_the_dense_relu() -> None:
@@ -413,7 +413,7 @@ def test_module_trains_with_the_configured_step(monkeypatch) -> None:
     monkeypatch.setattr(CrossCoder, "step", lambda self, *a, **kw: calls.append(kw["impl"]) or step(self, *a, **kw))
     x = torch.randn(64, 2, D)
     for impl in ("dense", "sparse"):
-        module = CrossCoderModule(d_model=D, n_latents=F, k=3, scales=[1.0, 1.0], step_impl=impl)
+        module = CrossCoderModule(D, {"n_latents": F, "k": 3, "scales": [1.0, 1.0], "step_impl": impl})
         trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, accelerator="cpu", gradient_clip_val=1.0)
         trainer.fit(module, DataLoader(TensorDataset(x), batch_size=16))
