@@ -11,7 +11,7 @@ from crosscoder_pl.training import check_config, train
 def main(cfg: DictConfig) -> float:
     run = check_config(cfg)  # the whole configuration, typed and checked once, before anything loads
     metrics = train(run)
-    return sweep_objective(metrics, run.objective.max_dead_frac, run.objective.penalty)  # what a sweeper maximises
+    return sweep_objective(metrics, run.objective)  # what a sweeper maximises
 
 
 if __name__ == "__main__":

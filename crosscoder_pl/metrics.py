@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from crosscoder_pl.config import ConfigError, ObjectiveConfig
+from crosscoder_pl.config import ObjectiveConfig
 
 
 class VarianceExplained(Metric):
@@ -65,23 +65,14 @@ class FiringCounts(Metric):
         return self.counts
 
 
-def check_objective(max_dead_frac: float, penalty: float) -> ObjectiveConfig:
-    """Refuse, before training, objective settings `sweep_objective` cannot use (`ObjectiveConfig`'s rules)."""
-    try:
-        return ObjectiveConfig(max_dead_frac=max_dead_frac, penalty=penalty)
-    except ConfigError as err:
-        raise ConfigError(f"objective.max_dead_frac={max_dead_frac} and objective.penalty={penalty}: {err}") from None
-
-
-def sweep_objective(metrics: Mapping[str, float], max_dead_frac: float, penalty: float) -> float:
+def sweep_objective(metrics: Mapping[str, float], objective: ObjectiveConfig) -> float:
     """What train.py returns to a sweeper (maximised): the mean held-out variance explained of the two models,
-    ``(val/ve_base + val/ve_chat) / 2``, minus ``penalty`` per unit of ``val/dead_frac`` above ``max_dead_frac``
-    (a large dictionary that leaves latents dead scores below a smaller one that uses them all). nan when a
-    metric is missing (no validation ran), which Optuna records as a failed trial."""
-    check_objective(max_dead_frac, penalty)
+    ``(val/ve_base + val/ve_chat) / 2``, minus ``objective.penalty`` per unit of ``val/dead_frac`` above
+    ``objective.max_dead_frac`` (a large dictionary that leaves latents dead scores below a smaller one that uses
+    them all). nan when a metric is missing (no validation ran), which Optuna records as a failed trial."""
     try:
         ve = (metrics["val/ve_base"] + metrics["val/ve_chat"]) / 2
         dead = metrics["val/dead_frac"]
     except KeyError:
         return math.nan
-    return float(ve - penalty * max(0.0, dead - max_dead_frac))
+    return float(ve - objective.penalty * max(0.0, dead - objective.max_dead_frac))

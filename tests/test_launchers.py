@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+from crosscoder_pl.config import ObjectiveConfig
 from crosscoder_pl.metrics import sweep_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,18 +52,19 @@ def test_optuna_sweep_maximises_the_objective_train_returns(tmp_path: Path) -> N
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2
-    scores = [sweep_objective(val_metrics(job), 0.1, 10.0) for job in jobs]
+    scores = [sweep_objective(val_metrics(job), ObjectiveConfig(max_dead_frac=0.1, penalty=10.0)) for job in jobs]
     assert all(math.isfinite(s) for s in scores)
     assert best["best_value"] == pytest.approx(max(scores), rel=1e-6)
 
 
 def test_objective_is_variance_explained_under_a_dead_fraction_limit() -> None:
     metrics = {"val/ve_base": 0.8, "val/ve_chat": 0.6, "val/dead_frac": 0.05}
-    assert sweep_objective(metrics, max_dead_frac=0.1, penalty=10) == pytest.approx(0.7)
-    assert sweep_objective({**metrics, "val/dead_frac": 0.3}, max_dead_frac=0.1, penalty=10) == pytest.approx(-1.3)
-    assert math.isnan(sweep_objective({"val/ve_chat": 0.6}, 0.1, 10))
-    with pytest.raises(ValueError, match="max_dead_frac=2"):
-        sweep_objective(metrics, max_dead_frac=2, penalty=10)
+    objective = ObjectiveConfig(max_dead_frac=0.1, penalty=10)
+    assert sweep_objective(metrics, objective) == pytest.approx(0.7)
+    assert sweep_objective({**metrics, "val/dead_frac": 0.3}, objective) == pytest.approx(-1.3)
+    assert math.isnan(sweep_objective({"val/ve_chat": 0.6}, objective))
+    with pytest.raises(ValueError, match="objective.max_dead_frac=2 must be a number in"):
+        ObjectiveConfig(max_dead_frac=2, penalty=10)
 
 
 def test_slurm_launcher_composes_with_the_cluster_settings() -> None:

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from crosscoder_pl.config import ConfigError, ObjectiveConfig
 from crosscoder_pl.metrics import (
     FiringCounts,
     VarianceExplained,
-    check_objective,
     sweep_objective,
 )
 
@@ -99,13 +99,11 @@ def test_sweep_objective_against_the_direct_formula_and_its_bounds() -> None:
     metrics = {"val/ve_base": 0.9, "val/ve_chat": 0.5, "val/dead_frac": 0.25}
     for max_dead, penalty in ((0.1, 10.0), (0.25, 3.0), (0.0, 2.0), (1.0, 5.0), (0.1, 0.0)):
         want = (0.9 + 0.5) / 2 - penalty * max(0.0, 0.25 - max_dead)
-        assert sweep_objective(metrics, max_dead, penalty) == pytest.approx(want, abs=1e-12)
-        check_objective(max_dead, penalty)
-    assert sweep_objective({**metrics, "val/dead_frac": 0.0}, 0.0, 7.0) == pytest.approx(0.7, abs=1e-12)
+        objective = ObjectiveConfig(max_dead_frac=max_dead, penalty=penalty)  # a valid setting
+        assert sweep_objective(metrics, objective) == pytest.approx(want, abs=1e-12)
+    assert sweep_objective({**metrics, "val/dead_frac": 0.0}, ObjectiveConfig(max_dead_frac=0.0, penalty=7.0)) == pytest.approx(0.7, abs=1e-12)
     for key in metrics:
-        assert math.isnan(sweep_objective({k: v for k, v in metrics.items() if k != key}, 0.1, 1.0))
+        assert math.isnan(sweep_objective({k: v for k, v in metrics.items() if k != key}, ObjectiveConfig()))
     for max_dead, penalty in ((-0.01, 1.0), (1.01, 1.0), (0.5, -0.5)):
-        with pytest.raises(ValueError, match=f"max_dead_frac={max_dead} .*penalty={penalty}"):
-            check_objective(max_dead, penalty)
-        with pytest.raises(ValueError, match="max_dead_frac="):
-            sweep_objective(metrics, max_dead, penalty)
+        with pytest.raises(ConfigError, match=r"objective\.(max_dead_frac|penalty)=-?[0-9.]+ must be a number"):
+            ObjectiveConfig(max_dead_frac=max_dead, penalty=penalty)
