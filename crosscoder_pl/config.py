@@ -40,6 +40,7 @@ from crosscoder_pl.config_group import (
     _join,
     frozen,
     plain,
+    target_parameters,
     thaw,
 )
 from crosscoder_pl.names import MODELS, SOURCES, SourceName
@@ -475,6 +476,15 @@ class DashboardSettings(Group):
     def server(node: Mapping[str, Any] | None) -> ServerSettings:
         """The ``server`` node of a ``conf/dashboard`` mapping (absent: the defaults)."""
         return ServerSettings.read(dict((node or {}).get("server") or {}))
+
+
+def target_keys(target: str | None) -> set[str] | None:
+    """The keys a node with this ``_target_`` takes: the fields of the group that configures it (the data modules,
+    the model pair, the crosscoder, a source), else the target's own arguments (None: unknown, or any keyword)."""
+    for group in (StreamDataConfig, CachedDataConfig, ModelPairConfig, CrossCoderConfig, EmbeddedSourceConfig):
+        if group.TARGET == target:
+            return set(group.model_fields)
+    return target_parameters(target)
 
 
 class RunConfig(Group):

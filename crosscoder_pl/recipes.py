@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from crosscoder_pl.config_group import target_parameters
+from crosscoder_pl.config import target_keys
 from crosscoder_pl.names import MODELS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -50,7 +50,7 @@ def check_recipe(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> N
         if chosen is None or chosen == meant:
             continue
         keys = recipe.get(group) or {}
-        params = target_parameters(cfg[group].get("_target_"))
+        params = target_keys(cfg[group].get("_target_"))
         untaken = [k for k in keys if params is not None and k not in params]
         if untaken:
             problems.append(

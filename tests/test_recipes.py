@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from crosscoder_pl.config_group import target_parameters
+from crosscoder_pl.config import target_keys
 from crosscoder_pl.recipes import (
     check_recipe,
     declared_options,
@@ -36,7 +36,7 @@ def compose_train(*overrides: str):
 
 
 def parameters(target: str) -> set[str]:
-    params = target_parameters(target)
+    params = target_keys(target)
     assert params is not None, target
     return params
 
