@@ -283,7 +283,8 @@ def test_a_crosscoder_saved_before_centring_loads_with_zero_means(tmp_path) -> N
     assert torch.equal(loaded(x), cc.fold().eval()(x))
 
 
-@pytest.mark.parametrize("means", [torch.zeros(2, 15), torch.zeros(1, 16), torch.full((2, 16), float("nan"))])
+@pytest.mark.parametrize("means", [torch.zeros(2, 15), torch.zeros(1, 16), torch.zeros(3, 16), torch.zeros(2, 17),
+                                   torch.full((2, 16), float("nan"))])
 def test_means_must_be_finite_and_one_vector_per_model(means) -> None:
     with pytest.raises(ValueError, match=r"means must be a finite \[2, 16\] tensor"):
         _cc(means=means)
