@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from crosscoder_pl.distributed import Reducer
 from crosscoder_pl.files import write_whole
 from crosscoder_pl.hub_download import from_hub
 from crosscoder_pl.names import MODELS
@@ -197,22 +196,12 @@ class CrossCoder(nn.Module):
         return self.decode(self.encode(x))
 
     # ----------------------------------------------------------------------------------- training
-    def step(
-        self,
-        x: torch.Tensor,
-        k: int,
-        dead: torch.Tensor | None = None,
-        *,
-        loss: str = "mse",
-        aux_coef: float = 1 / 32,
-        k_aux: int = 1,
-        impl: str = "sparse",
-        reducer: Reducer | None = None,
-    ) -> StepOutput:
+    def step(self, x: torch.Tensor, k: int, dead: torch.Tensor | None = None, **options: Any) -> StepOutput:
         """One training step's loss and everything reported about it (docs/method.md, "Loss"), from raw activations
         ``x [batch, n_models, d_model]`` with BatchTopK's ``k``: `crosscoder_pl.step.training_step`, where the
-        arguments are documented (``impl``: the sparse or the dense step; ``reducer``: under DDP)."""
-        return training_step(self, x, k, dead, loss=loss, aux_coef=aux_coef, k_aux=k_aux, impl=impl, reducer=reducer)
+        keyword ``options`` are documented (``loss``, ``aux_coef``, ``k_aux``, ``impl``: the sparse or the dense
+        step, ``reducer``: under DDP)."""
+        return training_step(self, x, k, dead, **options)
 
     # ----------------------------------------------------------------------------------- folding / io
     def fold(self) -> CrossCoder:
