@@ -1,6 +1,6 @@
 """The artifact's model card (``README.md``, layout of seed 000) and ``metrics.json``.
 
-Everything printed in the card comes from the ``metrics`` dict built by ``report.run_analyses``; the
+Everything printed in the card comes from the ``metrics`` dict built by ``report.write_analyses``; the
 recipe section from the ``recipe`` dict (the crosscoder's metadata / training config) passed in.
 """
 
