@@ -29,7 +29,7 @@ from crosscoder_pl.data.cache import read_meta
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
 from crosscoder_pl.names import SOURCES
-from crosscoder_pl.recipes import check_recipe
+from crosscoder_pl.experiments import check_experiment
 
 log = logging.getLogger(__name__)
 # conf/train.yaml's hydra.run.dir: the resumed run's directory (resume=DIR), else a new one (oc.select would
@@ -42,11 +42,11 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def check_config(cfg: DictConfig) -> RunConfig:
     """Fail in seconds, before any model, tokenizer or dataset loads: the experiment against the options chosen
-    next to it (`check_recipe`), every value and key of the typed groups (`crosscoder_pl.config.RunConfig`: each
+    next to it (`check_experiment`), every value and key of the typed groups (`crosscoder_pl.config.RunConfig`: each
     error names the key, the value and the fix), the dictionary size once d_model is read from the base model's
     config (``crosscoder.expansion``), an activation cache's manifest (``data=cached``), the checkpoint and the run
     to resume. Returns the typed configuration."""
-    check_recipe(cfg)  # an experiment and the options chosen next to it (crosscoder_pl.recipes)
+    check_experiment(cfg)  # an experiment and the options chosen next to it (crosscoder_pl.experiments)
     run = RunConfig.from_hydra(cfg)
     if run.crosscoder.expansion is not None:  # the config only, no weights: d_model sizes the dictionary
         names = run.model_pair if isinstance(run.model_pair, Mapping) else run.model_pair.model_dump()

@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from crosscoder_pl.config import target_keys
-from crosscoder_pl.recipes import (
-    check_recipe,
+from crosscoder_pl.experiments import (
+    check_experiment,
     declared_options,
     default_options,
     experiment_file,
@@ -59,7 +59,7 @@ def test_experiment_composes_or_names_the_conflict(experiment: str, data: str | 
     models_replaced = chosen is not None and (cfg.model_pair.base, cfg.model_pair.chat) != (
         chosen.model_pair.base, chosen.model_pair.chat)
     try:
-        check_recipe(cfg)
+        check_experiment(cfg)
     except ValueError as err:
         message = str(err)
         assert f"+experiment={experiment}" in message
@@ -84,7 +84,7 @@ def test_own_pair_with_cached_data_trains_on_the_cache_at_the_recipes_batch() ->
     """own_pair's extraction sizes live in its data option (data/own_pair), so data=cached replaces them whole: the
     cached data module gets only keys it takes, and the recipe's batch of 1,024 tokens."""
     cfg = compose_train("+experiment=own_pair", "data=cached", "data.path=/tmp/acts")
-    check_recipe(cfg)
+    check_experiment(cfg)
     assert cfg.data._target_ == "crosscoder_pl.data.cached.CachedActivationDataModule"
     assert set(cfg.data) - {"_target_"} <= parameters(cfg.data._target_)
     assert cfg.data.batch_size == 1024
@@ -101,7 +101,7 @@ def test_own_pair_reads_the_embedded_corpus_with_its_own_extraction_sizes() -> N
 
 def test_own_pair_takes_a_model_pair_option() -> None:
     cfg = compose_train("+experiment=own_pair", "model_pair=gemma3_270m_sharegpt")
-    check_recipe(cfg)
+    check_experiment(cfg)
     assert (cfg.model_pair.base, cfg.model_pair.chat, cfg.model_pair.layer) == (
         "gemma3_270m_sharegpt:base", "gemma3_270m_sharegpt:chat", 6)
     assert cfg.crosscoder.expansion == 4  # the experiment's sizes

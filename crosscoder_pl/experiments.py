@@ -30,7 +30,7 @@ GROUPS = ("model_pair", "data")
 RECIPE_KEYS = {"data": ("batch_size",)}  # what a recipe means by itself, whichever data option feeds it
 
 
-def check_recipe(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
+def check_experiment(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
     """Raise one ValueError naming every conflict between the chosen experiment and the chosen options.
 
     Args:
