@@ -502,6 +502,35 @@ def test_scales_are_summed_over_ranks() -> None:
     torch.testing.assert_close(module.crosscoder.b_dec.detach(), (both.mean(0) * 4.0 / spread[:, None]).float())
 
 
+def test_the_module_reads_the_plain_values_a_checkpoint_holds() -> None:
+    """``load_from_checkpoint`` passes the group as a plain mapping: read into the same typed group."""
+    module = CrossCoderModule(16, {"n_latents": 64, "k": 4, "betas": [0.8, 0.99]})
+    assert module.cfg == CrossCoderConfig(n_latents=64, k=4, betas=(0.8, 0.99))
+
+
+def test_a_rank_that_read_no_token_sends_sums_of_the_other_ranks_shapes() -> None:
+    """Under DDP every rank all-reduces the same tensors (a collective needs equal shapes on every rank): a rank
+    whose share of the scale tokens is empty sends zeros of each sum's shape, mean norms included, and gets the
+    other rank's statistics (centred, mean-norm scales)."""
+    theirs = (torch.randn(80, 2, 16, generator=torch.Generator().manual_seed(1)) * 2.0 + 1.0).double()
+    mu = theirs.mean(0)
+    their_sums = [theirs.flatten(1).sum(0), theirs.flatten(1).T @ theirs.flatten(1), torch.tensor(80.0).double(),
+                  (theirs - mu).norm(dim=-1).sum(0)]
+    shapes = []
+
+    def reduce(tensor, reduce_op):
+        other = their_sums[len(shapes)]
+        shapes.append(tuple(tensor.shape))
+        assert tensor.shape == other.shape, (tensor.shape, other.shape)  # as gloo and NCCL require
+        return tensor + other
+
+    module = attach(module_of(d_model=16, n_latents=64, k=4, scale_tokens=100), world_size=2, reduce=reduce)
+    module.estimate_scales([])
+    assert shapes == [(32,), (32, 32), (), (2,)]
+    torch.testing.assert_close(module.crosscoder.means, mu.float())
+    torch.testing.assert_close(module.crosscoder.scales, (4.0 / ((theirs - mu).norm(dim=-1).mean(0))).float())
+
+
 def test_std_scales_of_small_activations() -> None:
     """``scale_by="std"`` on activations whose centred spread is far below 1 (no floor on the variance there)."""
     torch.manual_seed(0)
