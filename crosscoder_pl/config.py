@@ -45,7 +45,6 @@ from crosscoder_pl.config_group import (
 )
 from crosscoder_pl.names import MODELS, SOURCES, SourceName
 
-MIX_SOURCES = SOURCES  # the halves of data.mix
 
 
 # ------------------------------------------------------------------------------------------- the size rule

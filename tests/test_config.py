@@ -18,7 +18,6 @@ from test_app import EXPERIMENT_ARGS, EXPERIMENTS, compose_train
 
 from crosscoder_pl import CrossCoderModule
 from crosscoder_pl.config import (
-    MIX_SOURCES,
     AnalysisConfig,
     CachedDataConfig,
     ConfigError,
@@ -31,7 +30,7 @@ from crosscoder_pl.config import (
     TrainerConfig,
 )
 from crosscoder_pl.data.loaders import RANK_SPLITS
-from crosscoder_pl.data.sources import SOURCES, SourceConfig
+from crosscoder_pl.data.sources import SourceConfig
 from crosscoder_pl.models.pair import DTYPES, load_model_pair
 from crosscoder_pl.step import LOSSES, STEP_IMPLS
 
@@ -143,7 +142,6 @@ def test_choices_are_those_of_the_code() -> None:
     assert choices(CrossCoderConfig, "loss") == LOSSES and choices(CrossCoderConfig, "step_impl") == STEP_IMPLS
     assert choices(StreamDataConfig, "rank_split") == RANK_SPLITS
     assert choices(ModelPairConfig, "dtype") == DTYPES
-    assert MIX_SOURCES == SOURCES
     assert list(TextSourceConfig.model_fields) == [f.name for f in dataclasses.fields(SourceConfig)]
 
 
