@@ -71,7 +71,15 @@ class CrossCoderConfig(Group):
     KEY: ClassVar[str] = "crosscoder"
     TARGET: ClassVar[str] = "crosscoder_pl.module.CrossCoderModule"
 
-    k: Int = Field(ge=1, description="latents kept per token (BatchTopK k) at the end of the annealing, e.g. 64")
+    sparsity: Literal["batchtopk", "l1"] = Field(
+        "batchtopk", description="how codes are made sparse (crosscoder_pl.step.SPARSITIES): BatchTopK's selection, "
+                                 "or ReLU codes with the L1 penalty (crosscoder=embedded_l1 / papergrade_l1)")
+    k: Int | None = Field(
+        None, ge=1, description="latents kept per token (BatchTopK k) at the end of the annealing, e.g. 64 (null for l1)")
+    l1_coef: Float | None = Field(
+        None, gt=0, description="the L1 penalty's coefficient λ (sparsity=l1 only), e.g. 1.0")
+    l1_warmup_frac: Float = Field(
+        0.05, ge=0, le=1, description="the first fraction of the steps over which λ rises linearly from 0 (l1 only)")
     n_latents: Int | None = Field(None, ge=1, description="the dictionary size (null: expansion * d_model)")
     expansion: Int | None = Field(None, ge=1, description="latents per d_model dimension (null: use n_latents)")
     k_start: Int | None = Field(None, ge=1, description="k at step 0, annealed down to k (null: k)")
@@ -106,17 +114,41 @@ class CrossCoderConfig(Group):
     metrics_window_steps: Int = Field(
         50, ge=1, description="the steps pooled by the training variance explained and tokens/s (e.g. 50)")
 
+    # The keys of one sparsity that mean nothing for the other, with the value that says "not used".
+    BATCHTOPK_ONLY: ClassVar[dict[str, Any]] = {
+        "k": None, "k_start": None, "k_anneal_steps": 0, "aux_coef": 0.0, "k_aux": None, "threshold_start_step": None,
+        "step_impl": "dense"}
+    L1_ONLY: ClassVar[dict[str, Any]] = {"l1_coef": None}
+
     @model_validator(mode="after")
     def _sizes(self) -> CrossCoderConfig:
         if self.n_latents is None and self.expansion is None:
             raise ConfigError(f"{self.key('n_latents')} and {self.key('expansion')} are both null: set one "
                               f"(e.g. {self.key('n_latents')}=2048 or {self.key('expansion')}=16)")
-        # With an expansion, the dictionary size is known once d_model is (`resolve` checks again then).
-        check_sizes(self.k, self.start_k, self.n_latents if self.expansion is None else None, self.KEY)
+        self._check_sparsity_keys()
+        if self.sparsity == "batchtopk":
+            # With an expansion, the dictionary size is known once d_model is (`resolve` checks again then).
+            check_sizes(self.k, self.start_k, self.n_latents if self.expansion is None else None, self.KEY)
         return self
 
+    def _check_sparsity_keys(self) -> None:
+        """A key of the other sparsity set to a working value is refused, never silently ignored; the one each
+        needs is required."""
+        needs, unused = ("k", self.L1_ONLY) if self.sparsity == "batchtopk" else ("l1_coef", self.BATCHTOPK_ONLY)
+        if getattr(self, needs) is None:
+            example = "k=64" if needs == "k" else "l1_coef=1.0"
+            raise ConfigError(f"{self.key(needs)} is null, and {self.key('sparsity')}={self.sparsity} needs it: set "
+                              f"it (e.g. {self.key(example)})")
+        wrong = [name for name, off in unused.items() if getattr(self, name) != off]
+        if wrong:
+            shown = ", ".join(f"{self.key(n)}={getattr(self, n)}" for n in wrong)
+            fix = " ".join(f"{self.key(n)}={'null' if unused[n] is None else unused[n]}" for n in wrong)
+            preset = "crosscoder=embedded_l1 (or papergrade_l1)" if self.sparsity == "l1" else "crosscoder=embedded"
+            raise ConfigError(f"{shown}: not used by {self.key('sparsity')}={self.sparsity}; set {fix}, or start from "
+                              f"{preset}, which does")
+
     @property
-    def start_k(self) -> int:
+    def start_k(self) -> int | None:
         return self.k if self.k_start is None else self.k_start
 
     @property

@@ -1,4 +1,4 @@
-"""The BatchTopK crosscoder: one sparse dictionary over paired activations of a base and a chat model.
+"""The crosscoder: one sparse dictionary over paired activations of a base and a chat model, BatchTopK or L1.
 
 Shapes (docs/method.md, "Shapes and notation"): ``x [..., 2, d_model]`` (index 0 = base, 1 = chat),
 ``W_enc [2, d_model, F]``, ``b_enc [F]``, ``W_dec [F, 2, d_model]``, ``b_dec [2, d_model]``.
@@ -33,21 +33,25 @@ from torch import nn
 from crosscoder_pl.files import write_whole
 from crosscoder_pl.hub_download import from_hub
 from crosscoder_pl.names import MODELS
-from crosscoder_pl.step import StepOutput, training_step
+from crosscoder_pl.step import SPARSITIES, StepOutput, training_step
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Present while a directory is being written (crosscoder_pl.artifact); removed last. Readers refuse it.
 INCOMPLETE = "INCOMPLETE"
+# config.json's "architecture" per sparsity (step.SPARSITIES).
+ARCHITECTURES = {"batchtopk": "BatchTopKCrossCoder", "l1": "L1CrossCoder"}
 
 
 class CrossCoder(nn.Module):
-    """BatchTopK crosscoder (Bussmann et al. 2024; crosscoder form of Minder et al. 2025).
+    """BatchTopK crosscoder (Bussmann et al. 2024; crosscoder form of Minder et al. 2025), or the L1 crosscoder of
+    Lindsey et al. 2024 (``sparsity="l1"``: codes are the ReLU pre-activations, all of them, in training and at
+    inference; sparsity comes from the loss's penalty, `crosscoder_pl.step.l1_penalty`).
 
     Args:
         d_model: width of each model's residual stream.
         n_latents: dictionary size F.
-        k: active latents per token on average (BatchTopK keeps ``k * batch`` entries per batch).
+        k: active latents per token on average (BatchTopK keeps ``k * batch`` entries per batch); None for L1.
         n_models: number of activation sources; 2 = (base, chat).
         dec_init_norm: norm of every decoder vector at init (encoder starts as the decoder transposed).
         scales: per-model normalisation scalars ``[n_models]``; ones when not given.
@@ -57,13 +61,14 @@ class CrossCoder(nn.Module):
         threshold: inference threshold on the selection score; negative means "not calibrated yet".
         folded: whether ``scales`` are already folded into the weights (true for saved crosscoders).
         metadata: free-form JSON-able facts saved in ``config.json`` (model ids, layer, recipe).
+        sparsity: ``"batchtopk"`` or ``"l1"`` (`crosscoder_pl.step.SPARSITIES`).
     """
 
     def __init__(
         self,
         d_model: int,
         n_latents: int,
-        k: int,
+        k: int | None,
         n_models: int = 2,
         dec_init_norm: float = 0.08,
         scales: torch.Tensor | list[float] | None = None,
@@ -71,10 +76,12 @@ class CrossCoder(nn.Module):
         threshold: float = -1.0,
         folded: bool = False,
         metadata: dict[str, Any] | None = None,
+        sparsity: str = "batchtopk",
     ) -> None:
         super().__init__()
-        _check_sizes(d_model, n_latents, k, n_models)
+        _check_sizes(d_model, n_latents, k, n_models, sparsity)
         self.d_model, self.n_latents, self.k, self.n_models = d_model, n_latents, k, n_models
+        self.sparsity = sparsity
         self.folded = folded
         self.metadata = dict(metadata or {})
 
@@ -162,9 +169,12 @@ class CrossCoder(nn.Module):
 
         Training mode: BatchTopK over all leading dimensions with ``k`` (default ``self.k``).
         Eval mode: the learned threshold, so one token encodes alone. Before the threshold is
-        calibrated, eval mode falls back to BatchTopK and warns once.
+        calibrated, eval mode falls back to BatchTopK and warns once. An L1 crosscoder: the ReLU pre-activations
+        in either mode (``k`` is not used).
         """
         f = self.pre_acts(x)
+        if self.sparsity == "l1":
+            return f
         if not self.training and self.threshold_calibrated:
             return self.threshold_codes(f)
         if not self.training and not self._warned_uncalibrated:
@@ -177,6 +187,12 @@ class CrossCoder(nn.Module):
     @property
     def threshold_calibrated(self) -> bool:
         return bool(self.threshold >= 0)
+
+    @property
+    def encodes_alone(self) -> bool:
+        """Whether eval-mode ``encode`` codes each token alone, the same in any batch (what token-by-token
+        examples and the online app need): an L1 crosscoder always, BatchTopK once its threshold is calibrated."""
+        return self.sparsity == "l1" or self.threshold_calibrated
 
     # ----------------------------------------------------------------------------------- decoding
     def decode(self, f: torch.Tensor, normalised: bool = False) -> torch.Tensor:
@@ -222,8 +238,12 @@ class CrossCoder(nn.Module):
         return out
 
     def config(self) -> dict[str, Any]:
+        encode = "f = relu(sum_m x_m @ W_enc[m] + b_enc)"
+        if self.sparsity == "batchtopk":
+            encode += "; keep f where f * sum_m(||W_dec[:, m]|| * scales[m]) > threshold"
         return {
-            "architecture": "BatchTopKCrossCoder",
+            "architecture": ARCHITECTURES[self.sparsity],
+            "sparsity": self.sparsity,
             "d_model": self.d_model,
             "n_latents": self.n_latents,
             "k": self.k,
@@ -233,7 +253,7 @@ class CrossCoder(nn.Module):
             "centred": bool(self.means.any()),
             "threshold": float(self.threshold),
             "folded": True,
-            "encode": "f = relu(sum_m x_m @ W_enc[m] + b_enc); keep f where f * sum_m(||W_dec[:, m]|| * scales[m]) > threshold",
+            "encode": encode,
             "means": "the per-model activation means (tensor 'means') are already folded into b_enc and b_dec",
             "decode": "x_hat[m] = f @ W_dec[:, m] + b_dec[m]",
             "metadata": self.metadata,
@@ -262,8 +282,10 @@ class CrossCoder(nn.Module):
         directory = _resolve(directory)
         check_complete(directory)
         config = json.loads((directory / CONFIG_NAME).read_text())
-        if config.get("architecture") != "BatchTopKCrossCoder":
-            raise ValueError(f"{directory / CONFIG_NAME}: architecture {config.get('architecture')!r} is not BatchTopKCrossCoder")
+        sparsity = {name: key for key, name in ARCHITECTURES.items()}.get(config.get("architecture"))
+        if sparsity is None:
+            raise ValueError(f"{directory / CONFIG_NAME}: architecture {config.get('architecture')!r} is not one of "
+                             f"{sorted(ARCHITECTURES.values())}")
         model = cls(
             d_model=config["d_model"],
             n_latents=config["n_latents"],
@@ -272,6 +294,7 @@ class CrossCoder(nn.Module):
             scales=config["scales"],
             folded=True,
             metadata=config.get("metadata"),
+            sparsity=sparsity,
         )
         state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
         # Saved before centring existed: nothing was subtracted, so the record of what the biases hold is zeros.
@@ -287,11 +310,16 @@ class CrossCoder(nn.Module):
             raise ValueError(f"CrossCoder expects activations [..., {want[0]}, {want[1]}], got shape {tuple(x.shape)}")
 
 
-def _check_sizes(d_model: int, n_latents: int, k: int, n_models: int) -> None:
-    for name, value in (("d_model", d_model), ("n_latents", n_latents), ("k", k), ("n_models", n_models)):
+def _check_sizes(d_model: int, n_latents: int, k: int | None, n_models: int, sparsity: str) -> None:
+    if sparsity not in SPARSITIES:
+        raise ValueError(f"sparsity={sparsity!r} is not one of {SPARSITIES}")
+    if sparsity == "l1" and k is not None:
+        raise ValueError(f"k={k!r}: an L1 crosscoder keeps every positive code; pass k=None")
+    sizes = (("d_model", d_model), ("n_latents", n_latents), ("n_models", n_models))
+    for name, value in (*sizes, *((("k", k),) if sparsity == "batchtopk" else ())):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if k > n_latents:
+    if k is not None and k > n_latents:
         raise ValueError(f"k={k} is larger than the dictionary (n_latents={n_latents}); choose k <= n_latents")
 
 

@@ -6,6 +6,8 @@ this module only optimises, schedules and logs:
      bias inits) are estimated from the first ``scale_tokens`` tokens of the training data;
   2. ``k`` is annealed linearly from ``k_start``; the dead-latent counters feed AuxK;
   3. the inference threshold is a bias-corrected EMA of the smallest kept score per batch.
+An L1 crosscoder (``sparsity: l1``) has none of 2-3: its penalty's coefficient rises linearly from 0 over the first
+``l1_warmup_frac`` of the steps instead, and the dead-latent counters are only reported.
 Gradient clipping is the Trainer's (``gradient_clip_val=1.0`` in the recipe).
 """
 
@@ -28,7 +30,7 @@ from crosscoder_pl.config import CrossCoderConfig
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.distributed import ProcessGroupReducer, Reducer
 from crosscoder_pl.metrics import FiringCounts, VarianceExplained
-from crosscoder_pl.schedules import k_at, lr_factor
+from crosscoder_pl.schedules import k_at, l1_warmup, lr_factor
 from crosscoder_pl.sparse import SparseCodes
 from crosscoder_pl.step import StepOutput, token_loss
 
@@ -42,7 +44,9 @@ class CrossCoderModule(L.LightningModule):
         d_model: the width of the models' activations.
         cfg: the ``crosscoder`` group (`crosscoder_pl.config.CrossCoderConfig`, or its plain values as a
             checkpoint holds them; an ``expansion`` is resolved with ``d_model``). Its fields:
-        n_latents, k: dictionary size and final BatchTopK k.
+        sparsity: ``"batchtopk"`` or ``"l1"`` (`crosscoder_pl.step.SPARSITIES`).
+        n_latents, k: dictionary size and final BatchTopK k (null for l1).
+        l1_coef: the L1 penalty's coefficient λ (l1 only), reached after ``l1_warmup_frac`` of the steps.
         k_start: k at step 0, annealed linearly to ``k`` over ``k_anneal_steps`` (default: ``k``).
         k_anneal_steps: optimiser steps of the k annealing (0 = no annealing).
         lr: Adam learning rate; constant, then linear decay to 0 over the last ``lr_decay_frac`` of steps.
@@ -90,7 +94,8 @@ class CrossCoderModule(L.LightningModule):
         self.k_aux = min(d_model // 2 if cfg.k_aux is None else cfg.k_aux, n_latents)
         self.threshold_start_step = cfg.threshold_start
         self.crosscoder = CrossCoder(d_model, n_latents, cfg.k, dec_init_norm=cfg.dec_init_norm,
-                                     scales=None if cfg.scales is None else list(cfg.scales), metadata=metadata)
+                                     scales=None if cfg.scales is None else list(cfg.scales), metadata=metadata,
+                                     sparsity=cfg.sparsity)
 
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         # θ's EMA state (float64: 1 - decay^n must not round to 0 for decays near 1), in the checkpoint.
@@ -108,6 +113,7 @@ class CrossCoderModule(L.LightningModule):
         self.val_firing = FiringCounts(n_latents)
         self.val_l0 = MeanMetric()
         self.val_recon = MeanMetric()
+        self._total_steps = 0  # set with the optimiser, from the trainer's max_steps
         self._window_start: float | None = None
         self._window_tokens = 0
 
@@ -117,10 +123,10 @@ class CrossCoderModule(L.LightningModule):
         if x.shape[0] == 0:  # returning None would desynchronise DDP ranks
             raise ValueError(f"every row of the batch at step {self.global_step} was NaN/inf: check the activations")
         hp = self.cfg
-        k_now = k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
+        k_now = None if hp.k is None else k_at(self.global_step, hp.k, self.k_start, hp.k_anneal_steps)
         dead = self.tokens_since_fired >= hp.dead_after_tokens  # [F], before this step's batch
         out = self.crosscoder.step(x, k_now, dead, loss=hp.loss, aux_coef=hp.aux_coef, k_aux=self.k_aux,
-                                   impl=hp.step_impl, reducer=self._reducer())
+                                   impl=hp.step_impl, reducer=self._reducer(), l1_coef=self.l1_coef_now())
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite loss {out.loss.item()} at step {self.global_step} (recon={out.recon.item()}, "
@@ -128,10 +134,20 @@ class CrossCoderModule(L.LightningModule):
                 f"(scales={self.crosscoder.scales.tolist()})"
             )
         self._update_dead(out.active, out.n_tokens)
-        self._update_threshold(out.min_kept)
+        if hp.sparsity == "batchtopk":
+            self._update_threshold(out.min_kept)
         self.train_ve.update(out.x.detach(), out.x_hat.detach())
         self._log_train(out, dead, k_now)
         return out.loss
+
+    def l1_coef_now(self) -> float:
+        """The L1 penalty's coefficient at this step: linear from 0 to ``l1_coef`` over the first ``l1_warmup_frac``
+        of the run's steps (Anthropic's crosscoder and SAE recipes: the first 5%), so that the penalty does not kill
+        latents before the reconstruction has shaped them; 0 for BatchTopK."""
+        hp = self.cfg
+        if hp.l1_coef is None:
+            return 0.0
+        return hp.l1_coef * l1_warmup(self.global_step, self._total_steps, hp.l1_warmup_frac)
 
     def _reducer(self) -> Reducer | None:
         """The step's collectives under DDP (global BatchTopK and batch means); None on one process."""
@@ -283,6 +299,7 @@ class CrossCoderModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the lr schedule needs a finite run: set trainer.max_steps (e.g. trainer.max_steps=10000)")
+        self._total_steps = int(total)  # the schedules' length: the lr's decay, the L1 coefficient's warm-up
         schedule = partial(lr_factor, total_steps=int(total), decay_frac=hp.lr_decay_frac)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
@@ -302,7 +319,7 @@ class CrossCoderModule(L.LightningModule):
             x = x[finite]
         return x.float()
 
-    def _log_train(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
+    def _log_train(self, out: StepOutput, dead: torch.Tensor, k_now: int | None) -> None:
         # Only on the steps the logger writes (Lightning keeps the last value of the others): self.log costs
         # more than a demo step's selection, and the L0 a pass over the codes. The step is the same on every rank,
         # so the ranks meet in the same collectives.
@@ -310,7 +327,7 @@ class CrossCoderModule(L.LightningModule):
             self._log_step(out, dead, k_now)
         self._log_window(out.n_tokens)
 
-    def _log_step(self, out: StepOutput, dead: torch.Tensor, k_now: int) -> None:
+    def _log_step(self, out: StepOutput, dead: torch.Tensor, k_now: int | None) -> None:
         # The loss parts are the global batch's already (CrossCoder.step); the ranks keep unequal shares of the
         # global BatchTopK, so L0 (positive codes per token of the global batch) sums their shares.
         l0_share = out.active.l0().sum().float() / out.n_tokens
@@ -318,9 +335,10 @@ class CrossCoderModule(L.LightningModule):
         self.log_dict({
             "train/loss": out.loss, "train/loss_recon": out.recon, "train/loss_aux": out.aux,
             "train/dead_frac": dead.float().mean(),
-            "train/k": float(k_now),
-            "train/threshold": self.crosscoder.threshold,
             "train/skipped_rows": float(self.skipped_rows),
+            # BatchTopK's k and threshold, or the L1 penalty and its coefficient: what the run's sparsity moves.
+            **({"train/k": float(k_now), "train/threshold": self.crosscoder.threshold} if out.l1 is None else
+               {"train/loss_l1": out.l1, "train/l1_coef": self.l1_coef_now()}),
         })
 
     def _log_window(self, n_tokens: int) -> None:

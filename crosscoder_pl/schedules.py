@@ -1,4 +1,4 @@
-"""Step schedules of the training recipe: BatchTopK's k annealing and the learning-rate decay."""
+"""Step schedules of the training recipe: BatchTopK's k annealing, the L1 penalty's warm-up and the learning-rate decay."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ def k_at(step: int, k: int, k_start: int, anneal_steps: int) -> int:
     if anneal_steps <= 0 or step >= anneal_steps:
         return k
     return round(k_start + (k - k_start) * step / anneal_steps)
+
+
+def l1_warmup(step: int, total_steps: int, warmup_frac: float) -> float:
+    """Multiplier of the L1 coefficient: linear from 0 (step 0) to 1 over the first ``warmup_frac`` of
+    ``total_steps``, then 1."""
+    warmup_steps = warmup_frac * total_steps
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    return step / warmup_steps
 
 
 def lr_factor(step: int, total_steps: int, decay_frac: float) -> float:

@@ -7,7 +7,9 @@ all F latents through the decoder) and `_forward_sparse` (the kept entries only,
 `aux_error`) adds the dead latents' reconstruction of the residual. Under DDP (a `Reducer` spanning several
 ranks) the selection is the global batch's (`_batch_topk_global`, `crosscoder_pl.distributed.keep_global_top`)
 and every mean over the batch is the global one (`_global_terms`). `token_loss` is the one place where the
-loss option (`LOSSES`) is interpreted.
+loss option (`LOSSES`) is interpreted, and `training_step` the one place where the sparsity (`SPARSITIES`) is:
+BatchTopK's selection, or the L1 crosscoder's ReLU codes and decoder-norm-weighted penalty (`_forward_l1`,
+`l1_penalty`; always dense: every code is nonzero wherever its pre-activation is positive).
 
 The functions take the crosscoder as their first argument and read its parameters; they hold no state.
 """
@@ -31,14 +33,18 @@ from crosscoder_pl.sparse import (
 
 LOSSES = ("mse", "l2")
 STEP_IMPLS = ("sparse", "dense")
+# batchtopk: Bussmann et al. 2024 in the crosscoder form of Minder et al. 2025; l1: Lindsey et al. 2024's
+# crosscoder, ReLU codes penalised by sum_j f_j sum_m ||d_j^m||.
+SPARSITIES = ("batchtopk", "l1")
 
 
 @dataclass(frozen=True)
 class StepOutput:
     """Everything one training step computes and reports, in the normalised (training) space.
 
-    ``loss = recon + aux_coef * aux * unit`` (docs/method.md, "Loss"): ``recon`` is the reconstruction
-    term under the loss option, ``aux`` the AuxK error normalised by its target's (dimensionless: 1 = the
+    ``loss = recon + aux_coef * aux * unit`` for BatchTopK, ``loss = recon + l1_coef * l1`` for the L1 crosscoder
+    (docs/method.md, "Loss"): ``recon`` is the reconstruction term under the loss option, ``l1`` the L1 penalty
+    (`l1_penalty`; 0 for BatchTopK), ``aux`` the AuxK error normalised by its target's (dimensionless: 1 = the
     dead latents explain none of the residual, 0 when no latent is dead), ``unit`` the loss of predicting
     the batch mean, which puts AuxK in the reconstruction term's units under either loss option.
     Under DDP (a reducer spanning several ranks) ``loss``, ``recon``, ``aux``, ``unit``, ``min_kept`` and ``n_tokens`` hold the
@@ -55,8 +61,9 @@ class StepOutput:
     active: SparseCodes  # the kept BatchTopK entries (unscaled f), shape (batch, F)
     x: torch.Tensor  # [batch, n_models, d_model] normalised input
     x_hat: torch.Tensor  # [batch, n_models, d_model] its reconstruction
-    min_kept: torch.Tensor  # [] smallest positive kept score (inf if none): what the threshold tracks
+    min_kept: torch.Tensor  # [] smallest positive kept score (inf if none, and for L1): what the threshold tracks
     n_tokens: int  # tokens of the (global) batch: batch on one process, summed over ranks under DDP
+    l1: torch.Tensor | None = None  # [] the L1 penalty before its coefficient (None: BatchTopK)
 
     @cached_property
     def codes(self) -> torch.Tensor:
@@ -76,6 +83,13 @@ def token_loss(err: torch.Tensor, loss: str) -> torch.Tensor:
     return (sq if loss == "mse" else sq.sqrt()).sum(-1)
 
 
+def l1_penalty(cc: Any, f: torch.Tensor) -> torch.Tensor:
+    """The L1 crosscoder's per-token penalty ``sum_j f_j * sum_m ||d_j^m||`` (Lindsey et al. 2024; the sum over
+    models of the decoder norms, in the normalised space, so that shrinking a decoder cannot buy a smaller
+    penalty), from codes ``f [batch, F]``: ``[batch]``."""
+    return f @ cc.decoder_norms().sum(-1)
+
+
 def training_step(
     cc: Any,
     x: torch.Tensor,
@@ -87,6 +101,7 @@ def training_step(
     k_aux: int = 1,
     impl: str = "sparse",
     reducer: Reducer | None = None,
+    l1_coef: float = 0.0,
 ) -> StepOutput:
     """One training step of the crosscoder ``cc`` (`CrossCoder.step`): its loss and everything reported about it
     (docs/method.md, "Loss").
@@ -94,7 +109,8 @@ def training_step(
     Args:
         cc: the `crosscoder_pl.crosscoder.CrossCoder` trained (unfolded).
         x: raw activations ``[batch, n_models, d_model]``.
-        k: BatchTopK's k for this step (``k * batch`` entries kept over the whole batch).
+        k: BatchTopK's k for this step (``k * batch`` entries kept over the whole batch); None for an L1 crosscoder
+            (``cc.sparsity == "l1"``), whose step has no selection, no AuxK and always runs dense.
         dead: ``[F]`` bool, latents that had not fired for the dead-latent window before this step
             (None or all False: no AuxK).
         loss: ``"mse"`` or ``"l2"`` (:func:`token_loss`); AuxK uses the same per-token error.
@@ -109,6 +125,7 @@ def training_step(
             batch and every mean over the batch is the global one, so that the ranks together compute the
             single-process step on the global batch (docs/method.md, "Data parallelism"). None, or a world of
             one: the single-process step, without any collective.
+        l1_coef: the L1 crosscoder's penalty coefficient λ at this step (warmed up by the caller).
     """
     if cc.folded:
         raise RuntimeError("a folded crosscoder is for inference; train the unfolded one (CrossCoder.fold copies)")
@@ -116,6 +133,10 @@ def training_step(
         raise ValueError(f"impl={impl!r} is not one of {STEP_IMPLS}")
     cc._check_input(x)
     x_n = cc.normalise(x.to(cc.W_enc.dtype))  # [batch, n_models, d_model], the training space
+    if cc.sparsity == "l1":
+        return _l1_step(cc, x_n, loss, l1_coef, distributed(reducer))
+    if k is None:
+        raise ValueError("a BatchTopK crosscoder's step needs k")
     # One host sync; healthy runs skip AuxK's work.
     dead_idx = dead.nonzero().squeeze(1) if dead is not None and aux_coef > 0 else None
     if dead_idx is not None and dead_idx.numel() == 0:
@@ -138,6 +159,31 @@ def training_step(
         recon, aux, unit = _global_terms(x_n, x_hat, e_hat, x_mean, n_global, loss, group)
     total = recon + aux_coef * aux * unit
     return StepOutput(total, recon, aux, unit, active, x_n, x_hat, min_kept, n_global)
+
+
+def _l1_step(cc: Any, x_n: torch.Tensor, loss: str, l1_coef: float, group: Reducer | None) -> StepOutput:
+    """The L1 crosscoder's step on normalised ``x_n [batch, n_models, d_model]``: ``recon + l1_coef * l1``, every
+    positive code kept (`StepOutput`; ``aux`` 0, ``min_kept`` inf). Under DDP every mean is the global batch's,
+    as in the BatchTopK step (`_global_terms`)."""
+    f = F.relu(cc._encoder_affine(x_n))  # [batch, F]
+    x_hat = cc.decode(f, normalised=True)
+    penalty = l1_penalty(cc, f)  # [batch]
+    n_global = x_n.shape[0]
+    if group is None:
+        recon = token_loss(x_n - x_hat, loss).mean()
+        unit = token_loss(x_n - x_n.mean(0), loss).mean().detach()
+        l1 = penalty.mean()
+    else:
+        sums = group.all_reduce(torch.cat([x_n.new_full((1,), n_global), x_n.sum(0).flatten(),
+                                           penalty.detach().sum()[None]]).double())
+        n_global = int(sums[0].item())
+        x_mean = (sums[1:-1] / n_global).to(x_n.dtype).view_as(x_n[0])
+        recon, _, unit = _global_terms(x_n, x_hat, None, x_mean, n_global, loss, group)
+        l1 = _valued(penalty.sum() * group.world_size / n_global, sums[-1] / n_global)
+    min_kept = torch.full((), torch.inf, device=x_n.device)
+    active = SparseCodes.from_dense(f.detach())
+    return StepOutput(recon + l1_coef * l1, recon, recon.new_zeros(()), unit, active, x_n, x_hat, min_kept,
+                      n_global, l1.detach())
 
 
 def _forward_dense(

@@ -244,9 +244,12 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
         f"web: {data.web.get('path', 'embedded corpus (web half)')}, chat: {data.chat.get('path', 'embedded corpus (chat half)')}, "
         f"mix {dict(data.mix)}" if "web" in data else f"activation cache {data.get('path')}"
     )
-    return {
+    sparsity = ({"k_start": c.k_start if c.k_start is not None else c.k, "k_anneal_steps": c.k_anneal_steps}
+                if c.get("sparsity", "batchtopk") == "batchtopk" else
+                {"sparsity": c.sparsity, "l1_coef": c.l1_coef, "l1_warmup_frac": c.l1_warmup_frac})
+    facts = {
         "base_model": pair.base_id, "chat_model": pair.chat_id, "layer": pair.layer,
-        "k_start": c.k_start if c.k_start is not None else c.k, "k_anneal_steps": c.k_anneal_steps,
+        **sparsity,
         "training_tokens": tokens, "data": sources,
         "normalisation": f"{normalisation(c.get('center', True), c.get('scale_by', 'mean_norm'))}, BOS and padding "
                          f"dropped{dropped}",
@@ -255,6 +258,9 @@ def recipe(cfg: DictConfig, pair: Any) -> dict[str, Any]:
         "language_model_dtype": cfg.model_pair.get("dtype"),
         "command": shlex.join(["python", *sys.argv]),
     }
+    if "l1_coef" in sparsity:
+        del facts["aux_coef"]  # no AuxK in an L1 crosscoder (the config refuses a nonzero aux_coef)
+    return facts
 
 
 def train(run: RunConfig) -> dict[str, float]:

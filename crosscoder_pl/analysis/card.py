@@ -24,6 +24,7 @@ TRAINING_DEAD = "training_dead_fraction"  # set by the export callback: {fractio
 OUTLIERS = "outliers"  # set at the end of training (crosscoder_pl.training.RecordDataMix): the outlier report
 # Recipe keys already stated in the title, the introduction, the "Reproduce" section or a section of their own.
 IDENTITY_KEYS = ("base_model", "chat_model", "layer", "n_latents", "d_model", "command", TRAINING_DEAD, OUTLIERS)
+SPARSITY_NAMES = {"batchtopk": "BatchTopK", "l1": "L1"}  # crosscoder_pl.step.SPARSITIES, as the card names them
 # The outlier report's parts (crosscoder_pl.data.outliers.OutlierCounts.summary each), in the card's order.
 OUTLIER_ROWS = {"training": "training data", "cache_training": "cache writer's stream", "heldout": "held-out set"}
 
@@ -43,15 +44,16 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
     """The model card markdown: front matter, recipe, validation, outlier tokens, taxonomy, scaling, causal,
     splice, citations."""
     art = metrics["artifact"]
+    sparsity = art.get("sparsity", "batchtopk")  # artifacts of earlier versions are BatchTopK
     sections = [
         _front_matter(metrics),
         f"# Cross-Model Crosscoder — {art['base_model']} vs {art['chat_model']}",
-        f"BatchTopK crosscoder trained on layer {art['layer']} residual stream of `{art['base_model']}` and "
+        f"{SPARSITY_NAMES[sparsity]} crosscoder trained on layer {art['layer']} residual stream of `{art['base_model']}` and "
         f"`{art['chat_model']}` simultaneously. The dictionary ({art['n_latents']:,} latents, d_model "
         f"{art['d_model']}) decomposes both models' activations into shared, base-specific, and "
         "chat-specific features.",
         "## Recipe\n\n" + "\n".join([*_recipe_lines(recipe, art["k"]), _scales_line(art["scales"])]),
-        _validation(metrics["validation"], recipe.get(TRAINING_DEAD), art["k"]),
+        _validation(metrics["validation"], recipe.get(TRAINING_DEAD), art["k"], sparsity),
     ]
     if metrics.get("outliers"):
         sections.append(_outliers(metrics["outliers"]))
@@ -80,12 +82,18 @@ def _front_matter(metrics: Mapping[str, Any]) -> str:
     return f"---\n{card_data(metrics, hub_ids_only=False).to_yaml()}\n---"
 
 
-def _recipe_lines(recipe: Mapping[str, Any], k: int) -> list[str]:
-    """The seed's phrasing for BatchTopK k and the optimiser (when those keys exist); every other key as is."""
+def _recipe_lines(recipe: Mapping[str, Any], k: int | None) -> list[str]:
+    """The seed's phrasing for BatchTopK k (or the L1 penalty) and the optimiser (when those keys exist); every
+    other key as is."""
     rest = {key: v for key, v in recipe.items() if key not in IDENTITY_KEYS and key != "k"}
-    k_start = rest.pop("k_start", None)
-    annealed = f" (annealed from {k_start})" if k_start not in (None, k) else ""
-    lines = [f"- BatchTopK k = {k}{annealed}"]
+    if rest.pop("sparsity", "batchtopk") == "l1":
+        coef, warmup = rest.pop("l1_coef"), rest.pop("l1_warmup_frac", 0)
+        lines = [f"- L1 penalty λ = {coef} on sum_j f_j sum_m ||d_j^m||" +
+                 (f", warmed up linearly over the first {warmup:.0%} of the steps" if warmup else "")]
+    else:
+        k_start = rest.pop("k_start", None)
+        annealed = f" (annealed from {k_start})" if k_start not in (None, k) else ""
+        lines = [f"- BatchTopK k = {k}{annealed}"]
     if "lr" in rest:
         parts = [f"Adam lr {rest.pop('lr')}"]
         if "lr_decay_frac" in rest:
@@ -102,14 +110,16 @@ def _scales_line(scales: list[float]) -> str:
     return f"- Per-model normalization scales: base {base:.4g}, chat {chat:.4g} (folded into the saved weights)"
 
 
-def _validation(v: Mapping[str, Any], training_dead: Mapping[str, Any] | None, k: int) -> str:
+def _validation(v: Mapping[str, Any], training_dead: Mapping[str, Any] | None, k: int | None,
+                sparsity: str = "batchtopk") -> str:
     ve = v["variance_explained"]
+    how = ("on the held-out tokens (every positive code of the L1 crosscoder)" if sparsity == "l1" else
+           f"with the inference threshold on the held-out tokens (training: BatchTopK, {k} per token on average)")
     text = (
         "## Validation\n\n"
         "| | base | chat |\n|---|---|---|\n"
         f"| variance explained | {_num(ve['base'])} | {_num(ve['chat'])} |\n\n"
-        f"L0 = {_num(v['l0'], 1)} with the inference threshold on the held-out tokens (training: BatchTopK, "
-        f"{k} per token on average), dead-feature fraction = {_pct(v['dead_fraction'])} "
+        f"L0 = {_num(v['l0'], 1)} {how}, dead-feature fraction = {_pct(v['dead_fraction'])} "
         f"(window: latents that never fired on the {v['n_tokens']:,} held-out tokens)"
     )
     if training_dead:

@@ -178,6 +178,7 @@ def _artifact(cc: CrossCoder, pair: Any) -> dict[str, Any]:
         "layer": pair.layer,
         "d_model": cc.d_model,
         "n_latents": cc.n_latents,
+        "sparsity": cc.sparsity,
         "k": cc.k,
         "threshold": float(cc.threshold),
         "scales": [float(s) for s in cc.scales],

@@ -160,7 +160,7 @@ def scan(
     the first that many rows (None: all).
     """
     check_eval_mode(crosscoder)
-    if not crosscoder.threshold_calibrated:
+    if not crosscoder.encodes_alone:
         raise ValueError("the crosscoder's inference threshold is not calibrated: token-by-token examples need it")
     device = crosscoder.W_enc.device
     n_rows = len(activations) if max_tokens is None else min(max_tokens, len(activations))

@@ -56,7 +56,7 @@ class OnlineSession:
     """
 
     def __init__(self, crosscoder: CrossCoder, pair: Any, settings: ServerSettings) -> None:
-        if crosscoder.training or not crosscoder.threshold_calibrated:
+        if crosscoder.training or not crosscoder.encodes_alone:
             raise ValueError("the online session needs an eval-mode crosscoder with a calibrated threshold")
         self.crosscoder = crosscoder
         self.pair = pair
