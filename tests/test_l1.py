@@ -1,0 +1,209 @@
+"""The L1 crosscoder (``sparsity="l1"``): its codes, loss, gradients, warm-up, config and artifact, each against a
+direct computation or a known answer."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from crosscoder_pl import CrossCoder
+from crosscoder_pl.config import ConfigError, CrossCoderConfig
+from crosscoder_pl.schedules import l1_warmup
+from tests.threaded_ranks import run_ranks
+
+D, F = 8, 32
+
+
+def _cc(seed: int = 0, scales=(0.5, 4.0)) -> CrossCoder:
+    torch.manual_seed(seed)
+    cc = CrossCoder(d_model=D, n_latents=F, k=None, scales=list(scales), sparsity="l1").train()
+    with torch.no_grad():
+        cc.means.normal_()
+        cc.b_dec.normal_()
+        cc.b_enc.uniform_(-0.1, 0.3)
+        cc.W_dec.mul_(torch.rand(F, 2, 1) * 3)  # unequal decoder norms: the penalty is not sum f
+    return cc
+
+
+def _x(n: int = 40, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, D, generator=g) * torch.tensor([3.0, 0.2])[:, None] + 0.5
+
+
+def _direct(cc: CrossCoder, x: torch.Tensor, coef: float, loss: str) -> tuple[torch.Tensor, ...]:
+    """Lindsey et al.'s loss written out per model, with no shared helper."""
+    xn = torch.stack([(x[:, m] - cc.means[m]) * cc.scales[m] for m in range(2)], dim=1)
+    f = torch.relu(xn[:, 0] @ cc.W_enc[0] + xn[:, 1] @ cc.W_enc[1] + cc.b_enc)
+    x_hat = torch.stack([f @ cc.W_dec[:, m] + cc.b_dec[m] for m in range(2)], dim=1)
+    err = xn - x_hat
+    if loss == "mse":
+        recon = (err ** 2).sum(dim=(1, 2)).mean()
+    else:
+        recon = (err[:, 0].norm(dim=-1) + err[:, 1].norm(dim=-1)).mean()
+    weight = cc.W_dec[:, 0].norm(dim=-1) + cc.W_dec[:, 1].norm(dim=-1)
+    l1 = (f * weight).sum(-1).mean()
+    return recon + coef * l1, recon, l1, f
+
+
+@pytest.mark.parametrize("loss", ["mse", "l2"])
+def test_l1_step_and_gradients_match_a_direct_computation(loss: str) -> None:
+    cc, x = _cc(), _x()
+    out = cc.step(x, None, torch.ones(F, dtype=torch.bool), loss=loss, l1_coef=0.7, impl="sparse")
+    ref = copy.deepcopy(cc)
+    total, recon, l1, f = _direct(ref, x, 0.7, loss)
+    torch.testing.assert_close(out.loss, total)
+    torch.testing.assert_close(out.recon, recon)
+    torch.testing.assert_close(out.l1, l1.detach())
+    assert float(out.aux) == 0.0  # no AuxK, dead latents or not
+    assert torch.isinf(out.min_kept)  # nothing for a threshold to track
+    torch.testing.assert_close(out.codes, f.detach())  # every positive code kept
+    assert 0 < int((out.codes > 0).sum()) < out.codes.numel()
+    ours = torch.autograd.grad(out.loss, list(cc.parameters()))
+    theirs = torch.autograd.grad(total, list(ref.parameters()))
+    for (name, _), a, b in zip(cc.named_parameters(), ours, theirs):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_l1_coefficient_zero_is_the_reconstruction_alone() -> None:
+    cc, x = _cc(), _x()
+    out = cc.step(x, None, l1_coef=0.0)
+    assert float(out.l1) > 0
+    torch.testing.assert_close(out.loss, out.recon)
+
+
+def test_l1_encode_is_the_relu_in_both_modes_and_survives_fold_and_save(tmp_path: Path) -> None:
+    cc, x = _cc(), _x()
+    f = torch.relu(cc.pre_acts(x))
+    torch.testing.assert_close(cc.encode(x), f)
+    cc.eval()
+    assert cc.encodes_alone and not cc.threshold_calibrated
+    torch.testing.assert_close(cc.encode(x[:1]), f[:1])  # one token alone: the same codes
+    x_hat = cc(x)
+    cc.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["architecture"], config["sparsity"], config["k"]) == ("L1CrossCoder", "l1", None)
+    assert "threshold" not in config["encode"]
+    loaded = CrossCoder.from_pretrained(tmp_path)
+    assert loaded.sparsity == "l1" and loaded.k is None
+    torch.testing.assert_close(loaded.encode(x), f, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loaded(x), x_hat, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_architecture_names_the_known_ones(tmp_path: Path) -> None:
+    _cc().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architecture": "JumpReLUCrossCoder"}))
+    with pytest.raises(ValueError, match="JumpReLUCrossCoder.*BatchTopKCrossCoder.*L1CrossCoder"):
+        CrossCoder.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"k": 4, "sparsity": "l1"}, "k=4: an L1 crosscoder keeps every positive code"),
+    ({"k": None}, "k must be a positive integer, got None"),
+    ({"k": 4, "sparsity": "topk"}, "sparsity='topk' is not one of"),
+])
+def test_crosscoder_refuses_a_k_that_does_not_fit_its_sparsity(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CrossCoder(d_model=D, n_latents=F, **kwargs)
+
+
+def test_two_ranks_compute_the_single_process_l1_step() -> None:
+    cc, x = _cc(2), _x(64)
+    sizes = [20, 44]
+
+    def rank(reducer) -> dict:
+        part = slice(None) if reducer is None else (slice(0, 20) if reducer.rank == 0 else slice(20, 64))
+        model = copy.deepcopy(cc)
+        out = model.step(x[part], None, loss="mse", l1_coef=0.3, reducer=reducer)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()))
+        return {"grads": grads, "n": out.n_tokens, **{k: getattr(out, k).detach() for k in ("loss", "recon", "l1")}}
+
+    one = rank(None)
+    ranks = run_ranks(len(sizes), rank)
+    for r in ranks:
+        assert r["n"] == 64
+        for name in ("loss", "recon", "l1"):
+            torch.testing.assert_close(r[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    for i, (name, _) in enumerate(cc.named_parameters()):
+        mean = torch.stack([r["grads"][i] for r in ranks]).mean(0)
+        torch.testing.assert_close(mean, one["grads"][i], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("step", "total", "frac", "want"), [
+    (0, 1000, 0.05, 0.0), (25, 1000, 0.05, 0.5), (49, 1000, 0.05, 0.98), (50, 1000, 0.05, 1.0),
+    (999, 1000, 0.05, 1.0), (0, 1000, 0.0, 1.0), (3, 10, 1.0, 0.3),
+])
+def test_l1_warmup_is_linear_from_zero(step: int, total: int, frac: float, want: float) -> None:
+    assert l1_warmup(step, total, frac) == pytest.approx(want)
+
+
+BATCHTOPK = {"n_latents": 64, "k": 8}
+L1 = {"n_latents": 64, "sparsity": "l1", "l1_coef": 2.0, "step_impl": "dense", "aux_coef": 0.0}
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({**L1, "k": 8}, r"crosscoder.k=8: not used by crosscoder.sparsity=l1; set crosscoder.k=null"),
+    ({**L1, "step_impl": "sparse"}, r"crosscoder.step_impl=sparse: not used by .* set crosscoder.step_impl=dense"),
+    ({**L1, "aux_coef": 0.03125}, r"crosscoder.aux_coef=0.03125: .* set crosscoder.aux_coef=0.0"),
+    ({**L1, "k_anneal_steps": 10, "k_start": 16},
+     r"crosscoder.k_start=16, crosscoder.k_anneal_steps=10: not used .* crosscoder=embedded_l1"),
+    ({**L1, "l1_coef": None}, r"crosscoder.l1_coef is null, and crosscoder.sparsity=l1 needs it"),
+    ({**BATCHTOPK, "l1_coef": 1.0}, r"crosscoder.l1_coef=1.0: not used by crosscoder.sparsity=batchtopk"),
+    ({"n_latents": 64}, r"crosscoder.k is null, and crosscoder.sparsity=batchtopk needs it"),
+])
+def test_config_refuses_keys_of_the_other_sparsity(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CrossCoderConfig.read(values)
+
+
+def test_config_takes_either_sparsity() -> None:
+    assert CrossCoderConfig.read(L1).sparsity == "l1"
+    assert CrossCoderConfig.read(BATCHTOPK).sparsity == "batchtopk"
+
+
+@pytest.mark.parametrize("overrides", [["crosscoder=embedded_l1"], ["+experiment=papergrade", "crosscoder=papergrade_l1"]])
+def test_the_l1_presets_compose_into_a_valid_run(overrides: list[str]) -> None:
+    from test_app import compose_train
+
+    from crosscoder_pl.training import check_config
+
+    run = check_config(compose_train(*overrides, "hydra.runtime.output_dir=/tmp/x"))
+    assert run.crosscoder.sparsity == "l1" and run.crosscoder.k is None and run.crosscoder.l1_coef > 0
+
+
+class CoefRecorder(L.Callback):
+    """The L1 coefficient each optimiser step used (read at the start of the next batch, as Lightning logs)."""
+
+    def __init__(self) -> None:
+        self.coef: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.coef.append(pl_module.l1_coef_now())
+
+
+def test_an_l1_module_learns_planted_atoms_sparsely_with_the_warmup() -> None:
+    from planted import make_planted
+    from test_module import fit, module_of
+
+    planted = make_planted(d_model=32, n_shared=24, n_base=6, n_chat=6, model_scale=(1.0, 10.0))
+    module = module_of(d_model=32, n_latents=72, sparsity="l1", l1_coef=0.2, l1_warmup_frac=0.1, k=None,
+                       aux_coef=0.0, step_impl="dense", lr=3e-3, scale_tokens=2048)
+    recorder = CoefRecorder()
+    held_out = planted.sample(4000, active=3, seed=2)
+    fit(module, planted.sample(40_000, active=3, seed=1), steps=300, val=held_out, callbacks=[recorder])
+    assert recorder.coef[:3] == pytest.approx([0.0, 0.2 / 30, 0.4 / 30])  # 10% of 300 steps: 30 warm-up steps
+    assert recorder.coef[-1] == pytest.approx(0.2)
+    cc = module.crosscoder.eval()
+    assert float(cc.threshold) == -1.0  # never calibrated: an L1 crosscoder has no threshold
+    x_n = cc.normalise(held_out)
+    codes = cc.encode(held_out)
+    ve = 1 - (x_n - cc.decode(codes, normalised=True)).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()
+    l0 = float((codes > 0).sum(-1).float().mean())
+    assert ve > 0.99, ve
+    # The penalty made the codes sparse: 3 planted atoms per token; measured 6.3 (51 with λ = 1e-9).
+    assert l0 < 12, l0
