@@ -71,20 +71,20 @@ class CrossCoderConfig(Group):
     KEY: ClassVar[str] = "crosscoder"
     TARGET: ClassVar[str] = "crosscoder_pl.module.CrossCoderModule"
 
-    sparsity: Literal["batchtopk", "l1"] = Field(
-        "batchtopk", description="how codes are made sparse (crosscoder_pl.step.SPARSITIES): BatchTopK's selection, "
-                                 "or ReLU codes with the L1 penalty (crosscoder=embedded_l1 / papergrade_l1)")
     k: Int | None = Field(
         None, ge=1, description="latents kept per token (BatchTopK k) at the end of the annealing, e.g. 64 (null for l1)")
-    l1_coef: Float | None = Field(
-        None, gt=0, description="the L1 penalty's coefficient λ (sparsity=l1 only), e.g. 1.0")
-    l1_warmup_frac: Float = Field(
-        0.05, ge=0, le=1, description="the first fraction of the steps over which λ rises linearly from 0 (l1 only)")
     n_latents: Int | None = Field(None, ge=1, description="the dictionary size (null: expansion * d_model)")
     expansion: Int | None = Field(None, ge=1, description="latents per d_model dimension (null: use n_latents)")
     k_start: Int | None = Field(None, ge=1, description="k at step 0, annealed down to k (null: k)")
     k_anneal_steps: Int = Field(
         0, ge=0, description="the steps over which k goes from k_start down to k (0: no annealing)")
+    sparsity: Literal["batchtopk", "l1"] = Field(
+        "batchtopk", description="how codes are made sparse (crosscoder_pl.step.SPARSITIES): BatchTopK's selection, "
+                                 "or ReLU codes with the L1 penalty (crosscoder=embedded_l1 / papergrade_l1)")
+    l1_coef: Float | None = Field(
+        None, gt=0, description="the L1 penalty's coefficient λ (sparsity=l1 only), e.g. 1.0")
+    l1_warmup_frac: Float = Field(
+        0.05, ge=0, le=1, description="the first fraction of the steps over which λ rises linearly from 0 (l1 only)")
     lr: Float = Field(1e-4, gt=0, description="Adam's learning rate, e.g. 1e-4")
     betas: tuple[_bounded(Float, ge=0, lt=1), _bounded(Float, ge=0, lt=1)] = Field(
         (0.9, 0.999), description="Adam's betas, e.g. [0.9, 0.999]")

@@ -168,7 +168,7 @@ def test_a_missing_activation_cache_fails_at_start_up(tmp_path) -> None:
 def test_the_module_is_checked_by_the_same_rules() -> None:
     with pytest.raises(ConfigError, match=r"crosscoder.metrics_window_steps=0 must be an integer >= 1"):
         CrossCoderModule(16, {"n_latents": 64, "k": 4, "metrics_window_steps": 0})
-    with pytest.raises(ConfigError, match=r"crosscoder.k=True must be an integer >= 1 \(got a boolean\)"):
+    with pytest.raises(ConfigError, match=r"crosscoder.k=True must be an integer >= 1 or null \(got a boolean\)"):
         CrossCoderModule(16, CrossCoderConfig(n_latents=64, k=True))
     module = CrossCoderModule(16, CrossCoderConfig(n_latents=64, k=4, betas=[0.8, 0.99], scales=[1.0, 2.0]))
     assert module.cfg.betas == (0.8, 0.99) and module.k_aux == 8  # the module keeps what it was given
@@ -220,9 +220,9 @@ BAD = [  # overrides on +experiment=tiny, what the error must say
     (["+model_pair.revision=main"], r"unknown key model_pair.revision"),
     (["model_pair=gemma2_2b_random", "+model_pair.device=cpu"], r"unknown key model_pair.device: .*random_gemma2_pair takes"),
     # wrong types
-    (["crosscoder.k=many"], r"crosscoder.k='many' must be an integer >= 1 \(got a string\): latents kept per token"),
-    (["crosscoder.k=true"], r"crosscoder.k=True must be an integer >= 1 \(got a boolean\)"),
-    (["crosscoder.k=8.5"], r"crosscoder.k=8.5 must be an integer >= 1 \(got a number\)"),
+    (["crosscoder.k=many"], r"crosscoder.k='many' must be an integer >= 1 or null \(got a string\): latents kept per token"),
+    (["crosscoder.k=true"], r"crosscoder.k=True must be an integer >= 1 or null \(got a boolean\)"),
+    (["crosscoder.k=8.5"], r"crosscoder.k=8.5 must be an integer >= 1 or null \(got a number\)"),
     (["crosscoder.lr=fast"], r"crosscoder.lr='fast' must be a number > 0 \(got a string\): Adam's learning rate"),
     (["crosscoder.lr=inf"], r"crosscoder.lr=inf must be a number > 0 \(got a non-finite number\)"),
     (["crosscoder.betas=[0.9]"], r"crosscoder.betas=\[0.9\] must be a list of 2 numbers in \[0, 1\) \(got a list of 1\)"),

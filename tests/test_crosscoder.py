@@ -262,7 +262,7 @@ def test_from_pretrained_refuses_another_architecture(tmp_path, architecture) ->
     config = json.loads((tmp_path / "config.json").read_text())
     config["architecture"] = architecture
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"config.json: architecture '{architecture}' is not BatchTopKCrossCoder"):
+    with pytest.raises(ValueError, match=f"config.json: architecture '{architecture}' is not one of \\['BatchTopKCrossCoder', 'L1CrossCoder'\\]"):
         CrossCoder.from_pretrained(str(tmp_path))
 
 

@@ -94,14 +94,6 @@ def test_l1_encode_is_the_relu_in_both_modes_and_survives_fold_and_save(tmp_path
     torch.testing.assert_close(loaded(x), x_hat, rtol=1e-4, atol=1e-4)
 
 
-def test_unknown_architecture_names_the_known_ones(tmp_path: Path) -> None:
-    _cc().save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "architecture": "JumpReLUCrossCoder"}))
-    with pytest.raises(ValueError, match="JumpReLUCrossCoder.*BatchTopKCrossCoder.*L1CrossCoder"):
-        CrossCoder.from_pretrained(tmp_path)
-
-
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"k": 4, "sparsity": "l1"}, "k=4: an L1 crosscoder keeps every positive code"),
     ({"k": None}, "k must be a positive integer, got None"),
