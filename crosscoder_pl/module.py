@@ -142,7 +142,7 @@ class CrossCoderModule(L.LightningModule):
 
     def l1_coef_now(self) -> float:
         """The L1 penalty's coefficient at this step: linear from 0 to ``l1_coef`` over the first ``l1_warmup_frac``
-        of the run's steps (Anthropic's crosscoder and SAE recipes: the first 5%), so that the penalty does not kill
+        of the run's steps (Anthropic's April 2024 SAE training update: the first 5%), so that the penalty does not kill
         latents before the reconstruction has shaped them; 0 for BatchTopK."""
         hp = self.cfg
         if hp.l1_coef is None:

@@ -199,3 +199,26 @@ def test_an_l1_module_learns_planted_atoms_sparsely_with_the_warmup() -> None:
     assert ve > 0.99, ve
     # The penalty made the codes sparse: 3 planted atoms per token; measured 6.3 (51 with λ = 1e-9).
     assert l0 < 12, l0
+
+
+def test_train_py_writes_a_complete_l1_artifact_that_analyze_py_rewrites(tmp_path: Path) -> None:
+    from test_app import ARTIFACT_FILES, run
+
+    out = tmp_path / "run"
+    tiny_l1 = ["+experiment=tiny", "crosscoder=embedded_l1", "crosscoder.n_latents=128", "crosscoder.k=null",
+               "crosscoder.k_start=null", "crosscoder.k_anneal_steps=0", "crosscoder.l1_coef=0.5"]
+    result = run("train.py", *tiny_l1, f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    artifact = out / "artifact"
+    assert ARTIFACT_FILES <= {p.name for p in artifact.iterdir()}
+    assert (artifact / "dashboard" / "index.html").is_file()  # token-by-token examples: L1 codes encode alone
+    metrics = json.loads((artifact / "metrics.json").read_text())
+    assert metrics["artifact"]["sparsity"] == "l1" and metrics["artifact"]["k"] is None
+    card = (artifact / "README.md").read_text()
+    assert "L1 crosscoder trained on layer 1" in card and "- L1 penalty λ = 0.5" in card
+    assert "BatchTopK k" not in card and "aux_coef" not in card
+    cc = CrossCoder.from_pretrained(artifact)
+    assert cc.sparsity == "l1" and not cc.training
+    result = run("analyze.py", f"artifact={artifact}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((artifact / "metrics.json").read_text())["validation"] == metrics["validation"]

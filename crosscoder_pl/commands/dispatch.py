@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from crosscoder_pl.commands import (
+    compare,
     import_checkpoint,
     push,
     reanalyse,
@@ -32,6 +33,7 @@ class Command:
 # In the order they are tried: push_to_hub= with checkpoint= imports first, then pushes (`push.run`).
 COMMANDS: tuple[Command, ...] = (
     Command("sweep", sweep_summary.run, needs_artifact=False),
+    Command("compare", compare.run),
     Command("push_to_hub", push.run),
     Command("checkpoint", import_checkpoint.run),
     Command("serve", serve.run),

@@ -1,0 +1,170 @@
+"""Two artifacts of the same model pair side by side (``python analyze.py artifact=A compare=B``): Minder et al.
+2025's L1-vs-BatchTopK comparison for any two crosscoders.
+
+Reads each artifact's ``metrics.json`` and ``latents.csv`` (nothing is recomputed: re-analyse an artifact first
+if it predates an analysis) and writes into the output directory ``comparison.md`` (one table: validation,
+taxonomy counts, latent scaling, the sparsity-artifact diagnostics, the base→chat patching), ``comparison.json``
+(the same rows) and ``comparison_nu.png`` (ν_r and ν_ε of the chat-only and shared latents, one column per
+artifact). Both artifacts must describe the same pair and layer: a comparison across pairs is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crosscoder_pl.headline import headline_figures, is_number
+
+FILES = ("comparison.md", "comparison.json", "comparison_nu.png")
+# The blocks of metrics.json whose numbers are compared leaf by leaf (their layout is their analysis's own).
+BLOCKS = ("diagnostics", "patching")
+# (row title, headline figure), in the table's order.
+HEADLINE_ROWS = (
+    ("variance explained, base", "ve_base"), ("variance explained, chat", "ve_chat"), ("L0 (held-out)", "l0"),
+    ("dead fraction (held-out)", "dead_fraction"), ("shared latents", "shared"), ("base-only latents", "base_only"),
+    ("chat-only latents", "chat_only"), ("dead latents", "dead"), ("truly chat-specific latents", "chat_specific"),
+    ("median causal Pearson (shared)", "median_causal_pearson"),
+)
+NU_CLASSES = ("chat_only", "shared")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a comparison reads of one artifact: its name, ``metrics.json`` and ``latents.csv`` rows."""
+
+    name: str
+    metrics: Mapping[str, Any]
+    latents: list[dict[str, str]]
+
+    @classmethod
+    def read(cls, directory: Path) -> Artifact:
+        metrics_path, latents_path = directory / "metrics.json", directory / "latents.csv"
+        if not metrics_path.is_file():
+            raise FileNotFoundError(f"{directory} is not an artifact: no metrics.json (train.py or analyze.py "
+                                    "writes one)")
+        latents: list[dict[str, str]] = []
+        if latents_path.is_file():
+            with latents_path.open(newline="") as f:
+                latents = list(csv.DictReader(f))
+        return cls(_label(directory, json.loads(metrics_path.read_text())), json.loads(metrics_path.read_text()),
+                   latents)
+
+    def nu(self, column: str, class_name: str) -> list[float]:
+        """The finite values of ``column`` (``nu_r``, ``nu_eps``) over the latents of ``class_name``."""
+        values = [_float(row.get(column)) for row in self.latents if row.get("class") == class_name]
+        return [v for v in values if math.isfinite(v)]
+
+
+def compare_artifacts(first: Path, second: Path, out_dir: Path) -> dict[str, Any]:
+    """Write the `FILES` of ``first`` vs ``second`` into ``out_dir``; return ``{"artifacts": [...], "rows": [...]}``
+    (each row: ``title`` and one value per artifact, None where an artifact lacks the figure)."""
+    a, b = Artifact.read(Path(first)), Artifact.read(Path(second))
+    _check_same_pair(a, b, first, second)
+    if a.name == b.name:
+        a, b = Artifact(f"{a.name} ({Path(first).parent.name})", a.metrics, a.latents), \
+            Artifact(f"{b.name} ({Path(second).parent.name})", b.metrics, b.latents)
+    rows = comparison_rows(a.metrics, b.metrics)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"artifacts": [str(Path(first).resolve()), str(Path(second).resolve())], "names": [a.name, b.name],
+              "rows": rows}
+    (out_dir / "comparison.json").write_text(json.dumps(_plain(result), indent=2) + "\n")
+    (out_dir / "comparison.md").write_text(render_table(a.name, b.name, rows, a.metrics))
+    plot_nu(a, b, out_dir / "comparison_nu.png")
+    return result
+
+
+def comparison_rows(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The table's rows: the headline figures, then every number of the `BLOCKS` either artifact holds."""
+    heads = [headline_figures(m) for m in (first, second)]
+    rows = [{"title": "sparsity", "values": [m.get("artifact", {}).get("sparsity", "batchtopk") for m in (first, second)]}]
+    rows += [{"title": title, "values": [h[key] for h in heads]} for title, key in HEADLINE_ROWS]
+    for block in BLOCKS:
+        leaves = [dict(_leaves(m.get(block, {}), block)) for m in (first, second)]
+        for key in dict.fromkeys([*leaves[0], *leaves[1]]):
+            rows.append({"title": key, "values": [leaf.get(key) for leaf in leaves]})
+    return rows
+
+
+def render_table(first: str, second: str, rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]) -> str:
+    art = metrics.get("artifact", {})
+    head = (f"# {first} vs {second}\n\n{art.get('base_model')} vs {art.get('chat_model')}, layer {art.get('layer')}."
+            "\n\n")
+    lines = [f"| | {first} | {second} |", "|---|---|---|"]
+    lines += [f"| {row['title']} | " + " | ".join(_cell(v) for v in row["values"]) + " |" for row in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_nu(a: Artifact, b: Artifact, path: Path) -> Path:
+    """Histograms of ν_r and ν_ε (rows) for each artifact (columns), chat-only over shared latents."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    axes = fig.subplots(2, 2, squeeze=False)
+    for col, art in enumerate((a, b)):
+        for row, (column, label) in enumerate((("nu_r", "ν_r (reconstruction)"), ("nu_eps", "ν_ε (error)"))):
+            ax = axes[row][col]
+            for class_name in NU_CLASSES:
+                values = art.nu(column, class_name)
+                if values:
+                    ax.hist(values, bins=40, range=(-1.0, 2.5), alpha=0.6, density=True,
+                            label=f"{class_name} ({len(values)})")
+            ax.set_title(f"{art.name}: {label}")
+            ax.set_xlabel(label)
+            ax.set_ylabel("density")
+            ax.legend(fontsize="small")
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
+
+
+def _check_same_pair(a: Artifact, b: Artifact, first: Path, second: Path) -> None:
+    keys = ("base_model", "chat_model", "layer", "d_model")
+    pa, pb = ({k: m.metrics.get("artifact", {}).get(k) for k in keys} for m in (a, b))
+    if pa != pb:
+        differ = ", ".join(f"{k}: {pa[k]!r} vs {pb[k]!r}" for k in keys if pa[k] != pb[k])
+        raise ValueError(f"artifact={first} and compare={second} were not trained on the same pair ({differ}): a "
+                         "comparison only means something for two crosscoders of one pair and layer")
+
+
+def _label(directory: Path, metrics: Mapping[str, Any]) -> str:
+    sparsity = metrics.get("artifact", {}).get("sparsity", "batchtopk")
+    return {"batchtopk": "BatchTopK", "l1": "L1"}.get(sparsity, sparsity)
+
+
+def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every number (or None) under ``node``; lists of numbers are skipped."""
+    if isinstance(node, Mapping):
+        return [leaf for key, value in node.items() for leaf in _leaves(value, f"{prefix}.{key}")]
+    return [(prefix, node)] if is_number(node) or node is None else []
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, bool) or not is_number(value):
+        return str(value)
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 10:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with nan as None: strict JSON."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
