@@ -2,6 +2,7 @@
 
     python -m bench.bench_crosscoder [--steps 20] [--threads N] [--sizes 256:4096:1024:32 512:16384:2048:32]
     python -m bench.bench_crosscoder --trainer [--steps 20]   # whole Lightning steps of CrossCoderModule
+    python -m bench.bench_crosscoder --l1                      # and the L1 crosscoder's (dense) step beside them
 
 Default mode: for each size (d_model:n_latents:batch:k), two crosscoders with the same initial weights train
 on the same synthetic batches, one with ``step_impl="dense"`` and one with ``"sparse"``, their steps
@@ -13,6 +14,9 @@ batches after the same number of steps: the two should agree within noise (same 
 
 The synthetic activations are planted: each token is a positive mix of ``k`` unit atoms out of ``n_latents``
 (a shared direction for both models, chat scaled by 4) plus 5% Gaussian noise.
+
+``--l1``: a third crosscoder with the same weights, ``sparsity="l1"`` (λ = 1: every positive code kept, the dense
+step, no AuxK), interleaved with the two; its VE is at its own sparsity, not comparable to BatchTopK's.
 
 ``--trainer``: tokens/s of whole optimiser steps through a real Lightning Trainer (metrics, logging, dead
 counters included) for both implementations, one after the other (not interleaved).
@@ -71,7 +75,10 @@ class Trainee:
     def step(self, x: torch.Tensor, k: int) -> None:
         dead = (self.since_fired >= self.dead_after) | self.always_dead
         start = time.perf_counter()
-        out = self.cc.step(x, k, dead, aux_coef=1 / 32, k_aux=self.cc.d_model // 2, impl=self.impl)
+        if self.impl == "l1":
+            out = self.cc.step(x, None, dead, l1_coef=1.0)
+        else:
+            out = self.cc.step(x, k, dead, aux_coef=1 / 32, k_aux=self.cc.d_model // 2, impl=self.impl)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.cc.parameters(), 1.0)
         self.opt.step()
@@ -104,13 +111,17 @@ def data_init(cc: CrossCoder, x: torch.Tensor) -> CrossCoder:
 
 
 def bench_steps(d_model: int, n_latents: int, batch: int, k: int, steps: int, warmup: int, lr: float,
-                dead_frac: float) -> None:
+                dead_frac: float, l1: bool = False) -> None:
     data = planted_batches(d_model, n_latents, k, batch, n_batches=10, seed=0)
     data, held_out = data[:8], data[8:]  # the same atoms, other tokens
     torch.manual_seed(0)
     cc = data_init(CrossCoder(d_model, n_latents, k), data.flatten(0, 1))
     always_dead = torch.randperm(n_latents)[: round(dead_frac * n_latents)]
     trainees = [Trainee(copy.deepcopy(cc), impl, lr, 4 * batch, always_dead) for impl in IMPLS]
+    if l1:
+        l1_cc = copy.deepcopy(cc)
+        l1_cc.sparsity, l1_cc.k = "l1", None
+        trainees.append(Trainee(l1_cc, "l1", lr, 4 * batch, always_dead))
     for step in range(warmup + steps):
         x = data[step % len(data)]
         for trainee in trainees if step % 2 == 0 else trainees[::-1]:
@@ -121,7 +132,7 @@ def bench_steps(d_model: int, n_latents: int, batch: int, k: int, steps: int, wa
     print(f"d_model {d_model}, n_latents {n_latents}, batch {batch}, k {k}, AuxK on {dead_frac:.0%} of the latents "
           f"held dead + those dead for 4 batches: {steps} timed steps after {warmup}")
     print(f"  {'impl':<7} {'ms/step':>8} {'tokens/s':>9} {'VE base':>8} {'VE chat':>8} {'dead (mean)':>11}")
-    for impl in IMPLS:
+    for impl in ms:
         print(f"  {impl:<7} {ms[impl]:>8.1f} {1000 * batch / ms[impl]:>9.0f} {ve[impl][0]:>8.4f} {ve[impl][1]:>8.4f} "
               f"{dead[impl]:>11.3f}")
     print(f"  sparse / dense tokens/s: {ms['dense'] / ms['sparse']:.2f}x; "
@@ -166,6 +177,7 @@ def main() -> None:
     parser.add_argument("--dead", type=float, nargs="+", default=[0.0, 0.05],
                         help="fractions of latents held dead (AuxK's cost at a steady-state dead fraction)")
     parser.add_argument("--trainer", action="store_true", help="whole Lightning steps of CrossCoderModule instead")
+    parser.add_argument("--l1", action="store_true", help="time the L1 crosscoder's step beside the two")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +196,7 @@ def main() -> None:
     else:
         for d_model, n_latents, batch, k in sizes:
             for dead_frac in args.dead:
-                bench_steps(d_model, n_latents, batch, k, args.steps, args.warmup, args.lr, dead_frac)
+                bench_steps(d_model, n_latents, batch, k, args.steps, args.warmup, args.lr, dead_frac, args.l1)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
