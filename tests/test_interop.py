@@ -2,7 +2,10 @@
 
 The reference below is written from their ``BatchTopKCrossCoder`` (CROSSCODER code normalisation, threshold mode):
 normalise ``(x - mean) * global_scale``, ``f = relu(sum_l x_l W_enc[l] + b_enc)``, keep ``f_j`` where
-``f_j * sum_l ||W_dec[l, j]|| > threshold``, decode ``(f W_dec[l] + b_dec[l]) / (global_scale + 1e-8) + mean``.
+``f_j * sum_l ||W_dec[l, j]|| > threshold``, decode ``(f W_dec[l] + b_dec[l]) / (global_scale + 1e-8) + mean``;
+their plain ``CrossCoder`` (the L1 crosscoder) keeps every ``f``. Their library is not a dependency (its package
+needs nnsight; PyPI's ``dictionary-learning`` is the original without crosscoders): where science-of-finetuning's
+fork is importable, `test_their_own_plain_crosscoder_class_both_ways` runs their real class too.
 """
 
 from __future__ import annotations
