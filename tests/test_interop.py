@@ -2,7 +2,10 @@
 
 The reference below is written from their ``BatchTopKCrossCoder`` (CROSSCODER code normalisation, threshold mode):
 normalise ``(x - mean) * global_scale``, ``f = relu(sum_l x_l W_enc[l] + b_enc)``, keep ``f_j`` where
-``f_j * sum_l ||W_dec[l, j]|| > threshold``, decode ``(f W_dec[l] + b_dec[l]) / (global_scale + 1e-8) + mean``.
+``f_j * sum_l ||W_dec[l, j]|| > threshold``, decode ``(f W_dec[l] + b_dec[l]) / (global_scale + 1e-8) + mean``;
+their plain ``CrossCoder`` (the L1 crosscoder) keeps every ``f``. Their library is not a dependency (its package
+needs nnsight; PyPI's ``dictionary-learning`` is the original without crosscoders): where science-of-finetuning's
+fork is importable, `test_their_own_plain_crosscoder_class_both_ways` runs their real class too.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from crosscoder_pl import CrossCoder
 from crosscoder_pl.interop import load_dictionary_learning, save_dictionary_learning
@@ -195,8 +200,6 @@ def test_export_runs_identically_in_their_forward_and_reloads(tmp_path: Path, la
     cc = ours(centred=centred)
     directory = save_dictionary_learning(cc, tmp_path / layout, layout=layout)
     if layout == "hub":
-        from safetensors.torch import load_file
-
         state = load_file(str(directory / "model.safetensors"))
         config = json.loads((directory / "config.json").read_text())
         assert config == {"activation_dim": D, "dict_size": F, "num_layers": 2, "k": 8,
@@ -230,7 +233,10 @@ TINY_PAIR = ["model_pair=embedded", "data=embedded", "model_pair.base=embedded-t
              "analysis.causal.latents_per_batch=2"]
 
 
-def test_analyze_turns_an_imported_checkpoint_into_a_complete_artifact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sparsity", ["batchtopk", "l1"])
+def test_analyze_turns_an_imported_checkpoint_into_a_complete_artifact(tmp_path: Path, sparsity: str) -> None:
+    """BatchTopK: their hub layout. L1: their plain CrossCoder's weights alone (no config.json), which only
+    sparsity=l1 on the command line tells apart."""
     g = torch.Generator().manual_seed(0)
     d, n = 32, 64  # the tiny embedded pair's d_model
     state = {"encoder.weight": torch.randn(2, d, n, generator=g) / d**0.5, "encoder.bias": torch.full((n,), -0.2),
@@ -241,18 +247,28 @@ def test_analyze_turns_an_imported_checkpoint_into_a_complete_artifact(tmp_path:
              "activation_global_scale": torch.tensor([0.3, 0.3])}
     checkpoint = tmp_path / "theirs"
     checkpoint.mkdir()
-    save_file(state, str(checkpoint / "model.safetensors"))
-    (checkpoint / "config.json").write_text(json.dumps({"activation_dim": d, "dict_size": n, "num_layers": 2, "k": 8}))
+    told = []
+    if sparsity == "batchtopk":
+        save_file(state, str(checkpoint / "model.safetensors"))
+        (checkpoint / "config.json").write_text(json.dumps({"activation_dim": d, "dict_size": n, "num_layers": 2, "k": 8}))
+    else:
+        del state["k"], state["threshold"]
+        torch.save(state, checkpoint / "model_final.pt")
+        told = ["sparsity=l1"]
     artifact = tmp_path / "artifact"
     result = subprocess.run([sys.executable, "analyze.py", f"checkpoint={checkpoint}", f"artifact={artifact}",
-                             *TINY_PAIR, f"hydra.run.dir={tmp_path / 'run'}"],
+                             *TINY_PAIR, *told, f"hydra.run.dir={tmp_path / 'run'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     files = {p.name for p in artifact.iterdir()}
     assert {"README.md", "config.json", "model.safetensors", "taxonomy.json", "latents.csv", "causal_validation.csv",
             "cosine_vs_causal.png", "metrics.json", "train_config.yaml"} <= files
     cc = CrossCoder.from_pretrained(artifact)
-    assert_same_forward(cc, state, inputs_of(d), tol=2e-4)
+    if sparsity == "batchtopk":
+        assert_same_forward(cc, state, inputs_of(d), tol=2e-4)
+    else:
+        assert_same_plain_forward(cc, state, inputs_of(d), tol=1e-5)
+        assert "sparsity: l1" in (artifact / "train_config.yaml").read_text()
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert metrics["artifact"]["base_model"] == "embedded-tiny:base" and metrics["artifact"]["n_latents"] == n
     assert "dictionary_learning" in (artifact / "README.md").read_text()
@@ -301,3 +317,231 @@ def test_crosscoder_learning_layout_embedding_bag_decoder_and_uncalibrated_batch
     (directory / "config.json").write_text(json.dumps({"num_encoder_layers": L, "encoder_layers_indices": [0]}))
     with pytest.raises(ValueError, match=r"encodes from layers \[0\]"):
         load_dictionary_learning(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Their plain CrossCoder (the L1 crosscoder): BatchTopKCrossCoder's weights and normaliser without the buffers k and
+# threshold; encode = relu(sum_l x'_l W_enc[l] + b_enc), every code kept; decode as BatchTopK's.
+
+# The constructor's arguments as dictionary_learning's PyTorchModelHubMixin writes them for a plain CrossCoder.
+PLAIN_HUB_CONFIG = {"activation_dim": D, "activation_mean": None, "activation_std": None, "code_normalization": "CROSSCODER",
+                    "code_normalization_alpha_cc": 0.1, "code_normalization_alpha_sae": 1.0, "dict_size": F,
+                    "encoder_layers": None, "init_with_transpose": True, "latent_processor": None, "norm_init_scale": None,
+                    "num_decoder_layers": None, "num_layers": L, "same_init_for_all_layers": False, "target_rms": None}
+
+
+def plain_state(normaliser: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    state = their_state(normaliser=normaliser, seed=seed)
+    del state["k"], state["threshold"]
+    return state
+
+
+def their_plain_encode(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return their_pre_and_weight(state, x)[0]
+
+
+def write_plain_hub(state: dict[str, torch.Tensor], directory: Path, config: dict | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(PLAIN_HUB_CONFIG if config is None else config))
+    return directory
+
+
+def assert_same_plain_forward(cc: CrossCoder, state: dict[str, torch.Tensor], x: torch.Tensor, tol: float) -> None:
+    assert cc.sparsity == "l1" and cc.k is None and cc.encodes_alone and not cc.training
+    want = their_plain_encode(state, x)
+    torch.testing.assert_close(cc.encode(x.to(cc.W_enc.dtype)).double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(cc.decode(want.to(cc.W_dec.dtype)).double(), their_decode(state, want), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("normaliser", [True, False])
+def test_plain_crosscoder_hub_layout_reproduces_their_forward(tmp_path: Path, normaliser: bool) -> None:
+    state = plain_state(normaliser=normaliser)
+    x = inputs()
+    cc = load_dictionary_learning(write_plain_hub(state, tmp_path / "hub"))
+    assert cc.W_enc.dtype == torch.float32 and (cc.n_models, cc.d_model, cc.n_latents) == (L, D, F)
+    assert_same_plain_forward(cc, state, x, tol=1e-5)
+    assert cc.config()["architecture"] == "L1CrossCoder"
+    assert cc.metadata["imported_from"].startswith("dictionary_learning CrossCoder (CROSSCODER")
+    cc64 = load_dictionary_learning(tmp_path / "hub", dtype=torch.float64)
+    assert_same_plain_forward(cc64, state, x, tol=1e-9)
+    # The L1 penalty's weights and Δnorm live in their normalised space: the decoder norms are theirs.
+    torch.testing.assert_close(cc64.decoder_norms(), state["decoder.weight"].double().norm(dim=2).T, rtol=1e-9, atol=0)
+    assert bool((cc.encode(x.float()) == 0).any()) and bool((cc.encode(x.float()) > 0).any())
+
+
+def test_plain_crosscoder_training_layout_with_compiled_keys(tmp_path: Path) -> None:
+    state = plain_state(normaliser=True, seed=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, run / "model_final.pt")
+    (run / "config.json").write_text(json.dumps({"trainer": {
+        "dict_class": "CrossCoder", "trainer_class": "CrossCoderTrainer", "layer": 13, "lm_name": "google/gemma-2-2b",
+        "l1_penalty": 0.041, "code_normalization": "CROSSCODER", "target_rms": 1.0}}))
+    cc = load_dictionary_learning(run)
+    assert_same_plain_forward(cc, state, inputs(seed=3), tol=1e-5)
+    assert cc.metadata["layer"] == 13 and cc.metadata["lm_name"] == "google/gemma-2-2b"
+    # Their trainer's class names alone say it (a config without the dict_class key, as older runs).
+    (run / "config.json").write_text(json.dumps({"trainer": {"trainer_class": "CrossCoderTrainer"}}))
+    assert load_dictionary_learning(run / "model_final.pt").sparsity == "l1"
+
+
+def test_crosscoder_learning_plain_crosscoders(tmp_path: Path) -> None:
+    """The 2024 hf_hub class (the paper's public L1 crosscoder: four weights, a constructor config without k),
+    the main branch (dict_class in config.json, the normaliser) and the embedding_bag branch (num_encoder_layers,
+    a decoder per layer, code_normalization_id)."""
+    x = inputs(64)
+    legacy = {k: v for k, v in plain_state(normaliser=False).items() if "coder" in k}
+    config = {"activation_dim": D, "dict_size": F, "num_layers": L, "same_init_for_all_layers": False,
+              "norm_init_scale": None, "init_with_transpose": True, "encoder_layers": None}
+    cc = load_dictionary_learning(write_plain_hub(legacy, tmp_path / "hf_hub", config))
+    assert_same_plain_forward(cc, legacy, x, tol=1e-5)
+    assert torch.equal(cc.scales, torch.ones(L)) and not cc.means.any()
+    # The paper's hub repos carry the training directory's config as trainer_config.json.
+    (tmp_path / "hf_hub" / "trainer_config.json").write_text(json.dumps({"trainer": {"dict_class": "CrossCoder", "layer": 13}}))
+    assert load_dictionary_learning(tmp_path / "hf_hub").metadata["layer"] == 13
+
+    state = plain_state(normaliser=True, seed=2)
+    main = write_plain_hub(state, tmp_path / "main", {**PLAIN_HUB_CONFIG, "dict_class": "CrossCoder"})
+    assert_same_plain_forward(load_dictionary_learning(main), state, x, tol=1e-5)
+
+    state = plain_state(normaliser=False, seed=3)
+    bag = {k: v for k, v in state.items() if k in ("encoder.weight", "encoder.bias", "decoder.bias", "code_normalization_id")}
+    bag |= {f"decoder.layers.{i}.weight": state["decoder.weight"][i] for i in range(L)}
+    config = {"activation_dim": D, "dict_size": F, "num_encoder_layers": L, "decoder_type": "embedding_bag",
+              "encoder_layers_indices": None, "num_decoder_output_layers": None, "code_normalization": "CROSSCODER"}
+    assert_same_plain_forward(load_dictionary_learning(write_plain_hub(bag, tmp_path / "bag", config)), state, x, tol=1e-5)
+
+
+def test_a_checkpoint_that_does_not_say_its_class_is_refused_until_told(tmp_path: Path) -> None:
+    state = plain_state()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    torch.save(state, bare / "model_final.pt")  # weights alone: no k, and nothing naming a class
+    with pytest.raises(ValueError, match=r"cannot tell their plain CrossCoder \(L1\) from a BatchTopKCrossCoder") as err:
+        load_dictionary_learning(bare)
+    for looked_at in ("'k' and 'threshold'", "dict_class, trainer.dict_class, trainer.trainer_class and k",
+                      "no config.json", "sparsity='l1'", "sparsity=l1"):
+        assert looked_at in str(err.value)
+    assert_same_plain_forward(load_dictionary_learning(bare, sparsity="l1"), state, inputs(64), tol=1e-5)
+    # A config.json that names nothing is no better.
+    (bare / "config.json").write_text(json.dumps({"trainer": {"lr": 1e-4}}))
+    with pytest.raises(ValueError, match=r"cannot tell .* none of these \(keys: trainer\)"):
+        load_dictionary_learning(bare)
+
+
+def test_marks_of_both_classes_or_an_unknown_class_are_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(their_state(), run / "model_final.pt")  # BatchTopK's buffers k and threshold ...
+    (run / "config.json").write_text(json.dumps({"trainer": {"dict_class": "CrossCoder"}}))  # ... named CrossCoder
+    with pytest.raises(ValueError, match=r"marks of both classes: its weights have the buffer 'k' \(BatchTopKCrossCoder\)"
+                                         r".*dict_class is 'CrossCoder' \(CrossCoder\)"):
+        load_dictionary_learning(run)
+    (run / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKCrossCoder"}}))
+    with pytest.raises(ValueError, match=r"sparsity='l1' \(CrossCoder\) was given, but its weights have the buffer 'k'"):
+        load_dictionary_learning(run, sparsity="l1")
+    assert load_dictionary_learning(run, sparsity="batchtopk").sparsity == "batchtopk"
+    (run / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
+    with pytest.raises(ValueError, match=r"dict_class is 'BatchTopKSAE'; only their CrossCoder and BatchTopKCrossCoder"):
+        load_dictionary_learning(run)
+    with pytest.raises(ValueError, match=r"sparsity='topk' is not one of"):
+        load_dictionary_learning(run, sparsity="topk")
+
+
+def test_plain_crosscoder_variants_without_an_equivalent_are_refused(tmp_path: Path) -> None:
+    state = plain_state()
+    state["code_normalization_id"] = torch.tensor(2)
+    with pytest.raises(ValueError, match="code normalisation SAE: their plain CrossCoder's encode and decode do not read it"):
+        load_dictionary_learning(write_plain_hub(state, tmp_path / "sae"))
+    directory = write_plain_hub(plain_state(), tmp_path / "processed", {**PLAIN_HUB_CONFIG, "latent_processor": "relu"})
+    with pytest.raises(ValueError, match="latent_processor"):
+        load_dictionary_learning(directory)
+    state = plain_state()
+    state["decoder.weight"] = torch.cat([state["decoder.weight"], state["decoder.weight"][:1]])  # num_decoder_layers=3
+    with pytest.raises(ValueError, match="num_decoder_layers != num_layers"):
+        load_dictionary_learning(write_plain_hub(state, tmp_path / "three"))
+
+
+def ours_l1(seed: int = 0) -> CrossCoder:
+    torch.manual_seed(seed)
+    cc = CrossCoder(D, F, None, scales=[0.25, 2.0], means=torch.randn(2, D) * 3, sparsity="l1",
+                    metadata={"base_model": "b", "chat_model": "c", "layer": 1})
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.1)
+        cc.b_dec.normal_()
+        cc.W_dec.mul_(torch.rand(F, 2, 1) * 10)
+    return cc.fold().eval()
+
+
+@pytest.mark.parametrize("layout", ["hub", "training"])
+def test_l1_export_runs_identically_in_their_forward_and_reloads(tmp_path: Path, layout: str) -> None:
+    cc = ours_l1()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no threshold to warn about
+        directory = save_dictionary_learning(cc, tmp_path / layout, layout=layout)
+    config = json.loads((directory / "config.json").read_text())
+    if layout == "hub":
+        state = load_file(str(directory / "model.safetensors"))
+        assert config == {"activation_dim": D, "dict_size": F, "num_layers": 2, "code_normalization": "CROSSCODER",
+                          "target_rms": 1.0, "dict_class": "CrossCoder"}
+    else:
+        state = torch.load(directory / "model_final.pt", weights_only=True)
+        assert config["trainer"]["dict_class"] == "CrossCoder" and config["trainer"]["trainer_class"] == "CrossCoderTrainer"
+        assert "k" not in config["trainer"] and config["trainer"]["layer"] == 1
+    # Their plain CrossCoder's buffers exactly (its load_state_dict is strict): no k, no threshold.
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "encoder.weight": (2, D, F), "encoder.bias": (F,), "decoder.weight": (2, F, D), "decoder.bias": (2, D),
+        "code_normalization_id": (), "target_rms": (), "activation_mean": (2, D), "activation_std": (2, D),
+        "activation_global_scale": (2,)}
+    assert state["code_normalization_id"].dtype == torch.int64 and int(state["code_normalization_id"]) == 1
+    x = inputs()
+    theirs = their_plain_encode(state, x)
+    torch.testing.assert_close(cc.encode(x.float()).double(), theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cc.decode(theirs.float()).double(), their_decode(state, theirs), rtol=1e-5, atol=1e-5)
+    back = load_dictionary_learning(directory)
+    assert back.sparsity == "l1" and back.k is None
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "scales", "means"):
+        torch.testing.assert_close(getattr(back, name), getattr(cc, name), rtol=1e-6, atol=2e-6)
+    assert back.metadata["base_model"] == "b" and back.metadata["layer"] == 1
+
+
+def their_library() -> ModuleType:
+    """science-of-finetuning's dictionary_learning (or crosscoder_learning) when installed: the real classes."""
+    dictionary = pytest.importorskip("dictionary_learning.dictionary")
+    if not hasattr(dictionary, "CrossCoder") or not hasattr(dictionary, "NormalizableMixin"):
+        pytest.skip("the installed dictionary_learning has no CrossCoder with an activation normaliser (PyPI's "
+                    "dictionary-learning is the original without crosscoders; science-of-finetuning's fork has them)")
+    return dictionary
+
+
+def test_their_own_plain_crosscoder_class_both_ways(tmp_path: Path) -> None:
+    """Skipped unless their library is importable: their CrossCoder's files load here with its codes and
+    reconstructions to 1e-5, and our exports load back into their CrossCoder."""
+    dictionary = their_library()
+    g = torch.Generator().manual_seed(7)
+    theirs = dictionary.CrossCoder(D, F, L, activation_mean=torch.randn(L, D, generator=g),
+                                   activation_std=torch.rand(L, D, generator=g) + 0.5).eval()
+    with torch.no_grad():
+        for tensor in (theirs.encoder.bias, theirs.decoder.bias, theirs.decoder.weight):
+            tensor.normal_(0, 0.3, generator=g)
+    theirs.save_pretrained(tmp_path / "hub")
+    (tmp_path / "run").mkdir()
+    torch.save(theirs.state_dict(), tmp_path / "run" / "model_final.pt")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "CrossCoder"}}))
+    x = inputs().float()
+    with torch.no_grad():
+        f = theirs.encode(x)
+        x_hat = theirs.decode(f)
+    assert bool((f == 0).any()) and bool((f > 0).any())
+    for source in (tmp_path / "hub", tmp_path / "run"):
+        cc = load_dictionary_learning(source)
+        torch.testing.assert_close(cc.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cc.decode(f), x_hat, rtol=1e-5, atol=1e-5)
+    for layout, load in (("hub", lambda d: dictionary.CrossCoder.from_pretrained(str(d), from_hub=True)),
+                         ("training", lambda d: dictionary.CrossCoder.from_pretrained(str(d / "model_final.pt")))):
+        back = load(save_dictionary_learning(cc, tmp_path / f"export_{layout}", layout=layout)).eval()
+        assert type(back) is dictionary.CrossCoder and back.has_activation_normalizer
+        with torch.no_grad():
+            torch.testing.assert_close(back.encode(x), f, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(back.decode(f), x_hat, rtol=1e-5, atol=1e-5)

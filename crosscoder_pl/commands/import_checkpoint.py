@@ -22,15 +22,17 @@ from crosscoder_pl.config import AnalysisConfig, DashboardSettings
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.interop.dictionary_learning import load_dictionary_learning
 
-FORMATS: dict[str, Callable[[str], CrossCoder]] = {"dictionary_learning": load_dictionary_learning}
+# Each loader: (checkpoint, sparsity=None: read from the checkpoint, else "l1" or "batchtopk") -> CrossCoder.
+FORMATS: dict[str, Callable[..., CrossCoder]] = {"dictionary_learning": load_dictionary_learning}
 
 
-def load_foreign(checkpoint: str, fmt: str) -> CrossCoder:
-    """The crosscoder at ``checkpoint`` (a directory, file or hub id) written by the library ``fmt``."""
+def load_foreign(checkpoint: str, fmt: str, sparsity: str | None = None) -> CrossCoder:
+    """The crosscoder at ``checkpoint`` (a directory, file or hub id) written by the library ``fmt``; ``sparsity``
+    (``"l1"`` or ``"batchtopk"``) for a checkpoint that does not say which of its classes wrote it."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not one of {sorted(FORMATS)} (crosscoder_learning checkpoints are "
                          "format=dictionary_learning)")
-    return FORMATS[fmt](checkpoint)
+    return FORMATS[fmt](checkpoint, sparsity=sparsity)
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -49,14 +51,15 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     artifact = Path(cfg.artifact)
     if artifact.exists():
         raise FileExistsError(f"artifact={artifact} exists: an import writes a new artifact; choose a new directory")
-    crosscoder = load_foreign(str(cfg.checkpoint), cfg.get("format", "dictionary_learning"))
+    crosscoder = load_foreign(str(cfg.checkpoint), cfg.get("format", "dictionary_learning"), cfg.get("sparsity"))
     train_config = {
         "model_pair": OmegaConf.to_container(cfg.model_pair, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "analysis": OmegaConf.to_container(cfg.analysis, resolve=True),
         "dashboard": OmegaConf.to_container(cfg.dashboard, resolve=True),
         "seed": cfg.get("seed", 0),
-        "imported_from": {"checkpoint": str(cfg.checkpoint), "format": cfg.get("format", "dictionary_learning")},
+        "imported_from": {"checkpoint": str(cfg.checkpoint), "format": cfg.get("format", "dictionary_learning"),
+                          "sparsity": crosscoder.sparsity},
     }
     check_train_config(train_config, "the command line's model_pair and data")
     pair = rebuild_pair(train_config["model_pair"], cfg.device)
