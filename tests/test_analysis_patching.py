@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from test_analysis_causal import BOS, LAYER, PAD, crosscoder, tiny_pair
+from test_analysis_report import crosscoder as report_crosscoder
+from test_analysis_report import settings as report_settings
+from test_data_helpers import conversation
+from test_data_helpers import tiny_pair as data_pair
 
 from crosscoder_pl.analysis.patching import (
     POSITION_CLASSES,
@@ -27,6 +34,10 @@ from crosscoder_pl.analysis.probes import (
 )
 from crosscoder_pl.analysis.scaling import LatentScaling
 from crosscoder_pl.analysis.taxonomy import CHAT_ONLY, DEAD, SHARED, Taxonomy
+from crosscoder_pl.artifact.writer import run_analyses
+from crosscoder_pl.config import AnalysisConfig
+from crosscoder_pl.data.activations import tokenize
+from crosscoder_pl.data.cache import NoHeldoutChats
 from crosscoder_pl.data.chat_positions import ChatMarkers
 
 SOT, EOT, USER, MODEL, NL = 3, 4, 5, 6, 7
@@ -212,3 +223,74 @@ def test_patch_sets_follow_the_reference_selection() -> None:
     by_name = {s.name: s for s in sets}
     assert "nu_top" not in by_name and "no latent scaling" in info["pool"]
     assert by_name["delta_top"].latents.tolist() == [2, 4, 7] and by_name["delta_bottom"].latents.tolist() == [1, 3, 5]
+
+
+# --- in the artifact -------------------------------------------------------------------------------------
+
+
+def artifact_inputs() -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tiny pair with a chat-template tokenizer; held-out activations, probes, and 8 rendered chats."""
+    pair = data_pair(layer=1)
+    tokenizer = pair.tokenizer
+    rng = random.Random(0)
+    texts = [tokenizer.apply_chat_template(conversation(rng, turns=4), tokenize=False).removeprefix("<bos>")
+             for _ in range(14)]
+    batch = tokenize(tokenizer, texts, 40)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.inference_mode():
+        hidden = [m.model(input_ids=ids[:6], attention_mask=mask[:6], output_hidden_states=True).hidden_states[2]
+                  for m in (pair.base, pair.chat)]
+    paired = torch.stack(hidden, dim=2)[content_mask(mask[:6])]
+    return pair, paired, ids[:6], mask[:6], ids[6:], mask[6:]
+
+
+def test_run_analyses_writes_the_patching_files_metrics_and_card(tmp_path: Path) -> None:
+    pair, paired, probe_ids, probe_mask, chat_ids, chat_mask = artifact_inputs()
+    cfg = report_settings()
+    cfg["patching"]["max_chats"] = 5
+    asked = []
+
+    def chats(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        asked.append(n)
+        return chat_ids[:n], chat_mask[:n]
+
+    cc = report_crosscoder(paired)
+    metrics = run_analyses(cc, pair, paired, probe_ids, probe_mask, tmp_path, AnalysisConfig.read(cfg), {}, "cmd",
+                           chats=chats)
+    assert asked == [5]
+    patching = metrics["patching"]
+    names = list(patching["sets"])
+    assert names[:6] == ["none", "error", "all_latents", "chat_only", "delta_top", "delta_bottom"]
+    assert patching["n_chats"] == 5 and patching["first_reply_tokens"] == 9 and "patching" in metrics["timings_s"]
+    assert patching["sets"]["none"]["kl"]["reply"] > 0
+    assert all(v == 0 for v in patching["sets"]["none"]["gap_closed"].values())
+    with (tmp_path / "patching.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["set"] for r in rows] == names
+    assert float(rows[1]["kl_template"]) == pytest.approx(patching["sets"]["error"]["kl"]["template"])
+    assert (tmp_path / "patching.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["patching"]["n_positions"] == patching["n_positions"]
+    card = (tmp_path / "README.md").read_text()
+    section = card.split("## Base→chat latent patching")[1].split("## Citation")[0]
+    assert "| none | 0 |" in section and "| error | 0 + ε |" in section and "first 9 reply tokens" in section
+
+
+def test_patching_without_chats_is_skipped_and_says_why(tmp_path: Path) -> None:
+    pair, paired, probe_ids, probe_mask, _, _ = artifact_inputs()
+    cfg = AnalysisConfig.read(report_settings())
+    cc = report_crosscoder(paired)
+    metrics = run_analyses(cc, pair, paired, probe_ids, probe_mask, tmp_path / "none", cfg, {}, "cmd")
+    assert metrics["patching"] == {"skipped": "the data module provides no held-out chats (it has no chat_probe_batch)"}
+    assert not (tmp_path / "none" / "patching.csv").exists() and "patching" not in metrics["timings_s"]
+    assert "Not run: the data module provides no held-out chats" in (tmp_path / "none" / "README.md").read_text()
+
+    def old_cache(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NoHeldoutChats("the cache at X holds no held-out chats")
+
+    metrics = run_analyses(cc, pair, paired, probe_ids, probe_mask, tmp_path / "old", cfg, {}, "cmd", chats=old_cache)
+    assert metrics["patching"] == {"skipped": "the cache at X holds no held-out chats"}
+    pair.tokenizer = None
+    metrics = run_analyses(cc, pair, paired, probe_ids, probe_mask, tmp_path / "notok", cfg, {}, "cmd",
+                           chats=lambda n: (probe_ids, probe_mask))
+    assert "no tokenizer" in metrics["patching"]["skipped"]

@@ -46,9 +46,12 @@ from crosscoder_pl.analysis.probes import (
 )
 from crosscoder_pl.analysis.scaling import LatentScaling
 from crosscoder_pl.analysis.taxonomy import CHAT_ONLY, Taxonomy
+from crosscoder_pl.config import PatchingSettings
 from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.data.cache import NoHeldoutChats
 from crosscoder_pl.data.chat_positions import (
     ChatMarkers,
+    chat_markers,
     first_of_runs,
     reply_mask,
     template_mask,
@@ -56,11 +59,17 @@ from crosscoder_pl.data.chat_positions import (
 
 log = logging.getLogger(__name__)
 
+CSV, FIGURE = "patching.csv", "patching.png"
 POSITION_CLASSES = ("reply", "first_reply", "template")
 CLASS_LABELS = {"reply": "reply tokens", "first_reply": "first reply tokens", "template": "template tokens"}
 NONE = "none"
 # float32 [F] code vectors alive per token while a chunk is patched (codes, a set's slice of them, one spare).
 CODE_COPIES = 3
+
+
+ChatSource = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+"""``chats(n)``: up to ``n`` held-out chats, ``input_ids, attention_mask [n, seq]`` (a data module's
+``chat_probe_batch``); raises `NoHeldoutChats` when it has none."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +286,45 @@ def _at_content(content: torch.Tensor, value: torch.Tensor) -> Callable[[torch.T
         return torch.where(content.to(hidden.device)[..., None], value.to(hidden), hidden)
 
     return edit
+
+
+# --- the report's entry point ----------------------------------------------------------------------------
+
+
+def patching_inputs(
+    pair: Any, chats: ChatSource | None, max_chats: int
+) -> tuple[torch.Tensor, torch.Tensor, ChatMarkers] | str:
+    """The held-out chats and the template's markers, or the reason the patching cannot run."""
+    if chats is None:
+        return "the data module provides no held-out chats (it has no chat_probe_batch)"
+    tokenizer = getattr(pair, "tokenizer", None)
+    if tokenizer is None:
+        return "the model pair has no tokenizer: the chat template's tokens cannot be found"
+    try:
+        markers = chat_markers(tokenizer)
+        input_ids, attention_mask = chats(max_chats)
+    except (ValueError, NoHeldoutChats) as err:
+        return str(err)
+    return input_ids, attention_mask, markers
+
+
+def run_patching(
+    crosscoder: CrossCoder,
+    pair: Any,
+    inputs: tuple[torch.Tensor, torch.Tensor, ChatMarkers],
+    taxonomy: Taxonomy,
+    scaling: LatentScaling | None,
+    cfg: PatchingSettings,
+    memory_budget_mb: float | None,
+    out: Path,
+) -> dict[str, Any]:
+    """The report's sets (`patch_sets`) patched on ``inputs`` (`patching_inputs`); writes `CSV` and `FIGURE` into
+    ``out`` and returns the metrics.json entry."""
+    sets, selection = patch_sets(taxonomy, scaling, cfg.nu_min, cfg.nu_max)
+    result = base_to_chat_patching(crosscoder, pair, *inputs, sets, cfg.first_reply_tokens, memory_budget_mb)
+    write_csv(result, out / CSV)
+    plot_patching(result, out / FIGURE)
+    return {**result.summary(), "first_reply_tokens": cfg.first_reply_tokens, "selection": selection}
 
 
 # --- files -----------------------------------------------------------------------------------------------
