@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import random
@@ -11,6 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_analysis_causal import BOS, LAYER, PAD, crosscoder, tiny_pair
+from test_analysis_memory import (
+    BUDGET_MB,
+    VOCAB_256K,
+    big_vocab_pair,
+    exact_rss_accounting,
+    peak_rss_reset,
+    rss_kib,
+)
 from test_analysis_report import crosscoder as report_crosscoder
 from test_analysis_report import settings as report_settings
 from test_data_helpers import conversation
@@ -36,6 +45,7 @@ from crosscoder_pl.analysis.scaling import LatentScaling
 from crosscoder_pl.analysis.taxonomy import CHAT_ONLY, DEAD, SHARED, Taxonomy
 from crosscoder_pl.artifact.writer import run_analyses
 from crosscoder_pl.config import AnalysisConfig
+from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.activations import tokenize
 from crosscoder_pl.data.cache import NoHeldoutChats
 from crosscoder_pl.data.chat_positions import ChatMarkers
@@ -294,3 +304,27 @@ def test_patching_without_chats_is_skipped_and_says_why(tmp_path: Path) -> None:
     metrics = run_analyses(cc, pair, paired, probe_ids, probe_mask, tmp_path / "notok", cfg, {}, "cmd",
                            chats=lambda n: (probe_ids, probe_mask))
     assert "no tokenizer" in metrics["patching"]["skipped"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_patching_at_a_256k_vocabulary_stays_within_the_budget() -> None:
+    """As the causal and splice-in analyses (test_analysis_memory): peak resident memory grows by far less than
+    one model's ``[n_chats, seq, vocab]`` log-probs."""
+    if not exact_rss_accounting():
+        pytest.skip("needs glibc's mallopt for resident memory to track live tensors")
+    pair = big_vocab_pair()
+    ids, mask, _ = chats(n=4, seq=32)
+    cc = CrossCoder(16, 32, k=4, threshold=0.0).fold()
+    with torch.no_grad():
+        cc.W_dec.mul_(10)
+    cc.eval()
+    sets = [PatchSet("none", torch.zeros(0, dtype=torch.long)), PatchSet("all", torch.arange(32), error=True)]
+    gc.collect()
+    before = rss_kib("VmRSS")
+    peak_rss_reset()
+    result = base_to_chat_patching(cc, pair, ids, mask, MARKERS, sets, FIRST, memory_budget_mb=BUDGET_MB)
+    growth_mib = (rss_kib("VmHWM") - before) / 1024
+    one_model_logprobs_mib = ids.numel() * VOCAB_256K * 4 / 2**20
+    print(f"peak RSS growth {growth_mib:.0f} MiB; [n_chats, seq, vocab] float32 = {one_model_logprobs_mib:.0f} MiB")
+    assert (result.kl[0] > 0).all() and (result.kl[1] <= 1e-6).all()
+    assert growth_mib < one_model_logprobs_mib / 2
