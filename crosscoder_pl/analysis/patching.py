@@ -229,6 +229,8 @@ def base_to_chat_patching(
     """
     check_eval_mode(crosscoder)
     check_probes(input_ids, attention_mask)
+    if not sets:
+        raise ValueError("no set to patch: pass at least one PatchSet")
     chat = pair.chat
     check_head(chat)
     classes = position_classes(input_ids, attention_mask, markers, first_reply_tokens)  # [C, n, seq]
