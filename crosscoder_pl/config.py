@@ -422,6 +422,22 @@ class SpliceSettings(Group):
     enabled: Bool = Field(description="CE / KL with the layer replaced by its reconstruction")
 
 
+class PatchingSettings(Group):
+    KEY: ClassVar[str] = "analysis.patching"
+    enabled: Bool = Field(description="base→chat latent patching: KL(chat || patched) on held-out chats")
+    max_chats: Int = Field(ge=1, description="held-out chats scored (the data module's first ones)")
+    first_reply_tokens: Int = Field(ge=1, description="the first tokens of each reply scored apart (paper: 9)")
+    nu_min: Float = Field(description="ν sets: latents with nu_min <= ν_r, ν_ε <= nu_max only (reference: -0.1)")
+    nu_max: Float = Field(description="ν sets: latents with nu_min <= ν_r, ν_ε <= nu_max only (reference: 2)")
+
+    @model_validator(mode="after")
+    def _range(self) -> PatchingSettings:
+        if not self.nu_min < self.nu_max:
+            raise ConfigError(f"{self.key('nu_min')}={self.nu_min} must be below {self.key('nu_max')}={self.nu_max} "
+                              "(Minder et al.'s code keeps -0.1 <= ν <= 2)")
+        return self
+
+
 class AnalysisConfig(Group):
     """``analysis`` (conf/analysis): the end-of-training analyses; every key is required."""
 
@@ -433,10 +449,11 @@ class AnalysisConfig(Group):
     scaling: ScalingSettings = Field(description="latent scaling")
     causal: CausalSettings = Field(description="causal validation")
     splice: SpliceSettings = Field(description="splice-in evaluation")
+    patching: PatchingSettings = Field(description="base→chat latent patching")
 
     @model_validator(mode="after")
     def _needs(self) -> AnalysisConfig:
-        needs = [g for g in ("scaling", "causal") if getattr(self, g).enabled]
+        needs = [g for g in ("scaling", "causal", "patching") if getattr(self, g).enabled]
         if needs and not self.taxonomy.enabled:
             raise ConfigError(f"{' and '.join(self.key(g) for g in needs)} use the taxonomy's classes: enable "
                               f"{self.key('taxonomy')} ({self.key('taxonomy')}.enabled=true) or disable them")

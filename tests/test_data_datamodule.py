@@ -1,3 +1,4 @@
+import json
 from itertools import islice
 from pathlib import Path
 
@@ -7,10 +8,17 @@ import torch
 from test_data_helpers import tiny_pair, write_corpus
 
 from crosscoder_pl.config import CachedDataConfig, StreamDataConfig
-from crosscoder_pl.data.cache import CachedActivations, read_meta
+from crosscoder_pl.data.activations import tokenize
+from crosscoder_pl.data.cache import (
+    CHAT_PROBES,
+    CachedActivations,
+    NoHeldoutChats,
+    read_meta,
+)
 from crosscoder_pl.data.cached import CachedActivationDataModule
 from crosscoder_pl.data.datamodule import ActivationDataModule, write_activation_cache
 from crosscoder_pl.data.resume import Endless
+from crosscoder_pl.data.sources import StreamStats, source_rows, texts
 
 
 def datamodule(root: Path, **overrides) -> ActivationDataModule:
@@ -81,6 +89,7 @@ def test_written_cache_serves_the_same_data(tmp_path: Path) -> None:
     cached = CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=16), model_pair=dm.model_pair)
     assert torch.equal(torch.cat(list(cached.val_dataloader())), dm.val_acts)
     assert all(torch.equal(a, b) for a, b in zip(cached.probe_batch(), dm.probe_batch()))
+    assert all(torch.equal(a, b) for a, b in zip(cached.chat_probe_batch(5), dm.chat_probe_batch(5)))
     assert sum(len(b) for b in CachedActivations(path, batch_size=16)) == 192  # one pass: full batches of 16 only
     assert len(list(islice(cached.train_dataloader(), 30))) == 30  # training runs pass after pass
 
@@ -114,3 +123,37 @@ def test_endless_repeats_passes_and_refuses_an_empty_one() -> None:
     assert [float(b) for b in islice(Endless(Passes([2, 3])), 6)] == [1, 1, 2, 2, 2, 3]
     with pytest.raises(ValueError, match="gave no full batch"):
         next(iter(Endless(Passes([0]))))
+
+
+def test_chat_probe_batch_is_heldout_chats(tmp_path: Path) -> None:
+    """Whole chats of the chat source only, rendered with the template, none of them on the training side."""
+    dm = datamodule(tmp_path, seq_len=24)
+    ids, mask = dm.chat_probe_batch(7)
+    tokenizer = dm.model_pair.tokenizer
+    assert ids.shape[0] == 7 and ids.shape[1] <= 24 and mask.shape == ids.shape
+    assert torch.equal(ids[:, 0], torch.full((7,), tokenizer.bos_token_id))
+    starts = (ids == tokenizer.convert_tokens_to_ids("<start_of_turn>")) & mask.bool()
+    assert torch.equal(starts.int().argmax(1), torch.ones(7, dtype=torch.long))  # a turn right after BOS: a chat
+
+    def chats(heldout: bool) -> set[tuple[int, ...]]:
+        rows = source_rows("chat", dm.chat, tokenizer, heldout, dm.cfg.heldout_fraction)
+        batch = tokenize(tokenizer, list(texts(rows, StreamStats())), 24)
+        return {tuple(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"])}
+
+    got = {tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask)}
+    assert got <= chats(heldout=True) and not got & chats(heldout=False)
+    assert torch.equal(dm.chat_probe_batch(7)[0], ids)  # fixed
+
+
+def test_caches_without_chats_and_streams_without_them_say_so(tmp_path: Path) -> None:
+    dm = datamodule(tmp_path / "corpus")
+    path = write_activation_cache(dm, tmp_path / "cache", n_tokens=64, tokens_per_shard=64)
+    meta = read_meta(path)
+    (path / CHAT_PROBES).unlink()  # a cache written before the chats were kept
+    del meta["files"][CHAT_PROBES]
+    (path / "meta.json").write_text(json.dumps(meta))
+    cached = CachedActivationDataModule(CachedDataConfig(path=str(path), batch_size=16))
+    with pytest.raises(NoHeldoutChats, match="holds no held-out chats"):
+        cached.chat_probe_batch(4)
+    with pytest.raises(NoHeldoutChats, match="no held-out chat"):
+        datamodule(tmp_path / "corpus", heldout_fraction=1e-9).chat_probe_batch(4)

@@ -42,7 +42,7 @@ def write_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: s
 
 def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: str) -> str:
     """The model card markdown: front matter, recipe, validation, outlier tokens, taxonomy, scaling, causal,
-    splice, citations."""
+    splice, base→chat patching, citations."""
     art = metrics["artifact"]
     sparsity = art.get("sparsity", "batchtopk")  # artifacts of earlier versions are BatchTopK
     sections = [
@@ -67,6 +67,8 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
         sections.append(_causal(metrics["causal"]))
     if "splice" in metrics:
         sections.append(_splice(metrics["splice"]))
+    if "patching" in metrics:
+        sections.append(_patching(metrics["patching"]))
     sections.append("## Citation\n\n" + "\n".join(f"- {c}" for c in CITATIONS))
     sections.append(f"## Reproduce\n\n```bash\n{command}\n```")
     return "\n\n".join(sections) + "\n"
@@ -254,6 +256,37 @@ def _splice(s: Mapping[str, Any]) -> str:
         f"{s['n_probes']} probes (BOS and padding untouched).\n\n"
         f"| | base | chat |\n|---|---|---|\n{table}"
     ).rstrip()
+
+
+def _patching(p: Mapping[str, Any]) -> str:
+    title = "## Base→chat latent patching\n\n"
+    if "skipped" in p:
+        return f"{title}Not run: {p['skipped']}."
+    classes = (("reply", "reply tokens"), ("first_reply", f"first {p['first_reply_tokens']} reply tokens"),
+               ("template", "template tokens"))
+    head = "| set | latents (+ ε: error term) | " + " | ".join(f"KL {label} | gap closed" for _, label in classes) + " |\n"
+    head += "|---|---|" + "---|---|" * len(classes) + "\n"
+    rows = "".join(
+        f"| {name} | {s['n_latents']}{' + ε' if s['error_term'] else ''} | "
+        + " | ".join(f"{_num(s['kl'][c])} | {_pct_or_na(s['gap_closed'][c])}" for c, _ in classes) + " |\n"
+        for name, s in p["sets"].items()
+    )
+    n = p["n_positions"]
+    return (
+        f"{title}The chat model run on {p['n_chats']} held-out chats with its layer output replaced by the base "
+        "model's plus the chosen latents' decoder differences f_j (d_j^chat − d_j^base) (Minder, Dumas et al. "
+        "2025); KL(chat ‖ patched) in nats per position, and the share of the base–chat gap (the set \"none\") it "
+        f"closes. Positions: {n['reply']:,} reply, {n['first_reply']:,} first-reply, {n['template']:,} template. "
+        "Sets: none (the gap), error (ε: the difference no latent explains, decoder biases included), all latents, "
+        "all chat-only latents, and the halves of a pool of chat-only latents by Δnorm (delta_top: the higher half) "
+        "and by the rank sum of ν_r and ν_ε (nu_top: the lower, more chat-specific half); pool "
+        f"({p['selection']['n_pool']} latents): {p['selection']['pool']}. See `patching.csv` and "
+        f"`patching.png`.\n\n{head}{rows}"
+    ).rstrip()
+
+
+def _pct_or_na(value: float | None) -> str:
+    return "n/a" if value is None else _pct(value)
 
 
 def _num(value: float, digits: int = 4) -> str:

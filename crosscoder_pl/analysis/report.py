@@ -28,6 +28,7 @@ from crosscoder_pl.analysis.causal import (
     plot_cosine_vs_causal,
     write_csv,
 )
+from crosscoder_pl.analysis.patching import ChatSource, patching_inputs, run_patching
 from crosscoder_pl.analysis.probes import content_mask
 from crosscoder_pl.analysis.scaling import (
     ChatSpecificRule,
@@ -46,7 +47,12 @@ from crosscoder_pl.analysis.taxonomy import (
     plot_delta_histogram,
 )
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
-from crosscoder_pl.config import AnalysisConfig, CausalSettings, ScalingSettings
+from crosscoder_pl.config import (
+    AnalysisConfig,
+    CausalSettings,
+    PatchingSettings,
+    ScalingSettings,
+)
 from crosscoder_pl.crosscoder import CrossCoder
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,7 @@ def write_analyses(
     command: str,
     outliers: Mapping[str, Mapping[str, Any]] | None = None,
     steps: Mapping[str, Step] | None = None,
+    chats: ChatSource | None = None,
 ) -> dict[str, Any]:
     """Run the enabled analyses and write their files, ``metrics.json`` and ``README.md``; return the metrics.
 
@@ -98,6 +105,8 @@ def write_analyses(
             written to ``metrics.json`` (``outliers``) and the card.
         steps: further steps by name, run in order after the analyses on the folded eval-mode copy, each timed
             and its result stored under its name in the metrics (a step that returns None: neither).
+        chats: held-out chats for the base→chat patching (a data module's ``chat_probe_batch``); None: the
+            patching is skipped, and metrics.json says why.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +156,10 @@ def write_analyses(
                 "n_probes": probe_ids.shape[0],
                 "n_tokens": int(content_mask(probe_mask).sum()),
             }
+
+    if settings.patching.enabled:
+        metrics["patching"] = _patching(cc, pair, chats, taxonomy, scaling, settings.patching,
+                                        settings.memory_budget_mb, out, timings)
 
     for name, step in (steps or {}).items():
         start = time.perf_counter()
@@ -322,3 +335,26 @@ def _causal(
         f"(of {shared.numel()} shared; cap {cfg.max_latents})"
     )
     return {**result.summary(), "n_probes": probe_ids.shape[0], "selection": selection}
+
+
+def _patching(
+    cc: CrossCoder,
+    pair: Any,
+    chats: ChatSource | None,
+    taxonomy: Taxonomy,
+    scaling: LatentScaling | None,
+    cfg: PatchingSettings,
+    memory_budget_mb: float | None,
+    out: Path,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Base→chat latent patching on held-out chats (patching.csv, patching.png), or why not (logged, and
+    ``{"skipped": reason}`` in metrics.json): never a figure computed on something else."""
+    inputs = patching_inputs(pair, chats, cfg.max_chats)
+    if isinstance(inputs, str):
+        log.warning("base→chat patching skipped: %s", inputs)
+        return {"skipped": inputs}
+    if scaling is None:
+        log.info("base→chat patching: no latent scaling results, so no ν sets (enable analysis.scaling for them)")
+    with _timed("patching", timings):
+        return run_patching(cc, pair, inputs, taxonomy, scaling, cfg, memory_budget_mb, out)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 import yaml
 
+from crosscoder_pl.analysis.patching import ChatSource
 from crosscoder_pl.analysis.report import Step, write_analyses
 from crosscoder_pl.artifact.layout import TRAIN_CONFIG
 from crosscoder_pl.config import AnalysisConfig, DashboardSettings
@@ -47,6 +48,7 @@ class AnalysisData(Protocol):
     def probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...  # input_ids, attention_mask [n_probes, seq]
 
     # Optional: outlier_report() -> the outlier tokens counted ({"training": ..., "heldout": ...}) for the card.
+    # Optional: chat_probe_batch(n) -> input_ids, attention_mask [<= n, seq] of held-out chats (base→chat patching).
 
 
 def write_artifact(
@@ -84,7 +86,7 @@ def write_artifact(
         metrics = run_analyses(
             crosscoder, data.model_pair, heldout, input_ids, attention_mask, staging, settings,
             recipe=crosscoder.metadata, command=command, dashboard=dashboard,
-            outliers=report() if report is not None else None,
+            outliers=report() if report is not None else None, chats=getattr(data, "chat_probe_batch", None),
         )
         _keep_other_files(final, staging)
         (staging / INCOMPLETE).unlink()
@@ -108,6 +110,7 @@ def run_analyses(
     command: str,
     dashboard: DashboardSettings | None = None,
     outliers: Mapping[str, Mapping[str, Any]] | None = None,
+    chats: ChatSource | None = None,
 ) -> dict[str, Any]:
     """Every analysis file of an artifact, ``metrics.json`` and ``README.md`` into ``out_dir``: the enabled analyses
     (`write_analyses`, whose arguments these are) and then the latent dashboard; return the metrics.
@@ -118,10 +121,11 @@ def run_analyses(
         probe_ids, probe_mask: probe batch ``[n_probes, seq]``, BOS first, padding allowed.
         dashboard: the ``dashboard`` group, typed; None: the one recorded in ``out_dir/train_config.yaml``, else
             the defaults (on).
+        chats: held-out chats for the base→chat patching (``chat_probe_batch``); None: it is skipped.
     """
     steps: dict[str, Step] = {"dashboard": _dashboard_step(pair, activations, out_dir, dashboard)}
     return write_analyses(crosscoder, pair, activations, probe_ids, probe_mask, out_dir, settings, recipe, command,
-                          outliers=outliers, steps=steps)
+                          outliers=outliers, steps=steps, chats=chats)
 
 
 def _dashboard_step(pair: Any, activations: torch.Tensor, out_dir: str | Path,

@@ -11,6 +11,8 @@ Format: one directory holding
   ``[n_seq]`` 0 web / 1 chat / -1 unknown, ``seq``, ``pos`` ``[n]``), so dashboards can show tokens in context;
 - ``probes.safetensors``: ``input_ids`` and ``attention_mask`` ``[n_probes, seq]`` of the end-of-training
   analyses (written by `crosscoder_pl.data.datamodule.write_activation_cache`);
+- ``chat_probes.safetensors``: ``input_ids`` and ``attention_mask`` ``[n_chats, seq]`` of held-out chats, for the
+  base→chat patching (optional: caches written before it have none, and the patching is then skipped);
 - ``meta.json``, the manifest: ``{"format": 2, "d_model": int, "dtype": "float32" | "bfloat16" | ...,
   "n_tokens": int, "shards": [{"file": str, "n_tokens": int, "shape": [...], "bytes": int, "sha256": str}, ...],
   "val": {...same...} | null, "val_tokens": {...} | null, "files": {"probes.safetensors": {...}},
@@ -56,12 +58,17 @@ TENSOR = "activations"
 FORMAT = 2
 META = "meta.json"
 PROBES = "probes.safetensors"  # the probe batch of the end-of-training analyses (written with the cache)
+CHAT_PROBES = "chat_probes.safetensors"  # held-out chats of the base→chat patching (written with the cache)
 REBUILD = ("rebuild it: python cache_activations.py out={path} (with the overrides it was written with; they are "
            "in its meta.json \"source\"), or point data.path at another cache")
 
 
 class CacheError(ValueError):
     """An activation cache that is partial, mixed, corrupted or of an unknown format."""
+
+
+class NoHeldoutChats(LookupError):
+    """A data module has no held-out chats to give (no chat source, none held out, or a cache without them)."""
 
 
 def _sha256(path: Path) -> str:

@@ -10,6 +10,7 @@ the logger, ``outlier_report()`` what the model card states.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from torch.utils.data import DataLoader
 from crosscoder_pl.config import CachedDataConfig, check_outliers
 from crosscoder_pl.data.activations import TokenTable, token_table, with_tokens
 from crosscoder_pl.data.cache import (
+    CHAT_PROBES,
     PROBES,
     CachedActivations,
+    NoHeldoutChats,
     load_checked,
     load_val,
     read_meta,
@@ -36,6 +39,8 @@ from crosscoder_pl.data.loaders import (
 )
 from crosscoder_pl.data.outliers import OutlierCounts, screen, upgraded
 from crosscoder_pl.data.resume import ResumableData, TrackedPasses, check_pass
+
+log = logging.getLogger(__name__)
 
 
 class CachePasses(TrackedPasses):
@@ -237,3 +242,16 @@ class CachedActivationDataModule(ResumableData, L.LightningDataModule):
             raise FileNotFoundError(f"{path} is missing: rewrite the cache with write_activation_cache")
         probes = load_checked(self.cfg.path, PROBES, self.meta)
         return probes["input_ids"], probes["attention_mask"]
+
+    def chat_probe_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` held-out chats stored with the cache (``input_ids``, ``attention_mask``); `NoHeldoutChats`
+        for a cache written without them."""
+        if not (Path(self.cfg.path) / CHAT_PROBES).is_file():
+            raise NoHeldoutChats(f"the cache at {self.cfg.path} holds no held-out chats (written before they were "
+                                 "kept, or from a stream without chats): rewrite it with cache_activations.py")
+        chats = load_checked(self.cfg.path, CHAT_PROBES, self.meta)
+        if chats["input_ids"].shape[0] < n:
+            log.info("the cache holds %d held-out chats, fewer than the %d asked for", chats["input_ids"].shape[0], n)
+        ids, mask = chats["input_ids"][:n], chats["attention_mask"][:n]
+        width = mask.any(0)  # padding columns of the chats left out, as if these n had been tokenised alone
+        return ids[:, width], mask[:, width]

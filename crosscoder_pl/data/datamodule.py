@@ -45,7 +45,7 @@ from crosscoder_pl.data.activations import (
     with_tokens,
 )
 from crosscoder_pl.data.buffer import ShuffleBuffer
-from crosscoder_pl.data.cache import PROBES, write_cache
+from crosscoder_pl.data.cache import CHAT_PROBES, PROBES, NoHeldoutChats, write_cache
 from crosscoder_pl.data.loaders import (
     RankSlice,
     batches_of,
@@ -60,6 +60,7 @@ from crosscoder_pl.data.sources import (
     build_source,
     mixed_rows,
     read_rows,
+    source_rows,
     texts,
 )
 from crosscoder_pl.names import SOURCES
@@ -324,6 +325,21 @@ class ActivationDataModule(ResumableData, L.LightningDataModule):
         batch = tokenize(self.model_pair.tokenizer, probes, h.probe_len, h.padding_side)
         return batch["input_ids"], batch["attention_mask"]
 
+    def chat_probe_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` held-out chats of the chat source (the hash split of the training stream: never trained
+        on), rendered with the chat template and tokenised like the training text: ``input_ids`` and
+        ``attention_mask`` ``[<= n, <= seq_len]``, one BOS each. For the base→chat patching; `NoHeldoutChats` when
+        there is none."""
+        h = self.cfg
+        rows = source_rows("chat", self.chat, self.model_pair.tokenizer, True, h.heldout_fraction)
+        chats = list(islice(texts(rows, StreamStats()), n))
+        if not chats:
+            raise NoHeldoutChats(f"the chat source holds no held-out chat (heldout_fraction={h.heldout_fraction})")
+        if len(chats) < n:
+            log.info("only %d of %d held-out chats available", len(chats), n)
+        batch = tokenize(self.model_pair.tokenizer, chats, h.seq_len, h.padding_side)
+        return batch["input_ids"], batch["attention_mask"]
+
     def _heldout_activations(self) -> torch.Tensor:
         """The first ``val_tokens`` held-out tokens, float32 ``[n, 2, d_model]`` on the CPU (same on every rank),
         with their `TokenTable` attached; the outliers of the groups read are counted in ``heldout_counts`` (and
@@ -408,8 +424,9 @@ def write_activation_cache(
     datamodule: ActivationDataModule, out_dir: str | Path, n_tokens: int, tokens_per_shard: int = 2**16,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Cache ``n_tokens`` training tokens of ``datamodule``, its held-out set and its probe batch
-    (``probes.safetensors``: ``input_ids``, ``attention_mask``) at ``out_dir`` (format: see `cache`). The manifest's
+    """Cache ``n_tokens`` training tokens of ``datamodule``, its held-out set, its probe batch
+    (``probes.safetensors``: ``input_ids``, ``attention_mask``) and ``n_probes`` held-out chats
+    (``chat_probes.safetensors``, when the chat source has any) at ``out_dir`` (format: see `cache`). The manifest's
     ``source`` records the outlier settings; its ``stats`` the outliers the writer counted
     (`ActivationDataModule.outlier_report`: ``training``, over every token its stream screened, shuffle buffer's
     surplus included; ``heldout``)."""
@@ -422,10 +439,15 @@ def write_activation_cache(
                                    "padding_side")},
     }
     input_ids, attention_mask = datamodule.probe_batch()
+    extra = {PROBES: {"input_ids": input_ids, "attention_mask": attention_mask}}
+    try:
+        chat_ids, chat_mask = datamodule.chat_probe_batch(h.n_probes)
+        extra[CHAT_PROBES] = {"input_ids": chat_ids, "attention_mask": chat_mask}
+    except NoHeldoutChats as err:
+        log.warning("cache written without held-out chats (%s): its base→chat patching will be skipped", err)
     batches = iter(datamodule.train_dataloader())
     path = write_cache(out_dir, batches, n_tokens, tokens_per_shard, datamodule.val_acts, source, dtype,
-                       val_tokens=token_table(datamodule.val_acts),
-                       extra={PROBES: {"input_ids": input_ids, "attention_mask": attention_mask}},
+                       val_tokens=token_table(datamodule.val_acts), extra=extra,
                        stats=lambda: {"outliers": datamodule.outlier_report()})
     log.info("Cache stream stats: %s", datamodule.stats())
     return path
