@@ -99,16 +99,21 @@ def test_complete_shrinkage_flags_the_shrunk_shared_latent_not_the_true_chat_onl
     assert (shrink["n_chat_only"], shrink["n_inside"], shrink["share_inside"]) == (3, 1, pytest.approx(1 / 3))
     assert (decouple["n_chat_only"], decouple["n_inside"]) == (3, 1)
     assert shrink["median_shared"] == pytest.approx(1.025, abs=1e-5)
+    flags = {name: result.columns[name][:4] for name in ("shrinkage_suspect", "decoupling_suspect")}
+    assert flags == {"shrinkage_suspect": [True, False, False, None], "decoupling_suspect": [False, False, True, None]}
+    assert result.columns["twin_latent"][DECOUPLED] == BASE_TWIN and result.columns["twin_latent"][BASE_TWIN] == DECOUPLED
+    assert result.columns["twin_cofiring"][DECOUPLED] == pytest.approx(1.0)
 
 
 def test_shared_range_share_counts_defined_chat_only_values_against_the_central_interval() -> None:
     shared = torch.arange(101, dtype=torch.float32) / 100  # 0.00 .. 1.00: central 95% is [0.025, 0.975]
     assert central_interval(shared, 0.95) == pytest.approx((0.025, 0.975))
     chat_only = torch.tensor([0.01, 0.03, 0.5, 0.97, 0.98, float("nan")])
-    result = complete_shrinkage(chat_only, shared, 0.95)
+    inside, result = complete_shrinkage(chat_only, shared, 0.95)
+    assert inside.tolist() == [False, True, True, True, False, False]
     assert (result["n_chat_only"], result["n_inside"], result["share_inside"]) == (5, 3, pytest.approx(0.6))
     assert central_interval(shared, 0.5) == pytest.approx((0.25, 0.75))
-    empty = latent_decoupling(torch.tensor([float("nan")]), torch.tensor([]), 0.95)
+    _, empty = latent_decoupling(torch.tensor([float("nan")]), torch.tensor([]), 0.95)
     assert empty["n_chat_only"] == 0 and math.isnan(empty["share_inside"]) and all(map(math.isnan, empty["shared_interval"]))
 
 

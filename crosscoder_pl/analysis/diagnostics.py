@@ -57,36 +57,35 @@ def central_interval(values: torch.Tensor, mass: float) -> tuple[float, float]:
     return low, high
 
 
-def shared_range_share(chat_only: torch.Tensor, shared: torch.Tensor, mass: float) -> dict[str, Any]:
-    """Share of the defined ``chat_only [C]`` ratios inside the central ``mass`` of the ``shared [S]`` ratios."""
+def in_shared_range(chat_only: torch.Tensor, shared: torch.Tensor, mass: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``[C]`` bool: which ``chat_only`` ratios lie inside the central ``mass`` of the ``shared [S]`` ratios (nan:
+    False), and a summary: the interval, medians, defined chat-only values, how many inside and their share."""
     low, high = central_interval(shared, mass)
-    defined = chat_only[~chat_only.isnan()]
-    inside = int(((defined >= low) & (defined <= high)).sum())
-    n = defined.numel()
-    return {
+    inside = (chat_only >= low) & (chat_only <= high)
+    n, k = int((~chat_only.isnan()).sum()), int(inside.sum())
+    return inside, {
         "shared_interval": [low, high],
+        "median_chat_only": nan_median(chat_only),
+        "median_shared": nan_median(shared),
         "n_chat_only": n,
-        "n_inside": inside,
-        "share_inside": inside / n if n else math.nan,
+        "n_inside": k,
+        "share_inside": k / n if n else math.nan,
     }
 
 
-def _by_group(chat_only: torch.Tensor, shared: torch.Tensor, mass: float) -> dict[str, Any]:
-    return {"median_chat_only": nan_median(chat_only), "median_shared": nan_median(shared),
-            **shared_range_share(chat_only, shared, mass)}
-
-
-def complete_shrinkage(nu_eps_chat_only: torch.Tensor, nu_eps_shared: torch.Tensor, mass: float) -> dict[str, Any]:
+def complete_shrinkage(nu_eps_chat_only: torch.Tensor, nu_eps_shared: torch.Tensor, mass: float
+                       ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Complete Shrinkage: chat-only latents ``[C]`` whose ``nu_eps`` lies in the shared latents' ``[S]`` central
     ``mass``. A shared-like ``nu_eps`` says the base model's error still holds the latent's direction as much as a
     shared latent's: the concept is in the base model, only its base decoder was shrunk away."""
-    return _by_group(nu_eps_chat_only, nu_eps_shared, mass)
+    return in_shared_range(nu_eps_chat_only, nu_eps_shared, mass)
 
 
-def latent_decoupling(nu_r_chat_only: torch.Tensor, nu_r_shared: torch.Tensor, mass: float) -> dict[str, Any]:
+def latent_decoupling(nu_r_chat_only: torch.Tensor, nu_r_shared: torch.Tensor, mass: float
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Latent Decoupling seen by latent scaling: chat-only latents ``[C]`` whose ``nu_r`` lies in the shared
     latents' ``[S]`` central ``mass``: other latents reconstruct the concept in the base model."""
-    return _by_group(nu_r_chat_only, nu_r_shared, mass)
+    return in_shared_range(nu_r_chat_only, nu_r_shared, mass)
 
 
 @dataclass
@@ -265,7 +264,8 @@ class Diagnostics:
     columns: dict[str, list[Any]]
 
 
-COLUMNS = ("template_share", "template_mass_share", "twin_latent", "twin_cosine", "twin_cofiring")
+COLUMNS = ("shrinkage_suspect", "decoupling_suspect", "twin_latent", "twin_cosine", "twin_cofiring", "template_share",
+           "template_mass_share")
 
 
 def sparsity_diagnostics(
@@ -293,10 +293,12 @@ def sparsity_diagnostics(
                                          "template_majority": rules.template_majority}}
     if scaling is not None:
         group = {name: torch.isin(scaling.latents, classes[name]) for name in ("chat_only", "shared")}
-        summary["complete_shrinkage"] = complete_shrinkage(
-            scaling.nu_eps[group["chat_only"]], scaling.nu_eps[group["shared"]], rules.interval)
-        summary["latent_decoupling"] = latent_decoupling(
-            scaling.nu_r[group["chat_only"]], scaling.nu_r[group["shared"]], rules.interval)
+        tested = scaling.latents[group["chat_only"]].tolist()
+        for key, column, test, nu in (("complete_shrinkage", "shrinkage_suspect", complete_shrinkage, scaling.nu_eps),
+                                      ("latent_decoupling", "decoupling_suspect", latent_decoupling, scaling.nu_r)):
+            inside, summary[key] = test(nu[group["chat_only"]], nu[group["shared"]], rules.interval)
+            for j, flag in zip(tested, inside.tolist()):
+                columns[column][j] = flag
 
     twins = find_twins(crosscoder, classes["chat_only"], classes["base_only"], rules.min_cosine)
     firing = cofiring(crosscoder, activations, twins.chat, twins.base, chunk_tokens)
