@@ -375,6 +375,27 @@ class ScalingSettings(Group):
     nu_r_max: Float = Field(gt=0, description="chat-specific: nu_r < nu_r_max")
     top_latents: Int = Field(ge=0, description="chat-specific latents listed in the card (0: none)")
     top_tokens: Int = Field(ge=1, description="probe tokens shown per listed latent")
+    # The reference's reliability filter (issue 23): only latents with nu_min <= nu_r, nu_eps <= nu_max are ranked
+    # or called chat-specific.
+    nu_min: Float = Field(description="reliability filter: nu_min <= nu_r and nu_eps (Minder et al.: -0.1)")
+    nu_max: Float = Field(description="reliability filter: nu_r and nu_eps <= nu_max (Minder et al.: 2)")
+
+    @model_validator(mode="after")
+    def _filter(self) -> ScalingSettings:
+        if not self.nu_min < self.nu_max:
+            raise ConfigError(f"{self.key('nu_min')}={self.nu_min}, {self.key('nu_max')}={self.nu_max}: the filter "
+                              "needs nu_min < nu_max (Minder et al.: -0.1 and 2)")
+        return self
+
+
+class DiagnosticsSettings(Group):
+    """Sparsity-artifact diagnostics (issue 23; crosscoder_pl.analysis.diagnostics)."""
+
+    KEY: ClassVar[str] = "analysis.diagnostics"
+    enabled: Bool = Field(description="complete shrinkage, latent decoupling (twins) and template share")
+    interval: Float = Field(gt=0, lt=1, description="central mass of the shared latents' nu that is shared-like")
+    twin_min_cosine: Float = Field(ge=-1, le=1, description="twins: decoder cosine above this")
+    template_majority: Float = Field(ge=0, lt=1, description="fires mainly on template tokens: share above this")
 
 
 class CausalSettings(Group):
@@ -401,10 +422,11 @@ class AnalysisConfig(Group):
     scaling: ScalingSettings = Field(description="latent scaling")
     causal: CausalSettings = Field(description="causal validation")
     splice: SpliceSettings = Field(description="splice-in evaluation")
+    diagnostics: DiagnosticsSettings = Field(description="sparsity-artifact diagnostics")
 
     @model_validator(mode="after")
     def _needs(self) -> AnalysisConfig:
-        needs = [g for g in ("scaling", "causal") if getattr(self, g).enabled]
+        needs = [g for g in ("scaling", "causal", "diagnostics") if getattr(self, g).enabled]
         if needs and not self.taxonomy.enabled:
             raise ConfigError(f"{' and '.join(self.key(g) for g in needs)} use the taxonomy's classes: enable "
                               f"{self.key('taxonomy')} ({self.key('taxonomy')}.enabled=true) or disable them")
