@@ -248,3 +248,50 @@ def test_heldout_template_mask_maps_token_positions_to_rows() -> None:
     assert template.tolist() == [True, True, True, False, True, True, True, True, True, False, False, False, False]
     assert chat_rows.tolist() == [True] * 10 + [False] * 3
     assert heldout_template_mask(tokens, None) is None
+
+
+def test_run_analyses_writes_the_template_share_from_the_token_table(tmp_path) -> None:
+    """End to end: held-out rows carrying token ids, a tokenizer with the chat markers -> latents.csv's template
+    share equals the direct computation on the planted mask; metrics.json and the card report it."""
+    import csv
+    from types import SimpleNamespace
+
+    from test_analysis_report import crosscoder, inputs, settings
+    from test_analysis_causal import tiny_pair
+
+    from crosscoder_pl.artifact.writer import run_analyses
+    from crosscoder_pl.config import AnalysisConfig, DashboardSettings
+    from crosscoder_pl.data.activations import TokenTable, with_tokens
+
+    sot, eot, user, nl = 3, 4, 5, 6
+    vocab = {"<start_of_turn>": [sot], "<end_of_turn>": [eot], "<start_of_turn>user\n": [sot, user, nl],
+             "<start_of_turn>model\n": [sot, 7, nl], "<end_of_turn>\n": [eot, nl]}
+    pair = tiny_pair(identical=False)
+    pair.tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens=False: vocab[text],
+                                     decode=lambda ids: "".join(f"<{int(i)}>" for i in ids))
+    paired, ids, mask = inputs(pair)  # 6 sequences x positions 1..11
+    seq_ids = torch.full((6, 12), 20)
+    seq_ids[:, 0] = 2
+    seq_ids[1::2, 1:4] = torch.tensor([sot, user, nl])  # chat sequences open with a user header ...
+    seq_ids[1::2, 8:10] = torch.tensor([eot, nl])  # ... and close it
+    seq_ids[0, 1:4] = torch.tensor([sot, user, nl])  # a web sequence's look-alike: ignored (web rows do not count)
+    table = TokenTable(seq_ids, torch.ones(6, 12, dtype=torch.long), torch.tensor([0, 1] * 3, dtype=torch.int8),
+                       torch.arange(6).repeat_interleave(11), torch.arange(1, 12).repeat(6))
+    cfg = settings()
+    cfg["causal"]["enabled"] = cfg["splice"]["enabled"] = False
+    cc = crosscoder(paired)
+    metrics = run_analyses(cc, pair, with_tokens(paired, table), ids, mask, tmp_path, AnalysisConfig.read(cfg), {}, "cmd",
+                           dashboard=DashboardSettings(enabled=False))  # the stand-in tokenizer only encodes
+
+    pos = torch.arange(1, 12).repeat(6)
+    chat_rows = torch.arange(6).repeat_interleave(11) % 2 == 1
+    template = ((pos <= 3) | (pos == 8) | (pos == 9)) & chat_rows | ((pos <= 3) & ~chat_rows)
+    expected = template_share(cc.fold().eval(), paired, template, chat_rows).share
+    with (tmp_path / "latents.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    written = [float(r["template_share"]) if r["template_share"] else math.nan for r in rows]
+    assert written == pytest.approx(expected.tolist(), nan_ok=True, abs=1e-12)
+    assert not all(math.isnan(v) for v in written)
+    summary = metrics["diagnostics"]["template"]
+    assert (summary["n_chat_tokens"], summary["n_template_tokens"]) == (33, 15)
+    assert "held-out chat tokens): latents firing mainly" in (tmp_path / "README.md").read_text()

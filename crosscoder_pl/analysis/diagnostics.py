@@ -30,6 +30,7 @@ import torch
 from crosscoder_pl.analysis.eval_mode import check_eval_mode
 from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.data.chat_positions import chat_markers, template_mask
 
 # The reference's twin activation divergence (scripts/twins_activation_analysis.py): activations relative to the
 # pair's larger maximum, "high" above 0.4 (buckets 3 and 4 of edges 1e-6, 0.1, 0.4, 0.7), "low" at most 0.1.
@@ -238,12 +239,8 @@ def template_share(crosscoder: CrossCoder, activations: torch.Tensor, template: 
 def heldout_template_mask(tokens: Any, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(template [tokens], chat_rows [tokens])`` bool for held-out rows read from ``tokens`` (a
     `crosscoder_pl.data.activations.TokenTable`): chat-template tokens by `crosscoder_pl.data.chat_positions`, and
-    the rows whose sequence came from the chat source. None when that module, the tokenizer or its template markers
-    are missing (the template share is then left out, with a log line from the caller)."""
-    try:
-        from crosscoder_pl.data.chat_positions import chat_markers, template_mask
-    except ImportError:  # written on another branch (issue 23, part 1); absent until merged
-        return None
+    the rows whose sequence came from the chat source. None when the tokenizer or its template markers are missing
+    (the template share is then left out, with a log line from the caller)."""
     if tokenizer is None:
         return None
     try:
