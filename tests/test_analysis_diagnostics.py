@@ -24,7 +24,11 @@ from crosscoder_pl.analysis.diagnostics import (
     template_share,
 )
 from crosscoder_pl.analysis.scaling import latent_scaling
-from crosscoder_pl.analysis.taxonomy import Thresholds, build_taxonomy, heldout_statistics
+from crosscoder_pl.analysis.taxonomy import (
+    Thresholds,
+    build_taxonomy,
+    heldout_statistics,
+)
 from crosscoder_pl.crosscoder import CrossCoder
 
 D = 16
@@ -256,8 +260,8 @@ def test_run_analyses_writes_the_template_share_from_the_token_table(tmp_path) -
     import csv
     from types import SimpleNamespace
 
-    from test_analysis_report import crosscoder, inputs, settings
     from test_analysis_causal import tiny_pair
+    from test_analysis_report import crosscoder, inputs, settings
 
     from crosscoder_pl.artifact.writer import run_analyses
     from crosscoder_pl.config import AnalysisConfig, DashboardSettings
@@ -295,3 +299,11 @@ def test_run_analyses_writes_the_template_share_from_the_token_table(tmp_path) -
     summary = metrics["diagnostics"]["template"]
     assert (summary["n_chat_tokens"], summary["n_template_tokens"]) == (33, 15)
     assert "held-out chat tokens): latents firing mainly" in (tmp_path / "README.md").read_text()
+
+
+def test_no_twins_no_pass() -> None:
+    cc, x = twins_setup()
+    none = cofiring(cc, x, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    assert none.jaccard.numel() == 0 and none.divergence.numel() == 0
+    twins = find_twins(cc, torch.tensor([0]), torch.tensor([], dtype=torch.long), 0.9)
+    assert twins.chat.numel() == 0 and twins.base_partner.numel() == 0

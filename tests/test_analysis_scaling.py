@@ -170,7 +170,7 @@ def test_planted_betas_ratios_and_notes() -> None:
     beta_a = [[0.05, 1.5], [-0.5, 1.0], [NAN, NAN], [NAN, NAN], [3.0, -0.5], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0],
               [0.0, 1.0]]
     nu_a = [0.05 / 1.5, -0.5, NAN, NAN, NAN, NAN, NAN, NAN, 0.0]
-    assert result.beta_a.flatten().tolist() == pytest.approx(sum(beta_a, []), **close)
+    assert result.beta_a.flatten().tolist() == pytest.approx([b for row in beta_a for b in row], **close)
     assert result.nu_a.tolist() == pytest.approx(nu_a, **close)
     assert result.notes == [
         "",

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from crosscoder_pl.analysis.eval_mode import check_eval_mode
+from crosscoder_pl.analysis.scaling import LatentScaling
 from crosscoder_pl.analysis.stats import nan_median
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.chat_positions import chat_markers, template_mask
@@ -108,15 +109,16 @@ def find_twins(crosscoder: CrossCoder, chat_only: torch.Tensor, base_only: torch
     """Twins by decoder direction: ``cos(W_dec[c, chat], W_dec[b, base])`` for chat-only ``c [C]`` and base-only
     ``b [B]``, in blocks of ``block`` chat-only rows (memory ``O(block * B)``). Cosines are scale-free, so raw and
     normalised decoders give the same pairs."""
-    w = crosscoder.W_dec.detach().float().cpu()
+    w = crosscoder.W_dec.detach()  # only the rows needed are gathered: the decoder may be GBs
     chat_only, base_only = chat_only.long().cpu(), base_only.long().cpu()
-    base_dirs = torch.nn.functional.normalize(w[base_only, 0], dim=-1)  # [B, d]; a zero vector stays zero
+    base_dirs = torch.nn.functional.normalize(w[base_only.to(w.device), 0].float(), dim=-1).cpu()  # [B, d]; 0 stays 0
     best_cos, best_base = [], []
     col_cos = torch.full((base_only.numel(),), -math.inf)
     col_arg = torch.full((base_only.numel(),), -1, dtype=torch.long)
     for start in range(0, chat_only.numel(), block):
         rows = chat_only[start:start + block]
-        cos = torch.nn.functional.normalize(w[rows, 1], dim=-1) @ base_dirs.T  # [block, B]
+        chat_dirs = torch.nn.functional.normalize(w[rows.to(w.device), 1].float(), dim=-1).cpu()
+        cos = chat_dirs @ base_dirs.T  # [block, B]
         if base_only.numel():
             value, arg = cos.max(1)
             best_cos.append(value)
@@ -167,6 +169,9 @@ def cofiring(crosscoder: CrossCoder, activations: torch.Tensor, chat: torch.Tens
     """
     check_eval_mode(crosscoder)
     n = chat.numel()
+    if n == 0:  # no pair: nothing to encode
+        empty = torch.zeros(0, dtype=torch.long)
+        return TwinFiring(empty, empty, empty, torch.zeros(0, dtype=torch.float64))
     cols = torch.cat([chat, base]).to(crosscoder.W_dec.device)
     counts = torch.zeros(3, n, dtype=torch.long)  # chat fires, base fires, both fire
     peak = torch.zeros(2 * n)
@@ -177,7 +182,7 @@ def cofiring(crosscoder: CrossCoder, activations: torch.Tensor, chat: torch.Tens
         peak = torch.maximum(peak, f.max(0).values) if len(f) else peak
     scale = torch.maximum(peak[:n], peak[n:]).clamp(min=1e-12)  # the reference's "abs_max_act" per pair
     buckets = torch.zeros(3, n, dtype=torch.long)  # only chat high, only base high, either high
-    for x in activations.split(chunk_tokens) if n else ():
+    for x in activations.split(chunk_tokens):
         rel = crosscoder.encode(x.to(crosscoder.W_dec)).float()[:, cols].cpu() / scale.repeat(2)
         a, b = rel[:, :n], rel[:, n:]
         buckets += torch.stack([((a > HIGH) & (b <= LOW)).sum(0), ((b > HIGH) & (a <= LOW)).sum(0),
@@ -223,16 +228,19 @@ def template_share(crosscoder: CrossCoder, activations: torch.Tensor, template: 
     if template.shape != (len(activations),) or rows.shape != template.shape:
         raise ValueError(f"template and chat_rows must be [tokens]={len(activations)} bool masks, got "
                          f"{tuple(template.shape)} and {tuple(rows.shape)}")
-    n_latents = crosscoder.n_latents
-    sums = torch.zeros(4, n_latents, dtype=torch.float64)  # fired, fired on template, mass, mass on template
+    device = crosscoder.W_dec.device
+    sums = torch.zeros(4, crosscoder.n_latents, dtype=torch.float64)  # fired, on template; mass, on template
     for start in range(0, len(activations), chunk_tokens):
         keep = rows[start:start + chunk_tokens]
         if not keep.any():
             continue
-        f = crosscoder.encode(activations[start:start + chunk_tokens][keep].to(crosscoder.W_dec)).double().cpu()
-        on_template = template[start:start + chunk_tokens][keep]
-        fired = (f > 0).double()
-        sums += torch.stack([fired.sum(0), fired[on_template].sum(0), f.sum(0), f[on_template].sum(0)])
+        f = crosscoder.encode(activations[start:start + chunk_tokens][keep].to(crosscoder.W_dec)).float()  # [n, F]
+        on_template = template[start:start + chunk_tokens][keep].to(device).float()  # [n]
+        fired = (f > 0).float()
+        # Per-chunk sums as matrix-vector products (no [n, F] copy); float32 is exact for counts below 2^24.
+        ones = torch.ones_like(on_template)
+        part = torch.stack([fired.T @ ones, fired.T @ on_template, f.T @ ones, f.T @ on_template])
+        sums += part.double().cpu()
     return TemplateShare(sums[0], sums[1], sums[2], sums[3], int(rows.sum()), int((rows & template).sum()))
 
 
@@ -269,7 +277,7 @@ def sparsity_diagnostics(
     crosscoder: CrossCoder,
     activations: torch.Tensor,
     classes: dict[str, torch.Tensor],
-    scaling: Any | None,
+    scaling: LatentScaling | None,
     rules: DiagnosticRules,
     template: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_tokens: int = 4096,

@@ -29,13 +29,13 @@ from crosscoder_pl.analysis.causal import (
     plot_cosine_vs_causal,
     write_csv,
 )
+from crosscoder_pl.analysis.diagnostics import COLUMNS as DIAGNOSTIC_COLUMNS
 from crosscoder_pl.analysis.diagnostics import (
-    Diagnostics,
     DiagnosticRules,
+    Diagnostics,
     heldout_template_mask,
     sparsity_diagnostics,
 )
-from crosscoder_pl.analysis.diagnostics import COLUMNS as DIAGNOSTIC_COLUMNS
 from crosscoder_pl.analysis.probes import content_mask
 from crosscoder_pl.analysis.scaling import (
     ChatSpecificRule,
@@ -54,7 +54,12 @@ from crosscoder_pl.analysis.taxonomy import (
     plot_delta_histogram,
 )
 from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
-from crosscoder_pl.config import AnalysisConfig, CausalSettings, DiagnosticsSettings, ScalingSettings
+from crosscoder_pl.config import (
+    AnalysisConfig,
+    CausalSettings,
+    DiagnosticsSettings,
+    ScalingSettings,
+)
 from crosscoder_pl.crosscoder import CrossCoder
 from crosscoder_pl.data.activations import token_table
 
