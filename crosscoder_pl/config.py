@@ -407,6 +407,27 @@ class ScalingSettings(Group):
     nu_r_max: Float = Field(gt=0, description="chat-specific: nu_r < nu_r_max")
     top_latents: Int = Field(ge=0, description="chat-specific latents listed in the card (0: none)")
     top_tokens: Int = Field(ge=1, description="probe tokens shown per listed latent")
+    # The reference's reliability filter (issue 23): only latents with nu_min <= nu_r, nu_eps <= nu_max are ranked
+    # or called chat-specific.
+    nu_min: Float = Field(description="reliability filter: nu_min <= nu_r and nu_eps (Minder et al.: -0.1)")
+    nu_max: Float = Field(description="reliability filter: nu_r and nu_eps <= nu_max (Minder et al.: 2)")
+
+    @model_validator(mode="after")
+    def _filter(self) -> ScalingSettings:
+        if not self.nu_min < self.nu_max:
+            raise ConfigError(f"{self.key('nu_min')}={self.nu_min}, {self.key('nu_max')}={self.nu_max}: the filter "
+                              "needs nu_min < nu_max (Minder et al.: -0.1 and 2)")
+        return self
+
+
+class DiagnosticsSettings(Group):
+    """Sparsity-artifact diagnostics (issue 23; crosscoder_pl.analysis.diagnostics)."""
+
+    KEY: ClassVar[str] = "analysis.diagnostics"
+    enabled: Bool = Field(description="complete shrinkage, latent decoupling (twins) and template share")
+    interval: Float = Field(gt=0, lt=1, description="central mass of the shared latents' nu that is shared-like")
+    twin_min_cosine: Float = Field(ge=-1, le=1, description="twins: decoder cosine above this")
+    template_majority: Float = Field(ge=0, lt=1, description="fires mainly on template tokens: share above this")
 
 
 class CausalSettings(Group):
@@ -427,15 +448,6 @@ class PatchingSettings(Group):
     enabled: Bool = Field(description="base→chat latent patching: KL(chat || patched) on held-out chats")
     max_chats: Int = Field(ge=1, description="held-out chats scored (the data module's first ones)")
     first_reply_tokens: Int = Field(ge=1, description="the first tokens of each reply scored apart (paper: 9)")
-    nu_min: Float = Field(description="ν sets: latents with nu_min <= ν_r, ν_ε <= nu_max only (reference: -0.1)")
-    nu_max: Float = Field(description="ν sets: latents with nu_min <= ν_r, ν_ε <= nu_max only (reference: 2)")
-
-    @model_validator(mode="after")
-    def _range(self) -> PatchingSettings:
-        if not self.nu_min < self.nu_max:
-            raise ConfigError(f"{self.key('nu_min')}={self.nu_min} must be below {self.key('nu_max')}={self.nu_max} "
-                              "(Minder et al.'s code keeps -0.1 <= ν <= 2)")
-        return self
 
 
 class AnalysisConfig(Group):
@@ -449,11 +461,12 @@ class AnalysisConfig(Group):
     scaling: ScalingSettings = Field(description="latent scaling")
     causal: CausalSettings = Field(description="causal validation")
     splice: SpliceSettings = Field(description="splice-in evaluation")
+    diagnostics: DiagnosticsSettings = Field(description="sparsity-artifact diagnostics")
     patching: PatchingSettings = Field(description="base→chat latent patching")
 
     @model_validator(mode="after")
     def _needs(self) -> AnalysisConfig:
-        needs = [g for g in ("scaling", "causal", "patching") if getattr(self, g).enabled]
+        needs = [g for g in ("scaling", "causal", "diagnostics", "patching") if getattr(self, g).enabled]
         if needs and not self.taxonomy.enabled:
             raise ConfigError(f"{' and '.join(self.key(g) for g in needs)} use the taxonomy's classes: enable "
                               f"{self.key('taxonomy')} ({self.key('taxonomy')}.enabled=true) or disable them")

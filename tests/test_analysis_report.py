@@ -89,7 +89,14 @@ def test_run_analyses_writes_the_artifact(tmp_path: Path) -> None:
     assert "python train.py seed=1" in card and "arxiv:2504.02922" in card
 
     saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=_no_nan)
-    assert set(saved["timings_s"]) == {"validation", "taxonomy", "scaling", "chat_specific_tokens", "causal", "splice"}
+    assert set(saved["timings_s"]) == {"validation", "taxonomy", "scaling", "diagnostics", "chat_specific_tokens",
+                                       "causal", "splice"}
+    diagnostics = saved["diagnostics"]
+    assert {"rules", "complete_shrinkage", "latent_decoupling", "twins"} <= set(diagnostics)
+    assert diagnostics["complete_shrinkage"]["n_chat_only"] <= counts["chat_only"]
+    assert "## Sparsity-artifact diagnostics" in card and f"{diagnostics['twins']['n_pairs']} chat-only latents" in card
+    header = lines[0].split(",")
+    assert {"nu_a", "neg_log_nu_a", "nu_in_range", "twin_latent", "twin_cosine", "template_share"} <= set(header)
     assert math.isfinite(saved["splice"]["chat"]["ce_splice"])
     assert saved["validation"]["variance_explained"].keys() == {"base", "chat"}
 
@@ -98,10 +105,11 @@ def test_disabled_analyses_and_bad_settings(tmp_path: Path) -> None:
     pair = tiny_pair(identical=False)
     paired, ids, mask = inputs(pair)
     cfg = settings()
-    for group in ("scaling", "causal", "splice"):
+    for group in ("scaling", "causal", "splice", "diagnostics"):
         cfg[group]["enabled"] = False
     metrics = run_analyses(crosscoder(paired), pair, paired, ids, mask, tmp_path, AnalysisConfig.read(cfg), {}, "cmd")
     assert not (tmp_path / "causal_validation.csv").exists() and "causal" not in metrics
+    assert "diagnostics" not in metrics and "Sparsity-artifact" not in (tmp_path / "README.md").read_text()
     assert ",class,chat_specific" in (tmp_path / "latents.csv").read_text().splitlines()[0]
 
     bad = {**settings(), "extra": 1, "splice": {}}

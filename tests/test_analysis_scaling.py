@@ -30,7 +30,7 @@ def random_crosscoder() -> CrossCoder:
 
 
 def lstsq_betas(cc: CrossCoder, x: torch.Tensor, j: int) -> torch.Tensor:
-    """``[target (r, eps), model]`` betas of latent j by lstsq on the flattened [tokens * d_model, 1] problem."""
+    """``[target (r, eps, a), model]`` betas of latent j by lstsq on the flattened [tokens * d_model, 1] problem."""
     x = x.double()
     codes = cc.encode(x.float()).double()
     scales = cc.scales.double()[:, None]
@@ -38,9 +38,9 @@ def lstsq_betas(cc: CrossCoder, x: torch.Tensor, j: int) -> torch.Tensor:
     w_n = cc.W_dec.double() * scales
     f = codes[:, j]
     design = (f[:, None] * w_n[j, 1]).reshape(-1, 1)  # beta * f_j(n) * d_chat
-    betas = torch.empty(2, 2, dtype=torch.float64)
+    betas = torch.empty(3, 2, dtype=torch.float64)
     for m in range(2):
-        targets = (x_hat_n[:, m], x_n[:, m] - x_hat_n[:, m] + f[:, None] * w_n[j, m])
+        targets = (x_hat_n[:, m], x_n[:, m] - x_hat_n[:, m] + f[:, None] * w_n[j, m], x_n[:, m])
         for t, y in enumerate(targets):
             betas[t, m] = torch.linalg.lstsq(design, y.reshape(-1, 1)).solution.squeeze()
     return betas
@@ -49,13 +49,14 @@ def lstsq_betas(cc: CrossCoder, x: torch.Tensor, j: int) -> torch.Tensor:
 def test_closed_form_matches_lstsq_for_both_targets_and_models() -> None:
     cc = random_crosscoder()
     x = torch.randn(300, 2, D) * torch.tensor([0.3, 2.0])[:, None]
-    beta_r, beta_eps = latent_betas(cc, x, torch.arange(F), chunk_tokens=64)
+    beta_r, beta_eps, beta_a = latent_betas(cc, x, torch.arange(F), chunk_tokens=64)
     fired = (cc.encode(x) > 0).any(0)
     assert fired.sum() >= F - 2
     for j in fired.nonzero().flatten().tolist():
         expected = lstsq_betas(cc, x, j)
         assert beta_r[j].double() == pytest.approx(expected[0].tolist(), rel=1e-4, abs=1e-6)
         assert beta_eps[j].double() == pytest.approx(expected[1].tolist(), rel=1e-4, abs=1e-6)
+        assert beta_a[j].double() == pytest.approx(expected[2].tolist(), rel=1e-4, abs=1e-6)
 
 
 def test_chunking_does_not_change_betas() -> None:
@@ -97,15 +98,16 @@ def test_undefined_ratios_are_nan_with_a_reason() -> None:
     assert result.nu_eps[1] == pytest.approx(0.0) and result.neg_log_nu_eps[1] == float("inf")
 
 
+def ratios(nu_r: list[float], nu_eps: list[float], nu_a: list[float] | None = None) -> LatentScaling:
+    """A `LatentScaling` of latents 0..L-1 with these ratios (betas unused by the rule: ones)."""
+    n = len(nu_r)
+    nu_a = nu_a if nu_a is not None else [1.0] * n
+    return LatentScaling(torch.arange(n), torch.ones(n, 2), torch.ones(n, 2), torch.ones(n, 2), torch.tensor(nu_r),
+                         torch.tensor(nu_eps), torch.tensor(nu_a), [""] * n)
+
+
 def test_chat_specific_rule() -> None:
-    scaling = LatentScaling(
-        latents=torch.tensor([0, 1, 2, 3]),
-        beta_r=torch.ones(4, 2),
-        beta_eps=torch.ones(4, 2),
-        nu_r=torch.tensor([0.1, 0.1, 0.6, float("nan")]),
-        nu_eps=torch.tensor([0.1, 0.1, 0.1, 0.1]),
-        notes=[""] * 4,
-    )
+    scaling = ratios([0.1, 0.1, 0.6, float("nan")], [0.1, 0.1, 0.1, 0.1])
     delta = torch.tensor([0.95, 0.5, 0.95, 0.95])
     assert scaling.chat_specific(delta, ChatSpecificRule()).tolist() == [True, False, False, False]
 
@@ -163,38 +165,39 @@ def test_planted_betas_ratios_and_notes() -> None:
     assert result.nu_eps.tolist() == pytest.approx(nu_eps, **close)
     neg_log = [-math.log(v) if v > 0 else (INF if v == 0 else NAN) for v in nu_r]
     assert result.neg_log_nu_r.tolist() == pytest.approx(neg_log, **close)
+    # Activation target x_m = x̂_m + error: beta_a = beta_r + error / chat coefficient. Latents 5 and 6 cancel on
+    # e_5 in the chat reconstruction, so there the activation target (0) differs from the error target.
+    beta_a = [[0.05, 1.5], [-0.5, 1.0], [NAN, NAN], [NAN, NAN], [3.0, -0.5], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0],
+              [0.0, 1.0]]
+    nu_a = [0.05 / 1.5, -0.5, NAN, NAN, NAN, NAN, NAN, NAN, 0.0]
+    assert result.beta_a.flatten().tolist() == pytest.approx([b for row in beta_a for b in row], **close)
+    assert result.nu_a.tolist() == pytest.approx(nu_a, **close)
     assert result.notes == [
         "",
-        "nu_r < 0: -log undefined; nu_eps < 0: -log undefined",
+        "nu_r < 0: -log undefined; nu_eps < 0: -log undefined; nu_a < 0: -log undefined",
         "zero chat decoder",
         "never fired",
-        "nu_eps: chat beta <= 0",
-        "nu_r: chat beta <= 0",
-        "nu_r: chat beta <= 0",
-        "nu_eps: chat beta <= 0",
+        "nu_eps: chat beta <= 0; nu_a: chat beta <= 0",
+        "nu_r: chat beta <= 0; nu_a: chat beta <= 0",
+        "nu_r: chat beta <= 0; nu_a: chat beta <= 0",
+        "nu_eps: chat beta <= 0; nu_a: chat beta <= 0",
         "",
     ]
 
 
 def test_neg_log_nu() -> None:
     nu = torch.tensor([0.25, 1.0, 4.0, 0.0, -0.5, NAN])
-    scaling = LatentScaling(torch.arange(6), torch.ones(6, 2), torch.ones(6, 2), nu, nu.flip(0), [""] * 6)
+    scaling = ratios(nu.tolist(), nu.flip(0).tolist(), nu.tolist())
     expected = [math.log(4), 0.0, -math.log(4), INF, NAN, NAN]
     assert scaling.neg_log_nu_r.tolist() == pytest.approx(expected, abs=1e-6, nan_ok=True)
     assert scaling.neg_log_nu_eps.tolist() == pytest.approx(expected[::-1], abs=1e-6, nan_ok=True)
+    assert scaling.neg_log_nu_a.tolist() == pytest.approx(expected, abs=1e-6, nan_ok=True)
 
 
 def test_chat_specific_rule_boundaries_and_defaults() -> None:
     """Δ >= 0.9 (inclusive), nu_eps < 0.2 and nu_r < 0.5 (strict); the defaults are those of Minder et al."""
     assert ChatSpecificRule() == ChatSpecificRule(0.9, 0.2, 0.5)
-    scaling = LatentScaling(
-        latents=torch.tensor([0, 1, 2, 3, 4, 5]),
-        beta_r=torch.ones(6, 2),
-        beta_eps=torch.ones(6, 2),
-        nu_r=torch.tensor([0.1, 0.1, 0.5, 0.49, 0.1, 0.1]),
-        nu_eps=torch.tensor([0.1, 0.2, 0.1, 0.19, 0.3, 0.1]),
-        notes=[""] * 6,
-    )
+    scaling = ratios([0.1, 0.1, 0.5, 0.49, 0.1, 0.1], [0.1, 0.2, 0.1, 0.19, 0.3, 0.1])
     delta = torch.tensor([0.9, 0.95, 0.95, 0.95, 0.95, 0.89])
     assert scaling.chat_specific(delta, ChatSpecificRule()).tolist() == [True, False, False, True, False, False]
     loose = ChatSpecificRule(chat_only_min=0.85, nu_eps_max=0.35, nu_r_max=0.6)
@@ -215,3 +218,30 @@ def test_sample_latents_takes_all_when_few_and_a_seeded_sample_otherwise() -> No
     expected = torch.tensor(shared)[torch.randperm(8, generator=torch.Generator().manual_seed(7))[:5]].sort().values
     assert sample.tolist() == expected.tolist() and len(set(sample.tolist())) == 5
     assert sample_latents(taxonomy, "dead", 3, torch.Generator()).tolist() == []
+
+
+def test_reliability_filter_bounds_are_inclusive_and_apply_to_both_ratios() -> None:
+    """The reference keeps -0.1 <= nu_r <= 2 and -0.1 <= nu_eps <= 2 (nan dropped) before ranking chat-only latents."""
+    rule = ChatSpecificRule()
+    assert (rule.nu_min, rule.nu_max) == (-0.1, 2.0)
+    nu_r = [-0.1, 2.0, -0.1001, 2.0001, 0.1, 0.1, NAN, -1.2]
+    nu_eps = [0.1, 0.1, 0.1, 0.1, -6.6, 2.5, 0.1, 0.1]
+    scaling = ratios(nu_r, nu_eps)
+    assert scaling.in_range(rule).tolist() == [True, True, False, False, False, False, False, False]
+    wide = ChatSpecificRule(nu_min=-10.0, nu_max=10.0)
+    assert scaling.in_range(wide).tolist() == [True, True, True, True, True, True, False, True]
+    notes = scaling.filter_notes(rule)
+    assert notes[:2] == ["", ""] and notes[6] == ""  # nan: no extra note (its own note says why it is nan)
+    assert notes[3] == "nu_r=2 outside [-0.1, 2]: unreliable fit"
+    assert notes[4] == "nu_eps=-6.6 outside [-0.1, 2]: unreliable fit"
+    assert notes[7] == "nu_r=-1.2 outside [-0.1, 2]: unreliable fit"
+
+
+def test_negative_nu_outside_the_filter_is_not_chat_specific() -> None:
+    """nu_r = -1.2 or nu_eps = -6.6 passes "nu < threshold" but is an unreliable fit, not a very chat-specific latent;
+    a small negative nu inside the filter (noise around 0) still counts."""
+    scaling = ratios([-1.2, 0.1, -0.05, 0.1], [0.1, -6.6, -0.05, 0.1])
+    delta = torch.full((4,), 0.95)
+    assert scaling.chat_specific(delta, ChatSpecificRule()).tolist() == [False, False, True, True]
+    unfiltered = ChatSpecificRule(nu_min=-math.inf, nu_max=math.inf)
+    assert scaling.chat_specific(delta, unfiltered).tolist() == [True, True, True, True]

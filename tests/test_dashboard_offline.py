@@ -23,6 +23,7 @@ from crosscoder_pl.dashboard.offline import (
     PAGE_FILES,
     TINY_DASHBOARD_DB,
     DashboardSettings,
+    latent_table,
     read_data_file,
     resolve_settings,
     write_dashboard,
@@ -120,6 +121,7 @@ def test_layout_and_table(built: SimpleNamespace) -> None:
     assert values["class"][first] == "chat_only" and values["neg_log_nu_eps"][first] == 5.0
     assert values["chat_specific"][first] is True and values["neg_log_nu_eps"][built.chat_only_order[2]] is None
     assert values["pearson"] == [None] * N_LATENTS  # no causal_validation.csv in this artifact
+    assert values["twin_latent"] == [None] * N_LATENTS  # an older latents.csv without the diagnostics columns
     frequency = built.result.frequency()
     assert values["frequency_chat"][first] == pytest.approx(float(frequency[1, first]), rel=1e-4)
 
@@ -216,3 +218,22 @@ def test_tiny_run_artifact_has_its_dashboard(tiny_run: Path) -> None:
     assert len(table["values"]["latent"]) == CrossCoder.from_pretrained(tiny_run).n_latents
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["dashboard"]["n_examples"] > 0
+
+
+def test_table_reads_the_diagnostics_columns(built: SimpleNamespace, tmp_path: Path) -> None:
+    """latents.csv's scaling-filter and sparsity-artifact columns reach the table typed: numbers, ints, yes/no."""
+    header = ["latent", "delta_norm", "nu_a", "neg_log_nu_a", "class", "chat_specific", "nu_in_range",
+              "shrinkage_suspect", "decoupling_suspect", "twin_latent", "twin_cosine", "twin_cofiring", "template_share"]
+    with (tmp_path / "latents.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for j in range(N_LATENTS):
+            twin = 1 if j == 0 else ""
+            writer.writerow([j, 0.95, 0.25 if j == 0 else "", "", "chat_only", False, j == 0, j == 0, False, twin,
+                             0.97 if j == 0 else "", 0.5 if j == 0 else "", 0.75 if j == 0 else "nan"])
+    values = latent_table(built.cc, built.result, tmp_path)["values"]
+    assert values["twin_latent"][:2] == [1, None] and isinstance(values["twin_latent"][0], int)
+    assert values["nu_a"][:2] == [0.25, None] and values["twin_cosine"][0] == 0.97 and values["twin_cofiring"][0] == 0.5
+    assert values["template_share"][:2] == [0.75, None]  # nan -> null
+    assert values["nu_in_range"][:2] == [True, False] and values["shrinkage_suspect"][0] is True
+    assert values["decoupling_suspect"][0] is False

@@ -41,8 +41,8 @@ def write_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: s
 
 
 def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: str) -> str:
-    """The model card markdown: front matter, recipe, validation, outlier tokens, taxonomy, scaling, causal,
-    splice, base→chat patching, citations."""
+    """The model card markdown: front matter, recipe, validation, outlier tokens, taxonomy, scaling, sparsity-artifact
+    diagnostics, causal, splice, base→chat patching, citations."""
     art = metrics["artifact"]
     sparsity = art.get("sparsity", "batchtopk")  # artifacts of earlier versions are BatchTopK
     sections = [
@@ -63,6 +63,8 @@ def render_card(metrics: Mapping[str, Any], recipe: Mapping[str, Any], command: 
         sections.append(_scaling(metrics["scaling"]))
     if "chat_specific_latents" in metrics:
         sections.append(_chat_specific(metrics["chat_specific_latents"]))
+    if "diagnostics" in metrics:
+        sections.append(_diagnostics(metrics["diagnostics"]))
     if "causal" in metrics:
         sections.append(_causal(metrics["causal"]))
     if "splice" in metrics:
@@ -170,17 +172,19 @@ def _taxonomy(t: Mapping[str, Any]) -> str:
 def _scaling(s: Mapping[str, Any]) -> str:
     rows = "".join(
         f"| {name} | {g['n_tested']} | {_num(g['median_nu_r'])} | {_num(g['median_nu_eps'])} | "
-        f"{_num(g['median_neg_log_nu_eps'])} | {g['n_nu_undefined']} |\n"
+        f"{_num(g['median_neg_log_nu_eps'])} | {g['n_nu_undefined']} | {g.get('n_outside_filter', 'n/a')} |\n"
         for name, g in s["groups"].items()
     )
     rule = s["rule"]
     return (
         "## Latent scaling (base uselessness)\n\n"
-        "| latents | tested | median ν_r | median ν_ε | median −log ν_ε | ν undefined |\n"
-        f"|---|---|---|---|---|---|\n{rows}\n"
+        "| latents | tested | median ν_r | median ν_ε | median −log ν_ε | ν undefined | ν outside filter |\n"
+        f"|---|---|---|---|---|---|---|\n{rows}\n"
         f"{s['n_chat_specific']} latents are truly chat-specific (Δ >= {rule['chat_only_min']}, "
-        f"ν_ε < {rule['nu_eps_max']}, ν_r < {rule['nu_r_max']}). Per latent, with the reason for every "
-        "undefined value: `latents.csv`."
+        f"ν_ε < {rule['nu_eps_max']}, ν_r < {rule['nu_r_max']}, both ν within the reliability filter "
+        f"[{rule['nu_min']:g}, {rule['nu_max']:g}] of Minder et al.'s code: outside it the fit is unreliable, "
+        "and a latent there is neither ranked nor called chat-specific). Per latent, with ν_a (activation "
+        "target) and the reason for every undefined or filtered value: `latents.csv`."
     )
 
 
@@ -218,6 +222,51 @@ def _cell(text: str) -> str:
     for ch in "*_<>[]":
         text = text.replace(ch, "\\" + ch)
     return text or "∅"
+
+
+def _diagnostics(d: Mapping[str, Any]) -> str:
+    """Sparsity-artifact diagnostics (Minder, Dumas et al. 2025): counts and shares, the reference's figure where
+    its code or data states it."""
+    rules = d["rules"]
+    lines = []
+    for key, title, ratio, meaning in (
+        ("complete_shrinkage", "Complete Shrinkage", "ν_ε", "the base error still holds the latent's direction"),
+        ("latent_decoupling", "Latent Decoupling (scaling)", "ν_r", "other latents rebuild it in the base model"),
+    ):
+        if key in d:
+            s = d[key]
+            low, high = s["shared_interval"]
+            lines.append(
+                f"- {title}: {s['n_inside']} of {s['n_chat_only']} chat-only latents ({_pct(s['share_inside'])}) have "
+                f"{ratio} inside the shared latents' central {rules['interval']:.0%} [{_num(low, 3)}, {_num(high, 3)}] "
+                f"({meaning}); median {ratio} chat-only {_num(s['median_chat_only'], 3)}, shared "
+                f"{_num(s['median_shared'], 3)}."
+            )
+    t = d["twins"]
+    lines.append(
+        f"- Twins: {t['n_pairs']} chat-only latents have a base-only latent whose base decoder points along their "
+        f"chat decoder (cosine > {rules['min_cosine']}; {t['n_base_only_with_twin']} of {t['n_base_only']} base-only "
+        f"latents have one); median co-firing (tokens where both fire / where either fires) "
+        f"{_num(t['median_cofiring'], 3)}, median twin activation divergence {_num(t['median_divergence'], 3)}. "
+        "Reference point: the L1 crosscoder of Minder, Dumas et al. has 109 twin pairs (data/twins.json of their code)."
+    )
+    if "template" in d:
+        tpl = d["template"]
+        parts = [f"{name.replace('_', ' ')} {g['n_mainly_template']} of {g['n_fired']} ({_pct(g['share_mainly_template'])})"
+                 for name, g in tpl.items() if isinstance(g, Mapping)]
+        lines.append(
+            f"- Template tokens ({tpl['n_template_tokens']:,} of {tpl['n_chat_tokens']:,} held-out chat tokens): "
+            f"latents firing mainly (> {rules['template_majority']:.0%} of their chat-token firings) on chat-template "
+            f"tokens: {'; '.join(parts)}."
+        )
+    else:
+        lines.append("- Template share: not computed (no token ids or chat-template markers for the held-out tokens).")
+    return (
+        "## Sparsity-artifact diagnostics\n\n"
+        "Checks for chat-only latents that are artifacts of the sparsity penalty rather than chat-specific concepts "
+        "(Minder, Dumas et al. 2025; method: docs/method.md). Per latent (suspect flags, twin, co-firing, template "
+        "share): `latents.csv`.\n\n" + "\n".join(lines)
+    )
 
 
 def _causal(c: Mapping[str, Any]) -> str:

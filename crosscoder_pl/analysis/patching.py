@@ -317,12 +317,14 @@ def run_patching(
     taxonomy: Taxonomy,
     scaling: LatentScaling | None,
     cfg: PatchingSettings,
+    nu_range: tuple[float, float],
     memory_budget_mb: float | None,
     out: Path,
 ) -> dict[str, Any]:
     """The report's sets (`patch_sets`) patched on ``inputs`` (`patching_inputs`); writes `CSV` and `FIGURE` into
-    ``out`` and returns the metrics.json entry."""
-    sets, selection = patch_sets(taxonomy, scaling, cfg.nu_min, cfg.nu_max)
+    ``out`` and returns the metrics.json entry. ``nu_range``: latent scaling's reliability filter (``analysis.scaling``
+    ``nu_min``, ``nu_max``), the pool of the ranked halves."""
+    sets, selection = patch_sets(taxonomy, scaling, *nu_range)
     result = base_to_chat_patching(crosscoder, pair, *inputs, sets, cfg.first_reply_tokens, memory_budget_mb)
     write_csv(result, out / CSV)
     plot_patching(result, out / FIGURE)

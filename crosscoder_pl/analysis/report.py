@@ -2,7 +2,8 @@
 
 ``settings`` is the typed ``conf/analysis`` group (`crosscoder_pl.config.AnalysisConfig`), checked once by whoever
 read it. Files written into ``out_dir`` (the artifact directory): ``taxonomy.json``, ``latents.csv``,
-``delta_norm_histogram.png`` (taxonomy); ``causal_validation.csv``, ``cosine_vs_causal.png`` (causal); what the
+``delta_norm_histogram.png`` (taxonomy; ``latents.csv`` also holds the scaling and diagnostics columns);
+``causal_validation.csv``, ``cosine_vs_causal.png`` (causal); what the
 caller's further steps write (the artifact writer's: ``dashboard/``, `crosscoder_pl.artifact.writer.run_analyses`);
 ``metrics.json`` and ``README.md`` always. Weights and ``config.json`` are written by whoever saves the crosscoder.
 """
@@ -28,6 +29,13 @@ from crosscoder_pl.analysis.causal import (
     plot_cosine_vs_causal,
     write_csv,
 )
+from crosscoder_pl.analysis.diagnostics import COLUMNS as DIAGNOSTIC_COLUMNS
+from crosscoder_pl.analysis.diagnostics import (
+    DiagnosticRules,
+    Diagnostics,
+    heldout_template_mask,
+    sparsity_diagnostics,
+)
 from crosscoder_pl.analysis.patching import ChatSource, patching_inputs, run_patching
 from crosscoder_pl.analysis.probes import content_mask
 from crosscoder_pl.analysis.scaling import (
@@ -50,10 +58,12 @@ from crosscoder_pl.analysis.top_tokens import latent_activations, top_tokens
 from crosscoder_pl.config import (
     AnalysisConfig,
     CausalSettings,
+    DiagnosticsSettings,
     PatchingSettings,
     ScalingSettings,
 )
 from crosscoder_pl.crosscoder import CrossCoder
+from crosscoder_pl.data.activations import token_table
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +74,15 @@ LATENT_COLUMNS = (
     "firing_frequency",
     "nu_r",
     "nu_eps",
+    "nu_a",
     "neg_log_nu_r",
     "neg_log_nu_eps",
+    "neg_log_nu_a",
     "class",
     "chat_specific",
+    "nu_in_range",
     "scaling_note",
+    *DIAGNOSTIC_COLUMNS,
 )
 HISTOGRAM = "delta_norm_histogram.png"
 # A further step of `write_analyses`: the folded eval-mode crosscoder -> its metrics.json entry
@@ -131,12 +145,17 @@ def write_analyses(
         metrics["taxonomy"] = {"counts": taxonomy.counts(), "thresholds": asdict(thresholds)}
 
         cfg = settings.scaling
-        rule = ChatSpecificRule(thresholds.chat_only_min, cfg.nu_eps_max, cfg.nu_r_max)
+        rule = ChatSpecificRule(thresholds.chat_only_min, cfg.nu_eps_max, cfg.nu_r_max, cfg.nu_min, cfg.nu_max)
         scaling = None
         if cfg.enabled:
             with _timed("scaling", timings):
                 scaling, metrics["scaling"] = _scaling(cc, activations, taxonomy, cfg, rule, chunk)
-        _write_latents(taxonomy, scaling, rule, out / "latents.csv")
+        diagnostics = None
+        if settings.diagnostics.enabled:
+            with _timed("diagnostics", timings):
+                diagnostics = _diagnostics(cc, pair, activations, taxonomy, scaling, rule, settings.diagnostics, chunk)
+            metrics["diagnostics"] = diagnostics.summary
+        _write_latents(taxonomy, scaling, rule, diagnostics, out / "latents.csv")
         if scaling is not None and cfg.top_latents > 0:
             with _timed("chat_specific_tokens", timings):
                 metrics["chat_specific_latents"] = _chat_specific_latents(
@@ -159,6 +178,7 @@ def write_analyses(
 
     if settings.patching.enabled:
         metrics["patching"] = _patching(cc, pair, chats, taxonomy, scaling, settings.patching,
+                                        (settings.scaling.nu_min, settings.scaling.nu_max),
                                         settings.memory_budget_mb, out, timings)
 
     for name, step in (steps or {}).items():
@@ -232,9 +252,13 @@ def _scaling(
             "n_tested": int(rows.sum()),
             "median_nu_r": nan_median(result.nu_r[rows]),
             "median_nu_eps": nan_median(result.nu_eps[rows]),
+            "median_nu_a": nan_median(result.nu_a[rows]),
             "median_neg_log_nu_r": nan_median(result.neg_log_nu_r[rows]),
             "median_neg_log_nu_eps": nan_median(result.neg_log_nu_eps[rows]),
             "n_nu_undefined": int((result.nu_r[rows].isnan() | result.nu_eps[rows].isnan()).sum()),
+            # defined but outside the reliability filter: neither ranked nor called chat-specific
+            "n_outside_filter": int((~result.in_range(rule)[rows] & ~result.nu_r[rows].isnan()
+                                     & ~result.nu_eps[rows].isnan()).sum()),
         }
     n_specific = int(result.chat_specific(taxonomy.delta_norm, rule).sum())
     return result, {"groups": summary, "n_chat_specific": n_specific, "rule": asdict(rule), "seed": cfg.seed}
@@ -251,8 +275,9 @@ def _chat_specific_latents(
     cfg: ScalingSettings,
 ) -> list[dict[str, Any]]:
     """The ``top_latents`` chat-only latents with the highest base uselessness (−log ν_ε, seed 002), each
-    with the tokens it fires on most in the probes. Latents whose ν_ε is undefined are left out."""
-    chat_only = taxonomy.delta_norm[scaling.latents] >= rule.chat_only_min
+    with the tokens it fires on most in the probes. Latents whose ν_ε is undefined, or whose ν_r or ν_ε is outside
+    the reliability filter (the reference ranks only ``-0.1 <= ν <= 2``), are left out."""
+    chat_only = (taxonomy.delta_norm[scaling.latents] >= rule.chat_only_min) & scaling.in_range(rule)
     score = scaling.neg_log_nu_eps
     ranked = [i for i in score.argsort(descending=True).tolist() if chat_only[i] and score[i].isfinite()]
     chosen = ranked[: cfg.top_latents]
@@ -277,36 +302,64 @@ def _chat_specific_latents(
     ]
 
 
-def _write_latents(taxonomy: Taxonomy, scaling: LatentScaling | None, rule: ChatSpecificRule, path: Path) -> Path:
-    """``latents.csv``: one row per latent; scaling columns are empty for latents it did not test."""
-    n = taxonomy.delta_norm.numel()
-    blank = [""] * n
-    nu_r, nu_eps, neg_r, neg_eps, specific, notes = (list(blank) for _ in range(6))
+def _diagnostics(
+    cc: CrossCoder,
+    pair: Any,
+    activations: torch.Tensor,
+    taxonomy: Taxonomy,
+    scaling: LatentScaling | None,
+    rule: ChatSpecificRule,
+    cfg: DiagnosticsSettings,
+    chunk: int,
+) -> Diagnostics:
+    """Sparsity-artifact diagnostics; the template share only when the held-out rows carry their token ids and
+    the tokenizer has the chat template's markers."""
+    tokens = token_table(activations)
+    template = None if tokens is None else heldout_template_mask(tokens, getattr(pair, "tokenizer", None))
+    if template is None:
+        log.warning("template share not computed: the held-out activations carry no token ids, or the tokenizer "
+                    "has no chat-template markers (crosscoder_pl.data.chat_positions)")
+    classes = {name: taxonomy.members(name) for name in ("chat_only", "base_only", "shared")}
+    extra = {}
     if scaling is not None:
-        flags = scaling.chat_specific(taxonomy.delta_norm, rule).tolist()
-        values = zip(
-            scaling.nu_r.tolist(),
-            scaling.nu_eps.tolist(),
-            scaling.neg_log_nu_r.tolist(),
-            scaling.neg_log_nu_eps.tolist(),
-            flags,
-            scaling.notes,
-        )
-        for j, row in zip(scaling.latents.tolist(), values):
-            nu_r[j], nu_eps[j], neg_r[j], neg_eps[j], specific[j], notes[j] = row
-    columns = (
-        range(n),
-        taxonomy.delta_norm.tolist(),
-        taxonomy.decoder_cosine.tolist(),
-        taxonomy.firing_frequency.tolist(),
-        nu_r,
-        nu_eps,
-        neg_r,
-        neg_eps,
-        taxonomy.class_names(),
-        specific,
-        notes,
-    )
+        extra["chat_only_in_filter"] = scaling.latents[(taxonomy.delta_norm[scaling.latents] >= rule.chat_only_min)
+                                                       & scaling.in_range(rule)]
+        extra["chat_specific"] = scaling.latents[scaling.chat_specific(taxonomy.delta_norm, rule)]
+    rules = DiagnosticRules(cfg.interval, cfg.twin_min_cosine, cfg.template_majority)
+    return sparsity_diagnostics(cc, activations, classes, scaling, rules, template, chunk, extra)
+
+
+def _write_latents(taxonomy: Taxonomy, scaling: LatentScaling | None, rule: ChatSpecificRule,
+                   diagnostics: Diagnostics | None, path: Path) -> Path:
+    """``latents.csv``: one row per latent; scaling and diagnostics columns are empty where not computed."""
+    n = taxonomy.delta_norm.numel()
+    scaled: dict[str, list[Any]] = {}
+    if scaling is not None:
+        per_latent = {
+            "nu_r": scaling.nu_r.tolist(),
+            "nu_eps": scaling.nu_eps.tolist(),
+            "nu_a": scaling.nu_a.tolist(),
+            "neg_log_nu_r": scaling.neg_log_nu_r.tolist(),
+            "neg_log_nu_eps": scaling.neg_log_nu_eps.tolist(),
+            "neg_log_nu_a": scaling.neg_log_nu_a.tolist(),
+            "chat_specific": scaling.chat_specific(taxonomy.delta_norm, rule).tolist(),
+            "nu_in_range": scaling.in_range(rule).tolist(),
+            "scaling_note": scaling.filter_notes(rule),
+        }
+        for key, values in per_latent.items():
+            scaled[key] = [""] * n
+            for j, value in zip(scaling.latents.tolist(), values):
+                scaled[key][j] = value
+    if diagnostics is not None:
+        scaled.update({key: ["" if v is None else v for v in values] for key, values in diagnostics.columns.items()})
+    fixed = {
+        "latent": range(n),
+        "delta_norm": taxonomy.delta_norm.tolist(),
+        "decoder_cosine": taxonomy.decoder_cosine.tolist(),
+        "firing_frequency": taxonomy.firing_frequency.tolist(),
+        "class": taxonomy.class_names(),
+    }
+    columns = [fixed.get(key) or scaled.get(key) or [""] * n for key in LATENT_COLUMNS]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(LATENT_COLUMNS)
@@ -344,6 +397,7 @@ def _patching(
     taxonomy: Taxonomy,
     scaling: LatentScaling | None,
     cfg: PatchingSettings,
+    nu_range: tuple[float, float],
     memory_budget_mb: float | None,
     out: Path,
     timings: dict[str, float],
@@ -357,4 +411,4 @@ def _patching(
     if scaling is None:
         log.info("base→chat patching: no latent scaling results, so no ν sets (enable analysis.scaling for them)")
     with _timed("patching", timings):
-        return run_patching(cc, pair, inputs, taxonomy, scaling, cfg, memory_budget_mb, out)
+        return run_patching(cc, pair, inputs, taxonomy, scaling, cfg, nu_range, memory_budget_mb, out)

@@ -69,9 +69,24 @@ COLUMNS = (
     ("nu_eps", "ν_ε", "latent scaling ratio, error target"),
     ("neg_log_nu_r", "−log ν_r", "base uselessness, reconstruction target"),
     ("neg_log_nu_eps", "−log ν_ε", "base uselessness (seed 002), error target"),
-    ("chat_specific", "chat-specific", "Δnorm ≥ 0.9, ν_ε and ν_r below their thresholds"),
+    ("chat_specific", "chat-specific", "Δnorm ≥ 0.9, ν_ε and ν_r below their thresholds, both within the filter"),
+    # Sparsity-artifact diagnostics (issue 23): latents.csv's columns of crosscoder_pl.analysis.diagnostics.
+    ("nu_a", "ν_a", "latent scaling ratio, activation target"),
+    ("neg_log_nu_a", "−log ν_a", "base uselessness, activation target"),
+    ("nu_in_range", "ν reliable", "ν_r and ν_ε within the reliability filter (−0.1 ≤ ν ≤ 2): ranked at all"),
+    ("shrinkage_suspect", "shrinkage?", "chat-only with ν_ε in the shared latents' range: Complete Shrinkage"),
+    ("decoupling_suspect", "decoupling?", "chat-only with ν_r in the shared latents' range: Latent Decoupling"),
+    ("twin_latent", "twin", "base-only (or chat-only) latent whose decoder points the same way (cos > 0.9)"),
+    ("twin_cosine", "twin cos", "cosine of the twins' decoders (chat of the chat-only, base of the base-only)"),
+    ("twin_cofiring", "twin co-firing", "tokens where both twins fire / where either fires"),
+    ("template_share", "template", "share of its firings on chat tokens that are chat-template tokens"),
     ("pearson", "causal r", "Pearson of the per-probe KL shifts of its ablation, base vs chat"),
 )
+
+# latents.csv's numeric columns and its True/False columns, as the table reads them.
+NUMBER_COLUMNS = ("delta_norm", "decoder_cosine", "firing_frequency", "nu_r", "nu_eps", "nu_a", "neg_log_nu_r",
+                  "neg_log_nu_eps", "neg_log_nu_a", "twin_cosine", "twin_cofiring", "template_share")
+FLAG_COLUMNS = ("chat_specific", "nu_in_range", "shrinkage_suspect", "decoupling_suspect")
 
 
 def resolve_settings(given: DashboardSettings | None, artifact_dir: str | Path) -> DashboardSettings:
@@ -302,18 +317,19 @@ def latent_table(crosscoder: CrossCoder, result: LatentExamples, artifact: Path)
     if latents_csv.is_file():
         for row in _csv_rows(latents_csv):
             j = int(row["latent"])
-            for key in ("delta_norm", "decoder_cosine", "firing_frequency", "nu_r", "nu_eps", "neg_log_nu_r",
-                        "neg_log_nu_eps"):
+            for key in (*NUMBER_COLUMNS, "twin_latent"):
                 if key in row:
                     values[key][j] = _number(row[key])
             values["class"][j] = row.get("class") or None
-            values["chat_specific"][j] = {"True": True, "False": False}.get(row.get("chat_specific", ""))
+            for key in FLAG_COLUMNS:
+                values[key][j] = {"True": True, "False": False}.get(row.get(key, ""))
+            if values["twin_latent"][j] is not None:
+                values["twin_latent"][j] = int(values["twin_latent"][j])
     causal_csv = artifact / "causal_validation.csv"
     if causal_csv.is_file():
         for row in _csv_rows(causal_csv):
             values["pearson"][int(row["latent"])] = _number(row.get("pearson", ""))
-    for key in ("delta_norm", "decoder_cosine", "firing_frequency", "frequency_web", "frequency_chat",
-                "max_activation", "nu_r", "nu_eps", "neg_log_nu_r", "neg_log_nu_eps", "pearson"):
+    for key in ("frequency_web", "frequency_chat", "max_activation", *NUMBER_COLUMNS, "pearson"):
         values[key] = [None if v is None else float(f"{v:.5g}") if math.isfinite(v) else None for v in values[key]]
     columns = [{"key": key, "label": label, "help": text} for key, label, text in COLUMNS]
     return {"columns": columns, "values": values}
