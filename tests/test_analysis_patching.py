@@ -184,8 +184,8 @@ def test_gap_closed_on_known_values() -> None:
 
 def scaled(nu_r: list[float], nu_eps: list[float], latents: list[int]) -> LatentScaling:
     n = len(latents)
-    return LatentScaling(torch.tensor(latents), torch.ones(n, 2), torch.ones(n, 2), torch.tensor(nu_r),
-                         torch.tensor(nu_eps), [""] * n)
+    return LatentScaling(torch.tensor(latents), torch.ones(n, 2), torch.ones(n, 2), torch.ones(n, 2),
+                         torch.tensor(nu_r), torch.tensor(nu_eps), torch.ones(n), [""] * n)
 
 
 def taxonomy(delta: list[float], classes: list[int]) -> Taxonomy:
