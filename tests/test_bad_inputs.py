@@ -254,7 +254,7 @@ ERRORS: list[tuple[str, Callable[[Path], Action], type[BaseException], str]] = [
     ("artifact missing", lambda tmp: lambda: CrossCoder.from_pretrained(tmp / "absent"), FileNotFoundError, "no crosscoder at"),
     ("artifact being written", artifact(lambda out: (out / "INCOMPLETE").write_text("x")), Exception, "INCOMPLETE|incomplete|partial"),
     ("artifact of another architecture", artifact(lambda out: (out / "config.json").write_text(
-        json.dumps(json.loads((out / "config.json").read_text()) | {"architecture": "Other"}))), ValueError, "architecture 'Other' is not BatchTopKCrossCoder"),
+        json.dumps(json.loads((out / "config.json").read_text()) | {"architecture": "Other"}))), ValueError, "architecture 'Other' is not one of \\['BatchTopKCrossCoder', 'L1CrossCoder'\\]"),
 ]
 
 

@@ -258,7 +258,7 @@ def test_the_card_and_metrics_state_the_counts(tmp_path: Path) -> None:
     heldout = counts.summary(3.0, False, "each group of 4 texts read together")
     training = OutlierCounts(tokens=123_456, base=0, chat=789, either=789).summary(3.0, True, "each group of 32 texts")
     cfg = settings()
-    for group in ("taxonomy", "scaling", "causal", "splice", "diagnostics"):
+    for group in ("taxonomy", "scaling", "causal", "splice", "diagnostics", "patching"):
         cfg[group]["enabled"] = False
     cc = crosscoder(paired)
     cc.metadata["outliers"] = {"training": training, "heldout": {"stale": True}}  # recorded at the end of training
