@@ -7,8 +7,11 @@
     python -m bench.paper_comparison --reanalyse             # re-run the analyses of the kept runs (a newer
                                                              # analysis, or new analysis settings after --)
     python -m bench.paper_comparison --threads 1 -- trainer.max_steps=500   # overrides after --, to every run
+    python -m bench.paper_comparison --pair real --l1-coefs 8 16   # Gemma-3-270M vs its chat tune (bench.real_pair_diff's
+                                                             # pair and recipe, from an activation cache written here)
 
-Each run is ``python train.py`` (the embedded demo's recipe; ``crosscoder=embedded_l1 crosscoder.l1_coef=λ`` for L1)
+Each run is ``python train.py`` (the embedded demo's recipe; ``crosscoder=embedded_l1 crosscoder.l1_coef=λ`` for L1;
+with ``--pair real``, `bench.real_pair_diff`'s crosscoder from a cache of that pair, its held-out chats included)
 into ``OUT/<name>``, reused when its artifact is complete (delete it or pass --fresh to train again). Then
 ``python analyze.py artifact=OUT/batchtopk/artifact compare=OUT/l1_<λ>/artifact`` writes ``OUT/comparison``.
 Prints the L0 of every λ, the comparison table, and the paper's Gemma-2-2B figures for reference.
@@ -26,7 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = Path(os.environ.get("CROSSCODER_PL_CACHE", Path.home() / ".cache" / "crosscoder_pl")) / "paper_comparison"
+CACHE = Path(os.environ.get("CROSSCODER_PL_CACHE", Path.home() / ".cache" / "crosscoder_pl"))
+# The L1 crosscoder's keys over a BatchTopK recipe (the typed config refuses BatchTopK's keys left on with l1).
+L1_KEYS = ["crosscoder.sparsity=l1", "crosscoder.k=null", "crosscoder.k_start=null", "crosscoder.k_anneal_steps=0",
+           "crosscoder.aux_coef=0", "crosscoder.k_aux=null", "crosscoder.step_impl=dense"]
 # Minder et al. 2025 on Gemma-2-2B vs -it, layer 13, as quoted in issue 23 (not re-read from the paper here).
 PAPER = (
     ("chat-only latents", "3,176", "134"),
@@ -55,10 +61,27 @@ def train(name: str, out: Path, overrides: list[str], fresh: bool, reanalyse: bo
 
 
 def _run(command: list[str], what: str) -> str:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    # Offline (the hub is not needed: every model is local or built here); OMP_NUM_THREADS follows the caller's.
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if result.returncode != 0:
         raise SystemExit(f"{what} failed ({result.returncode}): {' '.join(command[1:])}\n{result.stderr[-3000:]}")
     return result.stdout
+
+
+def real_pair_recipe(cache: Path) -> list[str]:
+    """`bench.real_pair_diff`'s crosscoder recipe on Gemma-3-270M vs its chat tune, from an activation cache at
+    ``cache`` (written here when absent: the same tokens and probes, with the held-out chats the patching needs)."""
+    from bench.real_pair_diff import PAIR, build_pair
+
+    build_pair()
+    if not (cache / "meta.json").is_file():
+        start = time.perf_counter()
+        _run([sys.executable, "cache_activations.py", "data=own_pair", PAIR, "data.n_probes=16", "data.probe_len=32",
+              "n_tokens=327680", f"out={cache}", f"hydra.run.dir={cache.parent / 'cache_log'}"],
+             "activation cache")
+        print(f"cache: written in {time.perf_counter() - start:.0f} s", flush=True)
+    return ["+experiment=own_pair", PAIR, "data=cached", f"data.path={cache}", "trainer.max_steps=1200",
+            "trainer.val_check_interval=1200", "trainer.log_every_n_steps=50"]
 
 
 def l0(artifact: Path) -> float:
@@ -68,15 +91,21 @@ def l0(artifact: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--l1-coefs", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--pair", choices=("embedded", "real"), default="embedded")
+    parser.add_argument("--out", type=Path, default=None, help="default: ~/.cache/crosscoder_pl/paper_comparison[_real]")
     parser.add_argument("--threads", type=int, default=None, help="threads= of every run (default: the config's)")
     parser.add_argument("--fresh", action="store_true", help="train again even where an artifact exists")
     parser.add_argument("--reanalyse", action="store_true", help="re-run the analyses of runs that are reused")
     parser.add_argument("overrides", nargs="*", help="after --: overrides for every train.py run")
     args = parser.parse_args()
+    args.out = args.out or CACHE / ("paper_comparison" if args.pair == "embedded" else "paper_comparison_real")
     common = [*args.overrides, *([f"threads={args.threads}"] if args.threads else [])]
-    topk = train("batchtopk", args.out, common, args.fresh, args.reanalyse)
-    l1 = {coef: train(f"l1_{coef:g}", args.out, ["crosscoder=embedded_l1", f"crosscoder.l1_coef={coef}", *common],
+    recipe, l1_recipe = [], ["crosscoder=embedded_l1"]
+    if args.pair == "real":
+        recipe = real_pair_recipe(args.out / "cache")
+        l1_recipe = [*recipe, *L1_KEYS]
+    topk = train("batchtopk", args.out, [*recipe, *common], args.fresh, args.reanalyse)
+    l1 = {coef: train(f"l1_{coef:g}", args.out, [*l1_recipe, f"crosscoder.l1_coef={coef}", *common],
                       args.fresh, args.reanalyse) for coef in args.l1_coefs}
     target = l0(topk)
     print(f"\nheld-out L0: BatchTopK {target:.1f}; " + ", ".join(f"L1 λ={c:g}: {l0(a):.1f}" for c, a in l1.items()))

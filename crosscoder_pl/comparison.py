@@ -4,7 +4,7 @@
 Reads each artifact's ``metrics.json`` and ``latents.csv`` (nothing is recomputed: re-analyse an artifact first
 if it predates an analysis) and writes into the output directory ``comparison.md`` (one table: validation,
 taxonomy counts, latent scaling, the sparsity-artifact diagnostics, the base→chat patching), ``comparison.json``
-(the same rows) and ``comparison_nu.png`` (ν_r and ν_ε of the chat-only and shared latents, one column per
+(the same rows, and every number of both artifacts' diagnostics and patching) and ``comparison_nu.png`` (ν_r and ν_ε of the chat-only and shared latents, one column per
 artifact). Both artifacts must describe the same pair and layer: a comparison across pairs is refused.
 """
 
@@ -21,8 +21,6 @@ from typing import Any
 from crosscoder_pl.headline import headline_figures, is_number
 
 FILES = ("comparison.md", "comparison.json", "comparison_nu.png")
-# The blocks of metrics.json whose numbers are compared leaf by leaf (their layout is their analysis's own).
-BLOCKS = ("diagnostics", "patching")
 # (row title, headline figure), in the table's order.
 HEADLINE_ROWS = (
     ("variance explained, base", "ve_base"), ("variance explained, chat", "ve_chat"), ("L0 (held-out)", "l0"),
@@ -30,6 +28,19 @@ HEADLINE_ROWS = (
     ("chat-only latents", "chat_only"), ("dead latents", "dead"), ("truly chat-specific latents", "chat_specific"),
     ("median causal Pearson (shared)", "median_causal_pearson"),
 )
+# (row title, path in metrics.json): the sparsity-artifact diagnostics (crosscoder_pl.analysis.diagnostics).
+DIAGNOSTIC_ROWS = (
+    ("chat-only latents tested by latent scaling", "diagnostics.complete_shrinkage.n_chat_only"),
+    ("Complete Shrinkage: share with ν_ε inside the shared 95%", "diagnostics.complete_shrinkage.share_inside"),
+    ("Latent Decoupling: share with ν_r inside the shared 95%", "diagnostics.latent_decoupling.share_inside"),
+    ("twin pairs (chat-only/base-only, decoder cosine > 0.9)", "diagnostics.twins.n_pairs"),
+    ("twins: median co-firing (both / either)", "diagnostics.twins.median_cofiring"),
+    ("chat-only latents firing mainly on template tokens", "diagnostics.template.chat_only.share_mainly_template"),
+    ("patching: chat-only latents in the ν filter (the halves' pool)", "patching.selection.n_pool"),
+)
+# The base→chat patching sets (crosscoder_pl.analysis.patching) and position classes, in the table's order.
+PATCH_SETS = ("none", "error", "all_latents", "chat_only", "delta_top", "delta_bottom", "nu_top", "nu_bottom")
+PATCH_CLASSES = ("reply", "first_reply", "template")
 NU_CLASSES = ("chat_only", "shared")
 
 
@@ -72,7 +83,8 @@ def compare_artifacts(first: Path, second: Path, out_dir: Path) -> dict[str, Any
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"artifacts": [str(Path(first).resolve()), str(Path(second).resolve())], "names": [a.name, b.name],
-              "rows": rows}
+              "rows": rows, "all": [{block: m.get(block) for block in ("diagnostics", "patching")}
+                                    for m in (a.metrics, b.metrics)]}
     (out_dir / "comparison.json").write_text(json.dumps(_plain(result), indent=2) + "\n")
     (out_dir / "comparison.md").write_text(render_table(a.name, b.name, rows, a.metrics))
     plot_nu(a, b, out_dir / "comparison_nu.png")
@@ -80,14 +92,20 @@ def compare_artifacts(first: Path, second: Path, out_dir: Path) -> dict[str, Any
 
 
 def comparison_rows(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The table's rows: the headline figures, then every number of the `BLOCKS` either artifact holds."""
-    heads = [headline_figures(m) for m in (first, second)]
-    rows = [{"title": "sparsity", "values": [m.get("artifact", {}).get("sparsity", "batchtopk") for m in (first, second)]}]
+    """The table's rows (each ``title`` and one value per artifact, None where it lacks the figure): the headline
+    figures, the sparsity-artifact diagnostics and, per patching set and position class, KL(chat ‖ patched) and the
+    share of the base–chat gap it closes (``{"kl": ..., "gap_closed": ...}``)."""
+    both = (first, second)
+    heads = [headline_figures(m) for m in both]
+    rows = [{"title": "sparsity", "values": [m.get("artifact", {}).get("sparsity", "batchtopk") for m in both]}]
     rows += [{"title": title, "values": [h[key] for h in heads]} for title, key in HEADLINE_ROWS]
-    for block in BLOCKS:
-        leaves = [dict(_leaves(m.get(block, {}), block)) for m in (first, second)]
-        for key in dict.fromkeys([*leaves[0], *leaves[1]]):
-            rows.append({"title": key, "values": [leaf.get(key) for leaf in leaves]})
+    rows += [{"title": title, "values": [_at(m, path) for m in both]} for title, path in DIAGNOSTIC_ROWS]
+    for name in PATCH_SETS:
+        for where in PATCH_CLASSES:
+            values = [_patch_cell(m, name, where) for m in both]
+            if any(v is not None for v in values):
+                rows.append({"title": f"patching {name}: KL on {where.replace('_', ' ')} tokens (gap closed)",
+                             "values": values})
     return rows
 
 
@@ -97,6 +115,9 @@ def render_table(first: str, second: str, rows: Sequence[Mapping[str, Any]], met
             "\n\n")
     lines = [f"| | {first} | {second} |", "|---|---|---|"]
     lines += [f"| {row['title']} | " + " | ".join(_cell(v) for v in row["values"]) + " |" for row in rows]
+    lines.append("")
+    lines.append("Every number of each artifact's diagnostics and patching: comparison.json (\"all\"); the sets and "
+                 "position classes: docs/method.md \"Base→chat latent patching\".")
     return head + "\n".join(lines) + "\n"
 
 
@@ -137,11 +158,21 @@ def _label(directory: Path, metrics: Mapping[str, Any]) -> str:
     return {"batchtopk": "BatchTopK", "l1": "L1"}.get(sparsity, sparsity)
 
 
-def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
-    """``(dotted key, value)`` of every number (or None) under ``node``; lists of numbers are skipped."""
-    if isinstance(node, Mapping):
-        return [leaf for key, value in node.items() for leaf in _leaves(value, f"{prefix}.{key}")]
-    return [(prefix, node)] if is_number(node) or node is None else []
+def _at(metrics: Mapping[str, Any], path: str) -> Any:
+    """The value at dotted ``path`` of ``metrics`` (None where absent)."""
+    node: Any = metrics
+    for key in path.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _patch_cell(metrics: Mapping[str, Any], name: str, where: str) -> dict[str, float] | None:
+    entry = _at(metrics, f"patching.sets.{name}")
+    if not isinstance(entry, Mapping):
+        return None
+    return {"kl": entry.get("kl", {}).get(where), "gap_closed": entry.get("gap_closed", {}).get(where)}
 
 
 def _float(text: str | None) -> float:
@@ -152,6 +183,9 @@ def _float(text: str | None) -> float:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, Mapping):  # a patching cell
+        kl, closed = value.get("kl"), value.get("gap_closed")
+        return _cell(kl) + ("" if closed is None else f" ({100 * closed:.0f}%)")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, bool) or not is_number(value):

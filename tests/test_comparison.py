@@ -34,11 +34,14 @@ def _artifact(directory: Path, sparsity: str, chat_only: int, l0: float, nu: dic
     return directory
 
 
-def test_the_table_holds_each_artifacts_figures_and_block_numbers(tmp_path: Path) -> None:
+def test_the_table_holds_each_artifacts_figures_diagnostics_and_patching(tmp_path: Path) -> None:
+    patching = {"sets": {"none": {"kl": {"reply": 0.3}, "gap_closed": {"reply": 0.0}},
+                         "delta_top": {"kl": {"reply": 0.2}, "gap_closed": {"reply": 1 / 3}}},
+                "selection": {"n_pool": 4}}
     topk = _artifact(tmp_path / "topk", "batchtopk", 5, 32.0, {"chat_only": [0.1, 0.2], "shared": [0.9, 1.1, -3.0]},
-                     {"diagnostics": {"complete_shrinkage": {"share": 0.0}}, "patching": {"reply": {"none": 0.3}}})
+                     {"diagnostics": {"complete_shrinkage": {"share_inside": 0.0}}, "patching": patching})
     l1 = _artifact(tmp_path / "l1", "l1", 50, 30.5, {"chat_only": [0.95], "shared": [1.0]},
-                   {"diagnostics": {"complete_shrinkage": {"share": 0.4}, "twins": {"count": 7}}})
+                   {"diagnostics": {"complete_shrinkage": {"share_inside": 0.4}, "twins": {"n_pairs": 7}}})
     out = tmp_path / "out"
     result = compare_artifacts(topk, l1, out)
     assert {p.name for p in out.iterdir()} == set(FILES)
@@ -46,12 +49,17 @@ def test_the_table_holds_each_artifacts_figures_and_block_numbers(tmp_path: Path
     assert result["names"] == ["BatchTopK", "L1"]
     assert rows["sparsity"] == ["batchtopk", "l1"]
     assert rows["chat-only latents"] == [5, 50] and rows["L0 (held-out)"] == [32.0, 30.5]
-    assert rows["diagnostics.complete_shrinkage.share"] == [0.0, 0.4]
-    assert rows["diagnostics.twins.count"] == [None, 7]  # absent in one artifact: an empty cell, not a zero
-    assert rows["patching.reply.none"] == [0.3, None]
+    assert rows["Complete Shrinkage: share with ν_ε inside the shared 95%"] == [0.0, 0.4]
+    # absent in one artifact: an empty cell, not a zero
+    assert rows["twin pairs (chat-only/base-only, decoder cosine > 0.9)"] == [None, 7]
+    assert rows["patching delta_top: KL on reply tokens (gap closed)"] == [{"kl": 0.2, "gap_closed": 1 / 3}, None]
+    assert not any(title.startswith("patching nu_top") for title in rows)  # a set neither artifact has: no row
     table = (out / "comparison.md").read_text()
-    assert "| chat-only latents | 5 | 50 |" in table and "| diagnostics.twins.count | — | 7 |" in table
-    assert json.loads((out / "comparison.json").read_text())["rows"] == result["rows"]
+    assert "| chat-only latents | 5 | 50 |" in table
+    assert "| twin pairs (chat-only/base-only, decoder cosine > 0.9) | — | 7 |" in table
+    assert "| patching delta_top: KL on reply tokens (gap closed) | 0.2 (33%) | — |" in table
+    written = json.loads((out / "comparison.json").read_text())
+    assert written["rows"] == result["rows"] and written["all"][1]["diagnostics"]["twins"] == {"n_pairs": 7}
 
 
 def test_two_artifacts_of_different_pairs_are_refused(tmp_path: Path) -> None:
