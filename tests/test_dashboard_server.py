@@ -148,3 +148,27 @@ def test_serves_only_the_dashboard_files(online: SimpleNamespace, tiny_run: Path
     for path in ("/max_activation_examples.db", "/../config.json", "/%2e%2e/model.safetensors", "/..%2fREADME.md",
                  "/data/../../model.safetensors", "//etc/passwd", "/data/missing.js"):
         assert client.get(path).status_code == 404, path
+
+
+def test_an_l1_crosscoder_is_served_with_its_relu_codes(online: SimpleNamespace, tiny_run: Path) -> None:
+    """The online app takes an L1 crosscoder (no threshold: every positive code, token by token)."""
+    import copy
+
+    l1 = copy.deepcopy(online.cc)
+    l1.sparsity, l1.k = "l1", None
+    l1.threshold.fill_(-1.0)  # an L1 crosscoder is never calibrated, and needs no calibration
+    client = TestClient(create_app(OnlineSession(l1, online.pair, LIMITS), tiny_run / "dashboard"))
+    ids = online.pair.tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        models = (online.pair.base, online.pair.chat)
+        residual = torch.stack([residual_at(m, online.pair.layer, input_ids=ids) for m in models], dim=2)[0]
+        codes = torch.relu(l1.pre_acts(residual))  # the L1 codes written out: no selection
+    codes[0] = 0
+    chosen = codes[1:].max(0).values.topk(3).indices.tolist()
+    body = client.post("/api/encode", json={"text": TEXT, "latents": chosen}).json()
+    assert body["top_latents"][0] == []
+    for position, top in enumerate(body["top_latents"][1:], start=1):
+        values, where = codes[position].topk(5)
+        assert [j for j, _ in top] == [j for j, v in zip(where.tolist(), values.tolist()) if v > 0]
+    for j in chosen:
+        torch.testing.assert_close(torch.tensor(body["latents"][str(j)]), codes[:, j], rtol=1e-5, atol=1e-6)
