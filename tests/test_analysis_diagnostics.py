@@ -307,3 +307,19 @@ def test_no_twins_no_pass() -> None:
     assert none.jaccard.numel() == 0 and none.divergence.numel() == 0
     twins = find_twins(cc, torch.tensor([0]), torch.tensor([], dtype=torch.long), 0.9)
     assert twins.chat.numel() == 0 and twins.base_partner.numel() == 0
+
+
+def test_the_shared_range_leaves_out_shared_latents_outside_the_reliability_filter() -> None:
+    """An unreliable fit on one shared latent (nu_eps = -10) would stretch the shared range down to it; the
+    reliability filter keeps it out, and the chat-only latents are judged against the reliable shared fits."""
+    cc, x = shrinkage_setup()
+    taxonomy = build_taxonomy(cc, heldout_statistics(cc, x), Thresholds())
+    classes = {name: taxonomy.members(name) for name in ("chat_only", "base_only", "shared")}
+    scaling = latent_scaling(cc, x, torch.arange(cc.n_latents))
+    scaling.nu_eps[4] = -10.0  # the first shared latent
+    stretched = sparsity_diagnostics(cc, x, classes, scaling, DiagnosticRules()).summary["complete_shrinkage"]
+    filtered = sparsity_diagnostics(cc, x, classes, scaling,
+                                    DiagnosticRules(shared_nu_range=(-0.1, 2.0))).summary["complete_shrinkage"]
+    assert stretched["shared_interval"][0] < -5 and stretched["n_inside"] == 3  # nu_eps = 0 too is "shared-like"
+    assert filtered["shared_interval"][0] > 0.85 and filtered["n_inside"] == 1  # only the shrunk latent
+    assert (stretched["n_shared"], filtered["n_shared"]) == (len(S), len(S) - 1)

@@ -47,6 +47,10 @@ class DiagnosticRules:
     interval: float = 0.95
     min_cosine: float = 0.9
     template_majority: float = 0.5
+    # The shared latents whose nu defines the "shared" range: those inside latent scaling's reliability filter
+    # (an unreliable fit, e.g. nu_r = -10 on a shared latent whose decoders point apart, would stretch the range
+    # until every chat-only latent is "shared-like"). Unbounded by default.
+    shared_nu_range: tuple[float, float] = (-math.inf, math.inf)
 
 
 def central_interval(values: torch.Tensor, mass: float) -> tuple[float, float]:
@@ -69,6 +73,7 @@ def in_shared_range(chat_only: torch.Tensor, shared: torch.Tensor, mass: float) 
         "shared_interval": [low, high],
         "median_chat_only": nan_median(chat_only),
         "median_shared": nan_median(shared),
+        "n_shared": int((~shared.isnan()).sum()),
         "n_chat_only": n,
         "n_inside": k,
         "share_inside": k / n if n else math.nan,
@@ -295,13 +300,17 @@ def sparsity_diagnostics(
     n = crosscoder.n_latents
     columns: dict[str, list[Any]] = {name: [None] * n for name in COLUMNS}
     summary: dict[str, Any] = {"rules": {"interval": rules.interval, "min_cosine": rules.min_cosine,
-                                         "template_majority": rules.template_majority}}
+                                         "template_majority": rules.template_majority,
+                                         "shared_nu_range": list(rules.shared_nu_range)}}
     if scaling is not None:
         group = {name: torch.isin(scaling.latents, classes[name]) for name in ("chat_only", "shared")}
         tested = scaling.latents[group["chat_only"]].tolist()
         for key, column, test, nu in (("complete_shrinkage", "shrinkage_suspect", complete_shrinkage, scaling.nu_eps),
                                       ("latent_decoupling", "decoupling_suspect", latent_decoupling, scaling.nu_r)):
-            inside, summary[key] = test(nu[group["chat_only"]], nu[group["shared"]], rules.interval)
+            low, high = rules.shared_nu_range
+            reference = nu[group["shared"]]
+            reference = torch.where((reference >= low) & (reference <= high), reference, torch.nan)
+            inside, summary[key] = test(nu[group["chat_only"]], reference, rules.interval)
             for j, flag in zip(tested, inside.tolist()):
                 columns[column][j] = flag
 

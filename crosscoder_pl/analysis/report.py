@@ -325,7 +325,7 @@ def _diagnostics(
         extra["chat_only_in_filter"] = scaling.latents[(taxonomy.delta_norm[scaling.latents] >= rule.chat_only_min)
                                                        & scaling.in_range(rule)]
         extra["chat_specific"] = scaling.latents[scaling.chat_specific(taxonomy.delta_norm, rule)]
-    rules = DiagnosticRules(cfg.interval, cfg.twin_min_cosine, cfg.template_majority)
+    rules = DiagnosticRules(cfg.interval, cfg.twin_min_cosine, cfg.template_majority, (rule.nu_min, rule.nu_max))
     return sparsity_diagnostics(cc, activations, classes, scaling, rules, template, chunk, extra)
 
 
