@@ -2,10 +2,16 @@
 2025's L1-vs-BatchTopK comparison for any two crosscoders.
 
 Reads each artifact's ``metrics.json`` and ``latents.csv`` (nothing is recomputed: re-analyse an artifact first
-if it predates an analysis) and writes into the output directory ``comparison.md`` (one table: validation,
-taxonomy counts, latent scaling, the sparsity-artifact diagnostics, the base→chat patching), ``comparison.json``
-(the same rows, and every number of both artifacts' diagnostics and patching) and ``comparison_nu.png`` (ν_r and ν_ε of the chat-only and shared latents, one column per
-artifact). Both artifacts must describe the same pair and layer: a comparison across pairs is refused.
+if it predates an analysis) and writes into the output directory:
+
+- ``comparison.md``: one table (validation, taxonomy counts, latent scaling, the sparsity-artifact diagnostics,
+  the base→chat patching); ``comparison.json``: the same rows, and every number of both artifacts' diagnostics
+  and patching;
+- ``comparison_nu.png``: ν_r and ν_ε of the chat-only and shared latents, one column per artifact;
+- ``comparison_patching.png``: the share of the base–chat gap each patching set closes, per position class, the
+  two artifacts side by side.
+
+Both artifacts must describe the same pair and layer: a comparison across pairs is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 from crosscoder_pl.headline import headline_figures, is_number
 
-FILES = ("comparison.md", "comparison.json", "comparison_nu.png")
+FILES = ("comparison.md", "comparison.json", "comparison_nu.png", "comparison_patching.png")
 # (row title, headline figure), in the table's order.
 HEADLINE_ROWS = (
     ("variance explained, base", "ve_base"), ("variance explained, chat", "ve_chat"), ("L0 (held-out)", "l0"),
@@ -88,6 +94,7 @@ def compare_artifacts(first: Path, second: Path, out_dir: Path) -> dict[str, Any
     (out_dir / "comparison.json").write_text(json.dumps(_plain(result), indent=2) + "\n")
     (out_dir / "comparison.md").write_text(render_table(a.name, b.name, rows, a.metrics))
     plot_nu(a, b, out_dir / "comparison_nu.png")
+    plot_patching(a, b, out_dir / "comparison_patching.png")
     return result
 
 
@@ -140,6 +147,30 @@ def plot_nu(a: Artifact, b: Artifact, path: Path) -> Path:
             ax.set_xlabel(label)
             ax.set_ylabel("density")
             ax.legend(fontsize="small")
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
+
+
+def plot_patching(a: Artifact, b: Artifact, path: Path) -> Path:
+    """Bars: the share of the base–chat gap each patching set closes, one panel per position class, the two
+    artifacts side by side (a set an artifact lacks: no bar)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    axes = fig.subplots(1, len(PATCH_CLASSES), squeeze=False)[0]
+    sets = [name for name in PATCH_SETS if name != "none"]
+    width = 0.4
+    for ax, where in zip(axes, PATCH_CLASSES):
+        for i, art in enumerate((a, b)):
+            cells = [_patch_cell(art.metrics, name, where) for name in sets]
+            heights = [math.nan if c is None or c["gap_closed"] is None else c["gap_closed"] for c in cells]
+            ax.bar([x + (i - 0.5) * width for x in range(len(sets))], heights, width, label=art.name)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xticks(range(len(sets)), sets, rotation=40, ha="right", fontsize="small")
+        ax.set_title(f"{where.replace('_', ' ')} tokens")
+        ax.set_ylabel("share of the base–chat KL gap closed")
+        ax.legend(fontsize="small")
     FigureCanvasAgg(fig).print_png(str(path))
     return path
 
