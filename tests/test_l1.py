@@ -168,6 +168,20 @@ def test_the_l1_presets_compose_into_a_valid_run(overrides: list[str]) -> None:
     assert run.crosscoder.sparsity == "l1" and run.crosscoder.k is None and run.crosscoder.l1_coef > 0
 
 
+def test_the_sparsity_keys_can_be_set_on_the_command_line_over_a_batchtopk_recipe() -> None:
+    """Every L1 key exists in the crosscoder group's YAML, so an override needs no ``+`` (Hydra refuses new keys)."""
+    from test_app import compose_train
+
+    from crosscoder_pl.training import check_config
+
+    l1 = ["crosscoder.sparsity=l1", "crosscoder.l1_coef=3", "crosscoder.l1_warmup_frac=0.1", "crosscoder.k=null",
+          "crosscoder.k_start=null", "crosscoder.k_anneal_steps=0", "crosscoder.aux_coef=0", "crosscoder.step_impl=dense"]
+    run = check_config(compose_train("+experiment=own_pair", *l1, "model_pair.base=embedded-tiny:base",
+                                     "model_pair.chat=embedded-tiny:chat",
+                                     "hydra.runtime.output_dir=/tmp/x"))
+    assert (run.crosscoder.sparsity, run.crosscoder.l1_coef, run.crosscoder.l1_warmup_frac) == ("l1", 3.0, 0.1)
+
+
 class CoefRecorder(L.Callback):
     """The L1 coefficient each optimiser step used (read at the start of the next batch, as Lightning logs)."""
 
