@@ -13,7 +13,6 @@ import torch
 
 from crosscoder_pl import CrossCoder
 from crosscoder_pl.config import ConfigError, CrossCoderConfig
-from crosscoder_pl.schedules import l1_warmup
 from tests.threaded_ranks import run_ranks
 
 D, F = 8, 32
@@ -124,14 +123,6 @@ def test_two_ranks_compute_the_single_process_l1_step() -> None:
     for i, (name, _) in enumerate(cc.named_parameters()):
         mean = torch.stack([r["grads"][i] for r in ranks]).mean(0)
         torch.testing.assert_close(mean, one["grads"][i], rtol=1e-5, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize(("step", "total", "frac", "want"), [
-    (0, 1000, 0.05, 0.0), (25, 1000, 0.05, 0.5), (49, 1000, 0.05, 0.98), (50, 1000, 0.05, 1.0),
-    (999, 1000, 0.05, 1.0), (0, 1000, 0.0, 1.0), (3, 10, 1.0, 0.3),
-])
-def test_l1_warmup_is_linear_from_zero(step: int, total: int, frac: float, want: float) -> None:
-    assert l1_warmup(step, total, frac) == pytest.approx(want)
 
 
 BATCHTOPK = {"n_latents": 64, "k": 8}

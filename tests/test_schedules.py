@@ -1,10 +1,10 @@
-"""k annealing and lr decay against a direct formula at every step (fast: no Trainer)."""
+"""k annealing, the L1 coefficient's warm-up and lr decay against a direct formula at every step (fast: no Trainer)."""
 
 from __future__ import annotations
 
 import pytest
 
-from crosscoder_pl.schedules import k_at, lr_factor
+from crosscoder_pl.schedules import k_at, l1_warmup, lr_factor
 
 
 def linear_k(step: int, k: int, k_start: int, anneal_steps: int) -> int:
@@ -62,3 +62,11 @@ def test_one_step_annealing_and_one_step_decay() -> None:
     assert [k_at(s, 32, 128, 1) for s in (0, 1, 2)] == [128, 32, 32]
     assert [lr_factor(s, 10, 0.1) for s in (8, 9, 10, 11)] == [1.0, 1.0, 0.0, 0.0]  # decay over 1 step
     assert [lr_factor(s, 5, 0.1) for s in (4, 5)] == [1.0, 0.0]  # decay over half a step
+
+
+@pytest.mark.parametrize(("step", "total", "frac", "want"), [
+    (0, 1000, 0.05, 0.0), (25, 1000, 0.05, 0.5), (49, 1000, 0.05, 0.98), (50, 1000, 0.05, 1.0),
+    (999, 1000, 0.05, 1.0), (0, 1000, 0.0, 1.0), (3, 10, 1.0, 0.3),
+])
+def test_l1_warmup_is_linear_from_zero(step: int, total: int, frac: float, want: float) -> None:
+    assert l1_warmup(step, total, frac) == pytest.approx(want)
