@@ -67,6 +67,7 @@ def test_one_step_annealing_and_one_step_decay() -> None:
 @pytest.mark.parametrize(("step", "total", "frac", "want"), [
     (0, 1000, 0.05, 0.0), (25, 1000, 0.05, 0.5), (49, 1000, 0.05, 0.98), (50, 1000, 0.05, 1.0),
     (999, 1000, 0.05, 1.0), (0, 1000, 0.0, 1.0), (3, 10, 1.0, 0.3),
+    (0, 10, 0.05, 0.0), (1, 10, 0.05, 1.0),  # half a warm-up step: step 0 still at 0
 ])
 def test_l1_warmup_is_linear_from_zero(step: int, total: int, frac: float, want: float) -> None:
     assert l1_warmup(step, total, frac) == pytest.approx(want)
