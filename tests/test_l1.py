@@ -227,3 +227,26 @@ def test_train_py_writes_a_complete_l1_artifact_that_analyze_py_rewrites(tmp_pat
     result = run("analyze.py", f"artifact={artifact}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((artifact / "metrics.json").read_text())["validation"] == metrics["validation"]
+
+
+def test_a_batchtopk_crosscoder_encodes_alone_only_once_calibrated_and_says_so_in_its_config() -> None:
+    cc = CrossCoder(d_model=D, n_latents=F, k=3).eval()
+    assert cc.encodes_alone is False  # eval-mode encode still falls back to BatchTopK over the batch
+    cc.threshold.fill_(0.5)
+    assert cc.encodes_alone is True
+    assert "keep f where f * sum_m(||W_dec[:, m]|| * scales[m]) > threshold" in cc.config()["encode"]
+    assert cc.config()["architecture"] == "BatchTopKCrossCoder" and cc.config()["sparsity"] == "batchtopk"
+
+
+def test_a_sparsity_read_from_a_file_is_compared_by_value() -> None:
+    """A sparsity string built at run time (read from a config file, not an interned literal) means the same."""
+    l1 = CrossCoder(d_model=D, n_latents=F, k=None, sparsity="".join(["l", "1"])).eval()
+    x = _x()
+    torch.testing.assert_close(l1.encode(x), torch.relu(l1.pre_acts(x)))
+    assert l1.encodes_alone and "threshold" not in l1.config()["encode"]
+    topk = CrossCoder(d_model=D, n_latents=F, k=3, sparsity="".join(["batch", "topk"]))
+    assert "> threshold" in topk.config()["encode"]
+    with pytest.raises(ValueError, match="k must be a positive integer, got None"):
+        CrossCoder(d_model=D, n_latents=F, k=None, sparsity="".join(["batch", "topk"]))
+    with pytest.raises(ValueError, match="an L1 crosscoder keeps every positive code"):
+        CrossCoder(d_model=D, n_latents=F, k=3, sparsity="".join(["l", "1"]))
