@@ -49,6 +49,12 @@ def _direct(cc: CrossCoder, x: torch.Tensor, coef: float, loss: str) -> tuple[to
     return recon + coef * l1, recon, l1, f
 
 
+def _direct_unit(cc: CrossCoder, x: torch.Tensor) -> torch.Tensor:
+    """The loss of predicting the batch mean (mse): what StepOutput.unit reports."""
+    xn = torch.stack([(x[:, m] - cc.means[m]) * cc.scales[m] for m in range(2)], dim=1)
+    return ((xn - xn.mean(0)) ** 2).sum(dim=(1, 2)).mean()
+
+
 @pytest.mark.parametrize("loss", ["mse", "l2"])
 def test_l1_step_and_gradients_match_a_direct_computation(loss: str) -> None:
     cc, x = _cc(), _x()
@@ -58,6 +64,8 @@ def test_l1_step_and_gradients_match_a_direct_computation(loss: str) -> None:
     torch.testing.assert_close(out.loss, total)
     torch.testing.assert_close(out.recon, recon)
     torch.testing.assert_close(out.l1, l1.detach())
+    if loss == "mse":
+        torch.testing.assert_close(out.unit, _direct_unit(ref, x).detach())
     assert float(out.aux) == 0.0  # no AuxK, dead latents or not
     assert torch.isinf(out.min_kept)  # nothing for a threshold to track
     torch.testing.assert_close(out.codes, f.detach())  # every positive code kept
@@ -70,9 +78,9 @@ def test_l1_step_and_gradients_match_a_direct_computation(loss: str) -> None:
 
 def test_l1_coefficient_zero_is_the_reconstruction_alone() -> None:
     cc, x = _cc(), _x()
-    out = cc.step(x, None, l1_coef=0.0)
-    assert float(out.l1) > 0
-    torch.testing.assert_close(out.loss, out.recon)
+    for out in (cc.step(x, None, l1_coef=0.0), cc.step(x, None)):  # 0 is also the default
+        assert float(out.l1) > 0
+        torch.testing.assert_close(out.loss, out.recon)
 
 
 def test_l1_encode_is_the_relu_in_both_modes_and_survives_fold_and_save(tmp_path: Path) -> None:
@@ -112,13 +120,14 @@ def test_two_ranks_compute_the_single_process_l1_step() -> None:
         model = copy.deepcopy(cc)
         out = model.step(x[part], None, loss="mse", l1_coef=0.3, reducer=reducer)
         grads = torch.autograd.grad(out.loss, list(model.parameters()))
-        return {"grads": grads, "n": out.n_tokens, **{k: getattr(out, k).detach() for k in ("loss", "recon", "l1")}}
+        return {"grads": grads, "n": out.n_tokens,
+                **{k: getattr(out, k).detach() for k in ("loss", "recon", "l1", "unit")}}
 
     one = rank(None)
     ranks = run_ranks(len(sizes), rank)
     for r in ranks:
         assert r["n"] == 64
-        for name in ("loss", "recon", "l1"):
+        for name in ("loss", "recon", "l1", "unit"):
             torch.testing.assert_close(r[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     for i, (name, _) in enumerate(cc.named_parameters()):
         mean = torch.stack([r["grads"][i] for r in ranks]).mean(0)
@@ -244,6 +253,8 @@ def test_a_sparsity_read_from_a_file_is_compared_by_value() -> None:
     x = _x()
     torch.testing.assert_close(l1.encode(x), torch.relu(l1.pre_acts(x)))
     assert l1.encodes_alone and "threshold" not in l1.config()["encode"]
+    out = l1.train().step(x, None, l1_coef=0.5)  # the L1 step, not BatchTopK's (which would need k)
+    assert out.l1 is not None and torch.isinf(out.min_kept)
     topk = CrossCoder(d_model=D, n_latents=F, k=3, sparsity="".join(["batch", "topk"]))
     assert "> threshold" in topk.config()["encode"]
     with pytest.raises(ValueError, match="k must be a positive integer, got None"):
