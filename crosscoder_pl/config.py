@@ -46,7 +46,6 @@ from crosscoder_pl.config_group import (
 from crosscoder_pl.names import MODELS, SOURCES, SourceName
 
 
-
 # ------------------------------------------------------------------------------------------- the size rule
 def check_sizes(k: int, k_start: int, n_latents: int | None, at: str = "crosscoder") -> None:
     """The dictionary's size rule: ``k <= k_start <= n_latents`` (BatchTopK keeps k of n_latents; annealing goes

@@ -26,10 +26,10 @@ from crosscoder_pl.config import (
 from crosscoder_pl.config_group import thaw
 from crosscoder_pl.data.build import build_data
 from crosscoder_pl.data.cache import read_meta
+from crosscoder_pl.experiments import check_experiment
 from crosscoder_pl.models.pair import read_hidden_size
 from crosscoder_pl.module import CrossCoderModule
 from crosscoder_pl.names import SOURCES
-from crosscoder_pl.experiments import check_experiment
 
 log = logging.getLogger(__name__)
 # conf/train.yaml's hydra.run.dir: the resumed run's directory (resume=DIR), else a new one (oc.select would
