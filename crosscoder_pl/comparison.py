@@ -68,8 +68,8 @@ class Artifact:
         if latents_path.is_file():
             with latents_path.open(newline="") as f:
                 latents = list(csv.DictReader(f))
-        return cls(_label(directory, json.loads(metrics_path.read_text())), json.loads(metrics_path.read_text()),
-                   latents)
+        metrics = json.loads(metrics_path.read_text())
+        return cls(_label(metrics), metrics, latents)
 
     def nu(self, column: str, class_name: str) -> list[float]:
         """The finite values of ``column`` (``nu_r``, ``nu_eps``) over the latents of ``class_name``."""
@@ -184,7 +184,7 @@ def _check_same_pair(a: Artifact, b: Artifact, first: Path, second: Path) -> Non
                          "comparison only means something for two crosscoders of one pair and layer")
 
 
-def _label(directory: Path, metrics: Mapping[str, Any]) -> str:
+def _label(metrics: Mapping[str, Any]) -> str:
     sparsity = metrics.get("artifact", {}).get("sparsity", "batchtopk")
     return {"batchtopk": "BatchTopK", "l1": "L1"}.get(sparsity, sparsity)
 

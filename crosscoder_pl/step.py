@@ -8,7 +8,7 @@ all F latents through the decoder) and `_forward_sparse` (the kept entries only,
 ranks) the selection is the global batch's (`_batch_topk_global`, `crosscoder_pl.distributed.keep_global_top`)
 and every mean over the batch is the global one (`_global_terms`). `token_loss` is the one place where the
 loss option (`LOSSES`) is interpreted, and `training_step` the one place where the sparsity (`SPARSITIES`) is:
-BatchTopK's selection, or the L1 crosscoder's ReLU codes and decoder-norm-weighted penalty (`_forward_l1`,
+BatchTopK's selection, or the L1 crosscoder's ReLU codes and decoder-norm-weighted penalty (`_l1_step`,
 `l1_penalty`; always dense: every code is nonzero wherever its pre-activation is positive).
 
 The functions take the crosscoder as their first argument and read its parameters; they hold no state.
